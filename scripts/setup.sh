@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# setup.sh: install everything xenblkd's tests, benchmarks and demo need on a
+# fresh Debian 12 machine. Idempotent: packages already present are not touched
+# (no upgrades as a side effect), so a second run costs well under a second.
+#
+#   scripts/setup.sh            packages for `make test` and `make bench`
+#   scripts/setup.sh testbed    also the Xen-under-QEMU testbed (make demo / e2e)
+set -euo pipefail
+
+pkgs=(
+	# real XenStore peers (C xenstored, oxenstored), the stock block script and
+	# its helpers, the headers for the xenstored shim
+	xen-utils-4.17 xen-utils-common xenstore-utils libxen-dev
+	gcc libc6-dev make util-linux e2fsprogs
+	# benchmarks
+	hyperfine strace
+)
+if [[ ${1:-} == testbed || ${1:-} == all ]]; then
+	pkgs+=(qemu-system-x86 qemu-utils debootstrap cpio gzip socat perl python3)
+fi
+
+missing=()
+for p in "${pkgs[@]}"; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+		missing+=("$p")
+	fi
+done
+if ((${#missing[@]} == 0)); then
+	exit 0
+fi
+if [[ $(id -u) != 0 ]]; then
+	echo "setup.sh: need root to install: ${missing[*]}" >&2
+	exit 1
+fi
+echo "setup.sh: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get -o DPkg::Lock::Timeout=600 update -qq
+# --no-install-recommends keeps the hypervisor, grub-xen and qemu-system-xen out.
+apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >&2
