@@ -1,0 +1,44 @@
+# lib.sh: sourced by the host-side testbed scripts (build-image.sh, run.sh, e2e.sh, demo.sh).
+# Holds the cache location, the recipe hash and small helpers; nothing here runs on its own.
+
+TESTBED_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TESTBED_CACHE=${XENBLKD_TESTBED_CACHE:-/var/cache/xenblkd-testbed}
+
+# The recipe is every file that shapes the cached image. Editing any of them changes the hash
+# and so triggers a rebuild; the in-dom0 test scripts and the xenblkd binary are not part of it
+# (they travel on the control disk at every run).
+recipe_files() {
+	printf '%s\n' "$TESTBED_DIR/build-image.sh" "$TESTBED_DIR/configure-rootfs.sh" \
+		"$TESTBED_DIR"/image/*
+}
+
+# recipe_hash prints a short hash of the recipe's content (file names relative, so that two
+# checkouts of the same commit share one cache entry).
+recipe_hash() {
+	local f
+	for f in $(recipe_files); do
+		printf '%s\n' "${f#"$TESTBED_DIR"/}"
+		cat "$f"
+	done | sha256sum | cut -c1-16
+}
+
+# image_dir prints the cache directory of the current recipe (it may not exist yet).
+image_dir() { printf '%s/%s\n' "$TESTBED_CACHE" "$(recipe_hash)"; }
+
+log() { printf '[testbed %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# seconds_since T0: elapsed seconds (one decimal) since an $EPOCHREALTIME value.
+seconds_since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b - a}'; }
+
+# debian_mirror prints the Debian mirror from the host's apt configuration (never hard-coded).
+debian_mirror() {
+	local m=""
+	if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
+		m=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+	fi
+	if [[ -z $m && -f /etc/apt/sources.list ]]; then
+		m=$(awk '$1=="deb" && $0 !~ /security/ {for(i=2;i<=NF;i++) if ($i ~ /^https?:/) {print $i; exit}}' /etc/apt/sources.list)
+	fi
+	printf '%s\n' "$m"
+}
