@@ -1,14 +1,8 @@
-// Package loop drives the Linux loop-device API safely: one LOOP_CONFIGURE
-// with AUTOCLEAR, a held fd, diskseq-checked identity. It knows nothing of
-// Xen or of policy.
-//
-// CONTRACT SKELETON: the exported API below is what the rest of xenblkd codes
-// against. Implementations may add to it but must keep these signatures.
 package loop
 
 import (
-	"errors"
 	"os"
+	"sync"
 )
 
 // Options says how Attach configures a loop device.
@@ -32,7 +26,7 @@ type Binding struct {
 	Number  int
 	Path    string // /dev/loopN
 	Rdev    uint64 // unix.Mkdev(7, N) (major may differ with large minors)
-	DiskSeq uint64
+	DiskSeq uint64 // 0 on kernels without BLKGETDISKSEQ (< 5.15)
 	Backing FileID
 	Flags   uint32 // lo_flags
 	Tag     string // lo_file_name
@@ -40,33 +34,63 @@ type Binding struct {
 
 // Device is a loop device bound by (or adopted into) this process. It owns an
 // open fd (a raw int, never an *os.File, so no finalizer can autoclear it).
+// Its methods are safe for concurrent use.
 type Device struct {
-	fd      int
-	binding Binding
+	mu      sync.RWMutex // guards fd: Close takes it exclusively, users of fd shared
+	fd      int          // -1 once closed
+	binding Binding      // set at construction, never changed
 }
 
-// ErrDiskSeqMismatch: the device's diskseq is not the one expected, i.e. it was
-// cleared and possibly re-bound to something else since it was recorded.
-var ErrDiskSeqMismatch = errors.New("diskseq mismatch: loop device was reused")
+// Attach binds a new loop device to backing (see the package doc for the
+// steps). backing may be closed once Attach returns: the kernel keeps its own
+// reference to the file.
+func Attach(backing *os.File, opts Options) (*Device, error) {
+	return attach(backing, opts, false)
+}
 
-// ErrNotBound: the device exists but is not bound to a backing file.
-var ErrNotBound = errors.New("loop device not bound")
-
-// Attach binds a new loop device to backing (see the package doc for the steps).
-func Attach(backing *os.File, opts Options) (*Device, error) { panic("TODO") }
+// OpenBacking opens path as a loop backing file: read-only or read-write as
+// asked, O_CLOEXEC, without blocking on a FIFO. It refuses anything Attach
+// would refuse (a directory, FIFO, character device, socket, empty file) with
+// an *OpError wrapping one of the Err* sentinels or the open's errno (e.g.
+// fs.ErrNotExist).
+func OpenBacking(path string, readOnly bool) (*os.File, error) {
+	return openBacking(path, readOnly)
+}
 
 // Open re-acquires loop device number if its diskseq is still wantDiskSeq.
-func Open(number int, wantDiskSeq uint64) (*Device, error) { panic("TODO") }
+// A different diskseq is ErrDiskSeqMismatch (the device was cleared and maybe
+// reused); an unbound device with the same diskseq is ErrNotBound. The fd is
+// opened O_RDONLY: it only pins the binding. Needs BLKGETDISKSEQ (Linux 5.15).
+func Open(number int, wantDiskSeq uint64) (*Device, error) {
+	return open(number, wantDiskSeq)
+}
 
 // Adopt takes ownership of fd (e.g. returned by systemd's fd store) after checking
 // it is a bound loop device; on error fd is left open for the caller.
-func Adopt(fd int) (*Device, error) { panic("TODO") }
+func Adopt(fd int) (*Device, error) {
+	return adopt(fd)
+}
 
 // FindByBacking lists every bound loop device whose backing file is id.
-func FindByBacking(id FileID) ([]Binding, error) { panic("TODO") }
+func FindByBacking(id FileID) ([]Binding, error) {
+	all, err := List()
+	if err != nil {
+		return nil, err
+	}
+	var found []Binding
+	for _, b := range all {
+		if b.Backing == id {
+			found = append(found, b)
+		}
+	}
+	return found, nil
+}
 
-// List lists every bound loop device in the system.
-func List() ([]Binding, error) { panic("TODO") }
+// List lists every bound loop device in the system, ordered by number.
+// Devices that are cleared or removed while List runs are left out.
+func List() ([]Binding, error) {
+	return list()
+}
 
 func (d *Device) Path() string     { return d.binding.Path }
 func (d *Device) Number() int      { return d.binding.Number }
@@ -77,12 +101,39 @@ func (d *Device) Flags() uint32    { return d.binding.Flags }
 func (d *Device) Tag() string      { return d.binding.Tag }
 func (d *Device) Binding() Binding { return d.binding }
 func (d *Device) ReadOnly() bool   { return d.binding.Flags&1 != 0 }
-func (d *Device) Fd() int          { return d.fd }
+
+// Fd returns the device's open fd, or -1 after Close. The Device still owns
+// it: dup it to keep it beyond Close (e.g. to hand it to systemd's fd store).
+func (d *Device) Fd() int {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.fd
+}
 
 // Verify re-reads the device's state and fails unless it is still bound to the
-// same backing file with the same diskseq.
-func (d *Device) Verify() error { panic("TODO") }
+// same backing file with the same diskseq (and still AUTOCLEAR, if it was).
+func (d *Device) Verify() error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.fd < 0 {
+		return &OpError{Op: "verify", Dev: d.binding.Path, Err: os.ErrClosed}
+	}
+	return verify(d.fd, d.binding)
+}
 
 // Close releases this process's fd; with AUTOCLEAR the kernel frees the device
-// once the last opener (e.g. xen-blkback) lets go.
-func (d *Device) Close() error { panic("TODO") }
+// once the last opener (e.g. xen-blkback) lets go. It never calls LOOP_CLR_FD.
+// Close is idempotent: later calls return nil.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.fd < 0 {
+		return nil
+	}
+	fd := d.fd
+	d.fd = -1
+	if err := closeFd(fd); err != nil {
+		return &OpError{Op: "close", Dev: d.binding.Path, Err: err}
+	}
+	return nil
+}

@@ -1,0 +1,4 @@
+package loop
+
+// Retries reports how many failed attempts Attach has retried so far.
+func Retries() int64 { return retries.Load() }
