@@ -1,0 +1,94 @@
+package systemd_test
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"xenblkd/internal/fdstore"
+	"xenblkd/test/systemd"
+)
+
+// TestProductionUnit boots dist/xenblkd.service, with fdsvc standing in for
+// the daemon, to show that its hardening still allows loop devices and the
+// fd store, and runs `systemd-analyze verify` on it inside the sandbox.
+func TestProductionUnit(t *testing.T) {
+	unit, err := os.ReadFile("../../dist/xenblkd.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, data, image, events := prepareFdsvc(t)
+	var attached []string
+	t.Cleanup(func() { // after the sandbox's teardown
+		for _, name := range attached {
+			number, diskseq, _ := fdstore.ParseLoopName(name)
+			waitCleared(t, number, diskseq)
+		}
+	})
+
+	const execStart = "ExecStart=/usr/sbin/xenblkd daemon\n"
+	if !strings.Contains(string(unit), execStart) || !strings.Contains(string(unit), "[Unit]\n") {
+		t.Fatalf("dist/xenblkd.service has no %q or no [Unit]", execStart)
+	}
+	// In the sandbox only: no default dependencies (sysinit.target would run
+	// tmpfiles, udev, ...), the stand-in binary, logs to a shared file.
+	sandboxed := strings.Replace(string(unit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
+	sandboxed = strings.Replace(sandboxed, execStart, fmt.Sprintf(
+		"ExecStart=%s/fdsvc %s %s\nStandardOutput=append:%s/svc.log\nStandardError=append:%s/svc.log\n",
+		bin, image, events, data, data), 1)
+
+	sbx := systemd.Start(t, systemd.Options{
+		Units: map[string]string{
+			"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
+			"xenblkd.service":     sandboxed,
+		},
+		Target: "xenblkd-test.target",
+		Binds:  []systemd.Bind{{Path: bin, ReadOnly: true}, {Path: data}},
+	})
+	svc := &service{t: t, sbx: sbx, events: events, unit: "xenblkd.service"}
+	name := svc.waitEvent(svc.mainPID(), "attached")
+	attached = append(attached, name)
+	svc.wantStored(1)
+	if max := svc.show("FileDescriptorStoreMax"); max != "16384" {
+		t.Errorf("FileDescriptorStoreMax = %s, want 16384", max)
+	}
+	svc.systemctl("restart", "xenblkd.service")
+	svc.wantReceived(svc.mainPID(), name)
+
+	// verify needs ExecStart to exist: the overlay root is writable, so the
+	// stand-in is copied to /usr/sbin/xenblkd in the sandbox only.
+	dir := filepath.Join(data, "verify")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "xenblkd.service"), unit, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := sbx.Exec("cp", filepath.Join(bin, "fdsvc"), "/usr/sbin/xenblkd"); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	out, err := sbx.Exec("systemd-analyze", "verify", filepath.Join(dir, "xenblkd.service"))
+	t.Logf("systemd-analyze verify dist/xenblkd.service:\n%s", out)
+	if err != nil {
+		t.Errorf("systemd-analyze verify: %v", err)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, "xenblkd.service") && !strings.Contains(line, "Documentation") {
+			t.Errorf("systemd-analyze verify complains about the unit: %s", line)
+		}
+	}
+	// The commented FileDescriptorStorePreserve= line, enabled: systemd 252
+	// ignores it with "Unknown key"; newer ones accept it.
+	preserve := strings.Replace(string(unit), "#FileDescriptorStorePreserve=", "FileDescriptorStorePreserve=", 1)
+	if err := os.WriteFile(filepath.Join(dir, "xenblkd.service"), []byte(preserve), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, _ = sbx.Exec("systemd-analyze", "verify", filepath.Join(dir, "xenblkd.service"))
+	version, _ := sbx.Exec("systemctl", "--version")
+	t.Logf("%s with FileDescriptorStorePreserve=restart: %q", strings.SplitN(version, "\n", 2)[0], out)
+	if strings.HasPrefix(version, "systemd 252 ") && !strings.Contains(out, "Unknown key") {
+		t.Errorf("systemd 252 accepted FileDescriptorStorePreserve=? verify said %q", out)
+	}
+}
