@@ -1,12 +1,321 @@
-// Command xenblkd attaches Xen VM disks without the bash block script.
+// Command xenblkd attaches Xen VM disks without the bash block script: a
+// daemon that owns loop devices and writes XenStore, the hotplug entry point
+// libxl execs as the disk's script, and operator commands.
 package main
 
 import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
 	"fmt"
+	"io"
+	"log/slog"
 	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"xenblkd/internal/api"
+	"xenblkd/internal/daemon"
+	"xenblkd/internal/fdstore"
+	"xenblkd/internal/hotplug"
+	"xenblkd/internal/xenstore"
 )
 
+// version is set at build time with -ldflags '-X main.version=...'.
+var version = "dev"
+
+const usage = `NAME
+    xenblkd - attach Xen VM disks (vbd backends) without the bash block script
+
+SYNOPSIS
+    xenblkd daemon [--socket PATH] [--tag PREFIX]
+    xenblkd add | remove          (the hotplug entry point, exec'd by libxl)
+    xenblkd status [--json] [--socket PATH]
+    xenblkd version
+    xenblkd COMMAND --help
+
+DESCRIPTION
+    xenblkd replaces Xen's "block" hotplug script. The daemon owns every loop
+    device it makes for a VM disk and writes the backend's physical-device in
+    XenStore; the hotplug entry point, installed as the disk's script=, is a
+    thin client that forwards libxl's add/remove to the daemon.
+
+    Install the binary as /usr/sbin/xenblkd, link /etc/xen/scripts/xenblkd to
+    it, run "xenblkd daemon" (normally as a systemd service), and use
+    script=xenblkd in a disk specification. See docs/usage.md.
+
+COMMANDS
+    daemon    run the daemon (foreground; logs to stderr)
+    add       attach the disk of the backend named by $XENBUS_PATH
+    remove    release the disk of the backend named by $XENBUS_PATH
+    status    list attachments
+    version   print the version
+
+ENVIRONMENT
+    XENBLKD_SOCKET    the daemon's API socket (default /run/xenblkd/api.sock)
+    XENSTORED_PATH    xenstored's socket (default /run/xenstored/socket, then
+                      /dev/xen/xenbus)
+`
+
+const daemonUsage = `NAME
+    xenblkd daemon - run the xenblkd daemon
+
+SYNOPSIS
+    xenblkd daemon [--socket PATH] [--tag PREFIX]
+
+DESCRIPTION
+    Serves the API on a unix socket (directory 0700, socket 0600, root only),
+    attaches and releases disks for the hotplug entry point, and holds the fd
+    of every loop device it made for as long as a VM uses it (the devices are
+    AUTOCLEAR: the kernel frees each once the last user lets go).
+
+    Tells systemd READY=1 (when $NOTIFY_SOCKET is set) once it serves.
+    SIGTERM or SIGINT stops it after the requests in flight. Devices
+    xen-blkback has opened stay with the running VMs; this version keeps no
+    record across restarts, so a restart forgets the attachments and frees
+    devices no backend has opened yet (the fd store comes in a later version).
+
+OPTIONS
+    --socket PATH   API socket (default $XENBLKD_SOCKET, else /run/xenblkd/api.sock)
+    --tag PREFIX    prefix of lo_file_name of the loop devices it makes
+                    (default "xenblkd:")
+
+ENVIRONMENT
+    XENSTORED_PATH  xenstored's socket (default /run/xenstored/socket, then
+                    /dev/xen/xenbus)
+`
+
+const hotplugUsage = `NAME
+    xenblkd add, xenblkd remove - the vbd hotplug entry point
+
+SYNOPSIS
+    XENBUS_PATH=backend/vbd/<domid>/<devid> xenblkd add|remove
+    /etc/xen/scripts/xenblkd add|remove      (as libxl execs it)
+
+DESCRIPTION
+    libxl execs the disk's script with argv [script, add|remove] and the
+    environment XENBUS_PATH (relative to the backend domain), XENBUS_TYPE=vbd,
+    XENBUS_BASE_PATH=backend and script. This forwards the request to the
+    daemon and exits 0 on success.
+
+    add reads params and mode from the backend, opens the target (a block
+    device is used as is, a regular file gets a loop device; a relative params
+    names a node under /dev), applies the sharing rules (mode w! skips them)
+    and writes physical-device, physical-device-path, diskseq and
+    hotplug-status=connected in one transaction.
+
+    remove releases the backend's device (from the daemon's own record, so it
+    works when the backend nodes are gone) and removes physical-device and
+    diskseq. Removing twice is fine.
+
+    On failure the message is written to the backend's hotplug-error (libxl
+    logs it) and to stderr, and the exit status is non-zero: 1 for a refused
+    or failed request, 2 for a malformed invocation.
+
+ENVIRONMENT
+    XENBUS_PATH       backend/vbd/<domid>/<devid> (required)
+    XENBUS_TYPE       must be vbd if set
+    XENBLKD_SOCKET    the daemon's API socket (default /run/xenblkd/api.sock)
+    XENSTORED_PATH    used only to record an error when the daemon is down
+`
+
+const statusUsage = `NAME
+    xenblkd status - list the daemon's attachments
+
+SYNOPSIS
+    xenblkd status [--json] [--socket PATH]
+
+DESCRIPTION
+    Prints one line per attached backend: domain, device id, target (params),
+    loop or block device, diskseq, mode and the number of backends sharing the
+    device (read-only images share one loop device).
+
+OPTIONS
+    --json          print the attachments as JSON
+    --socket PATH   API socket (default $XENBLKD_SOCKET, else /run/xenblkd/api.sock)
+`
+
 func main() {
-	fmt.Fprintln(os.Stderr, "xenblkd: not yet implemented")
-	os.Exit(1)
+	os.Exit(run(os.Args, os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	cmd := ""
+	if len(args) > 1 {
+		cmd = args[1]
+	}
+	rest := args[min(2, len(args)):]
+	switch cmd {
+	case "add", "remove":
+		if len(rest) > 0 && isHelp(rest[0]) {
+			fmt.Fprint(stdout, hotplugUsage)
+			return 0
+		}
+		return hotplugEntry(cmd, stderr)
+	case "daemon":
+		return runDaemon(rest, stdout, stderr)
+	case "status":
+		return runStatus(rest, stdout, stderr)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "xenblkd", version)
+		return 0
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	// libxl passes only add or remove; anything else from a hotplug caller
+	// still gets its message into hotplug-error.
+	msg := fmt.Sprintf("unknown action %q: libxl runs the script with add or remove", cmd)
+	if cmd == "" {
+		msg = "no action given: libxl runs the script with add or remove"
+	}
+	if b, err := hotplug.ParseBackendPath(os.Getenv("XENBUS_PATH")); err == nil {
+		msg = recordError(b, msg)
+	} else {
+		msg += " (run xenblkd --help)"
+	}
+	fmt.Fprintln(stderr, "xenblkd:", msg)
+	return 2
+}
+
+func isHelp(s string) bool { return s == "-h" || s == "-help" || s == "--help" || s == "help" }
+
+func socketPath() string {
+	if s := os.Getenv("XENBLKD_SOCKET"); s != "" {
+		return s
+	}
+	return api.DefaultSocket
+}
+
+// hotplugEntry is what libxl execs: read env, one request to the daemon,
+// exit. XenStore is dialled only to record an error the daemon could not.
+func hotplugEntry(action string, stderr io.Writer) int {
+	b, err := hotplug.ParseBackendPath(os.Getenv("XENBUS_PATH"))
+	if err != nil {
+		fmt.Fprintf(stderr, "xenblkd %s: %v\n", action, err)
+		return 2
+	}
+	if t := os.Getenv("XENBUS_TYPE"); t != "" && t != "vbd" {
+		msg := recordError(b, fmt.Sprintf("XENBUS_TYPE=%q: xenblkd handles vbd (disk) backends only", t))
+		fmt.Fprintf(stderr, "xenblkd %s: %s\n", action, msg)
+		return 2
+	}
+	resp, err := api.Call(context.Background(), socketPath(), api.Request{Op: action, Path: b.Path()})
+	if err == nil && resp.OK {
+		return 0
+	}
+	msg := resp.Error
+	if err != nil {
+		msg = err.Error()
+	}
+	if action == api.OpAdd && !resp.ErrorRecorded {
+		msg = recordError(b, msg)
+	}
+	fmt.Fprintf(stderr, "xenblkd %s %s: %s\n", action, b, msg)
+	return 1
+}
+
+// recordError writes msg to the backend's hotplug-error and returns msg,
+// extended with why if that failed too.
+func recordError(b hotplug.Backend, msg string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := xenstore.Dial(ctx)
+	if err == nil {
+		defer c.Close()
+		err = hotplug.Fail(ctx, hotplug.ClientStore{Client: c}, b, msg)
+	}
+	if err != nil {
+		return fmt.Sprintf("%s (and could not record it in hotplug-error: %v)", msg, err)
+	}
+	return msg
+}
+
+func runDaemon(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("daemon", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stdout, daemonUsage) }
+	socket := fs.String("socket", socketPath(), "API socket")
+	tag := fs.String("tag", daemon.DefaultTag, "lo_file_name prefix of loop devices")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+
+	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	xs, err := xenstore.Dial(dialCtx)
+	cancel()
+	if err != nil {
+		log.Error("cannot reach XenStore: is xenstored running? (XENSTORED_PATH overrides the socket)", "err", err)
+		return 1
+	}
+	defer xs.Close()
+	l, err := daemon.Listen(*socket)
+	if err != nil {
+		log.Error("cannot serve the API", "err", err)
+		return 1
+	}
+	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag))
+	if err := fdstore.Notify("READY=1"); err != nil {
+		log.Warn("could not notify systemd", "err", err)
+	}
+	log.Info("serving", "socket", *socket, "version", version, "pid", os.Getpid())
+	if err := d.Serve(ctx, l); err != nil {
+		log.Error("serve", "err", err)
+		return 1
+	}
+	os.Remove(*socket)
+	log.Info("stopped; held loop devices are released as the process exits (devices opened by xen-blkback stay bound)")
+	return 0
+}
+
+func runStatus(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stdout, statusUsage) }
+	asJSON := fs.Bool("json", false, "print JSON")
+	socket := fs.String("socket", socketPath(), "API socket")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	resp, err := api.Call(context.Background(), *socket, api.Request{Op: api.OpStatus})
+	if err == nil && !resp.OK {
+		err = errors.New(resp.Error)
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "xenblkd status:", err)
+		return 1
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if resp.Attachments == nil {
+			resp.Attachments = []api.Attachment{}
+		}
+		enc.Encode(resp.Attachments)
+		return 0
+	}
+	w := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(w, "DOMAIN\tDEVID\tTARGET\tDEVICE\tDISKSEQ\tMODE\tUSERS")
+	for _, a := range resp.Attachments {
+		seq := "-"
+		if a.DiskSeq != 0 {
+			seq = fmt.Sprintf("%d", a.DiskSeq)
+		}
+		fmt.Fprintf(w, "%d\t%d\t%s\t%s\t%s\t%s\t%d\n", a.Domid, a.Devid, strings.ReplaceAll(a.Target, "\t", " "), a.Device, seq, a.Mode, a.Users)
+	}
+	w.Flush()
+	return 0
 }

@@ -1,0 +1,154 @@
+// Package daemon wires the model, loop devices and XenStore together and
+// serves the local API (internal/api) on a unix socket.
+//
+// The daemon holds the fd of every loop device it made for as long as a
+// backend uses it; with AUTOCLEAR that is what keeps a device bound until
+// xen-blkback has it. On exit the fds close by themselves: a device blkback
+// already opened stays bound, one it has not opened yet is freed. Without the
+// systemd fd store (a later issue) a restart therefore forgets every
+// attachment and loses devices no backend has opened yet.
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"xenblkd/internal/api"
+	"xenblkd/internal/hotplug"
+	"xenblkd/internal/model"
+)
+
+// DefaultTag prefixes lo_file_name of every loop device the daemon makes.
+const DefaultTag = "xenblkd:"
+
+// RequestTimeout bounds one add or remove, below libxl's 40 s SIGKILL of the
+// hotplug script, so the error still reaches hotplug-error.
+const RequestTimeout = 30 * time.Second
+
+// Daemon handles add, remove and status requests.
+type Daemon struct {
+	log   *slog.Logger
+	store hotplug.Store
+	model *model.Model
+}
+
+// New returns a daemon on store (XenStore) and host (loop devices, mounts).
+func New(log *slog.Logger, store hotplug.Store, host model.Host) *Daemon {
+	return &Daemon{log: log, store: store, model: model.New(host, log)}
+}
+
+// NewHost returns the real machine: loop devices tagged with tag, mounts
+// from /proc/self/mountinfo.
+func NewHost(tag string) model.Host {
+	return loopHost{tag: tag, mountinfo: "/proc/self/mountinfo"}
+}
+
+// Handle answers one API request.
+func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
+	switch req.Op {
+	case api.OpStatus:
+		return api.Response{OK: true, Attachments: d.status()}
+	case api.OpAdd, api.OpRemove:
+	default:
+		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove or status", model.Quote(req.Op, 32))}
+	}
+	b, err := hotplug.ParseBackendPath(req.Path)
+	if err != nil {
+		return api.Response{Error: err.Error()}
+	}
+	ctx, cancel := context.WithTimeout(ctx, RequestTimeout)
+	defer cancel()
+	if req.Op == api.OpRemove {
+		d.remove(ctx, b)
+		return api.Response{OK: true}
+	}
+	a, err := d.add(ctx, b)
+	if err != nil {
+		resp := api.Response{Error: err.Error()}
+		if werr := hotplug.Fail(ctx, d.store, b, err.Error()); werr != nil {
+			d.log.Error("could not record hotplug-error", "domid", b.Domid, "devid", b.Devid, "err", werr)
+		} else {
+			resp.ErrorRecorded = true
+		}
+		return resp
+	}
+	return api.Response{OK: true, Attachment: a}
+}
+
+func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, error) {
+	start := time.Now()
+	log := d.log.With("domid", b.Domid, "devid", b.Devid)
+	req, err := hotplug.ReadRequest(ctx, d.store, b)
+	if err != nil {
+		log.Warn("add refused", "err", err)
+		return nil, err
+	}
+	key := model.Key{Domid: b.Domid, Devid: b.Devid}
+	if req.PhysicalDevice != "" {
+		// Called twice, or the daemon set it up already: nothing to do.
+		log.Info("add: physical-device already set, nothing to do", "physical_device", req.PhysicalDevice)
+		if a, ok := d.model.Lookup(key); ok {
+			return toAPI(a), nil
+		}
+		return nil, nil
+	}
+	mode, err := model.ParseMode(req.Mode)
+	if err != nil {
+		log.Warn("add refused", "err", err)
+		return nil, err
+	}
+	backing, target, err := openTarget(req.Params, mode.Writable)
+	if err != nil {
+		log.Warn("add refused", "params", model.Quote(req.Params, 200), "err", err)
+		return nil, err
+	}
+	defer backing.Close() // the loop device keeps its own reference
+	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target, Backing: backing})
+	if err != nil {
+		log.Warn("add refused", "params", model.Quote(req.Params, 200), "err", err)
+		return nil, err
+	}
+	err = hotplug.Connect(ctx, d.store, b, hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq})
+	if err != nil {
+		d.model.Remove(key)
+		log.Error("add failed", "dev", a.DevPath, "diskseq", a.DiskSeq, "err", err)
+		return nil, err
+	}
+	log.Info("attached", "target", target.Path, "mode", mode, "dev", a.DevPath, "diskseq", a.DiskSeq,
+		"users", a.Users, "took", time.Since(start))
+	return toAPI(a), nil
+}
+
+// remove releases the backend's attachment (from our own record: the
+// backend's nodes may be gone) and removes physical-device if still there.
+func (d *Daemon) remove(ctx context.Context, b hotplug.Backend) {
+	log := d.log.With("domid", b.Domid, "devid", b.Devid)
+	a, found := d.model.Remove(model.Key{Domid: b.Domid, Devid: b.Devid})
+	if found {
+		log.Info("detached", "target", a.Target.Path, "dev", a.DevPath, "diskseq", a.DiskSeq, "users_left", a.Users)
+	} else {
+		log.Info("remove: not attached here, nothing to release")
+	}
+	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
+		log.Warn("remove: could not clear physical-device", "err", err)
+	}
+}
+
+func (d *Daemon) status() []api.Attachment {
+	list := d.model.List()
+	out := make([]api.Attachment, len(list))
+	for i, a := range list {
+		out[i] = *toAPI(a)
+	}
+	return out
+}
+
+func toAPI(a model.Attachment) *api.Attachment {
+	return &api.Attachment{
+		Domid: a.Key.Domid, Devid: a.Key.Devid, Target: a.Params, Kind: a.Target.Kind.String(),
+		Mode: a.Mode.String(), Device: a.DevPath, PhysicalDevice: hotplug.FormatRdev(a.Rdev),
+		DiskSeq: a.DiskSeq, Users: a.Users,
+	}
+}

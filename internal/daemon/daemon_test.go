@@ -1,0 +1,220 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/api"
+	"xenblkd/internal/hotplug"
+	"xenblkd/internal/model"
+	"xenblkd/internal/xenstore"
+	"xenblkd/internal/xenstore/xenstoretest"
+)
+
+// fakeHost makes pretend loop devices: the daemon's logic, without ioctls.
+type fakeHost struct {
+	mu   sync.Mutex
+	next int
+	open int
+}
+
+type fakeDev struct {
+	h *fakeHost
+	n int
+}
+
+func (d *fakeDev) Path() string    { return fmt.Sprintf("/dev/loop%d", 1000+d.n) }
+func (d *fakeDev) Rdev() uint64    { return unix.Mkdev(7, uint32(1000+d.n)) }
+func (d *fakeDev) DiskSeq() uint64 { return uint64(0x100 + d.n) }
+func (d *fakeDev) Verify() error   { return nil }
+func (d *fakeDev) Close() error {
+	d.h.mu.Lock()
+	d.h.open--
+	d.h.mu.Unlock()
+	return nil
+}
+
+func (h *fakeHost) NewLoop(*os.File, bool) (model.Device, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.next++
+	h.open++
+	return &fakeDev{h, h.next}, nil
+}
+func (h *fakeHost) devices() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.open
+}
+
+func (h *fakeHost) LoopsOf(model.FileID) ([]model.Binding, error) { return nil, nil }
+func (h *fakeHost) MountPoint(uint64) (string, error)             { return "", nil }
+
+type env struct {
+	xs     *xenstore.Client
+	host   *fakeHost
+	socket string
+}
+
+func start(t *testing.T) *env {
+	t.Helper()
+	srv := xenstoretest.NewServer(t, xenstoretest.Options{})
+	ctx := context.Background()
+	xs, err := xenstore.DialUnix(ctx, srv.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { xs.Close() })
+	dir, err := os.MkdirTemp("", "xenblkd-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	e := &env{xs: xs, host: &fakeHost{}, socket: filepath.Join(dir, "api.sock")}
+	l, err := Listen(e.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := New(discard, hotplug.ClientStore{Client: xs}, e.host)
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan error)
+	go func() { done <- d.Serve(sctx, l) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return e
+}
+
+func (e *env) backend(t *testing.T, domid, devid int, params, mode string) string {
+	t.Helper()
+	be := fmt.Sprintf("backend/vbd/%d/%d", domid, devid)
+	for k, v := range map[string]string{"params": params, "mode": mode, "state": "2"} {
+		if v == "-" {
+			continue
+		}
+		if err := e.xs.Write(context.Background(), be+"/"+k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return be
+}
+
+func (e *env) read(t *testing.T, path string) (string, bool) {
+	t.Helper()
+	v, err := e.xs.Read(context.Background(), path)
+	if errors.Is(err, unix.ENOENT) {
+		return "", false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v, true
+}
+
+func TestAddRemove(t *testing.T) {
+	e := start(t)
+	img := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	be := e.backend(t, 1, 51712, img, "w")
+	ctx := context.Background()
+	resp, err := api.Call(ctx, e.socket, api.Request{Op: "add", Path: be})
+	if err != nil || !resp.OK {
+		t.Fatalf("add: %+v, %v", resp, err)
+	}
+	for node, want := range map[string]string{
+		"physical-device": "7:3e9", "physical-device-path": "/dev/loop1001", "diskseq": "101", "hotplug-status": "connected",
+	} {
+		if got, _ := e.read(t, be+"/"+node); got != want {
+			t.Errorf("%s = %q, want %q", node, got, want)
+		}
+	}
+	// Called twice: nothing new.
+	if resp, err := api.Call(ctx, e.socket, api.Request{Op: "add", Path: be}); err != nil || !resp.OK || e.host.devices() != 1 {
+		t.Fatalf("second add: %+v, %v, %d devices", resp, err, e.host.devices())
+	}
+	st, err := api.Call(ctx, e.socket, api.Request{Op: "status"})
+	if err != nil || len(st.Attachments) != 1 || st.Attachments[0].Device != "/dev/loop1001" {
+		t.Fatalf("status: %+v, %v", st, err)
+	}
+	for i := 0; i < 2; i++ {
+		if resp, err := api.Call(ctx, e.socket, api.Request{Op: "remove", Path: be}); err != nil || !resp.OK {
+			t.Fatalf("remove %d: %+v, %v", i, resp, err)
+		}
+	}
+	if _, ok := e.read(t, be+"/physical-device"); ok || e.host.devices() != 0 {
+		t.Fatalf("after remove: physical-device still there or %d devices open", e.host.devices())
+	}
+}
+
+func TestBadInput(t *testing.T) {
+	e := start(t)
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	roFile := filepath.Join(dir, "ro")
+	if err := os.WriteFile(roFile, []byte("x"), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, params, mode, want string
+	}{
+		{"missing params", "-", "w", "params is missing"},
+		{"empty params", "", "w", "params is empty"},
+		{"relative no such node", "nosuchdisk-xenblkd", "w", "no such device /dev/nosuchdisk-xenblkd"},
+		{"nonexistent", "/nonexistent/img", "w", "no such file or device"},
+		{"directory", dir, "w", "is a directory"},
+		{"fifo", fifo, "w", "is a FIFO"},
+		{"character device", "/dev/null", "w", "is a character device"},
+		{"read-only file", roFile, "w", "the file is read-only"},
+		{"unknown mode", roFile, "x", `unknown mode "x"`},
+		{"oversized params", "/" + strings.Repeat("a", 2000), "w", "the limit is 1024"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			be := e.backend(t, 2, 51712+i, tt.params, tt.mode)
+			resp, err := api.Call(context.Background(), e.socket, api.Request{Op: "add", Path: be})
+			if err != nil || resp.OK || !resp.ErrorRecorded || !strings.Contains(resp.Error, tt.want) {
+				t.Fatalf("add: %+v, %v; want an error containing %q", resp, err, tt.want)
+			}
+			if got, _ := e.read(t, be+"/hotplug-error"); got != resp.Error {
+				t.Errorf("hotplug-error = %q, want %q", got, resp.Error)
+			}
+			if _, ok := e.read(t, be+"/physical-device"); ok {
+				t.Error("physical-device written on failure")
+			}
+		})
+	}
+	if e.host.devices() != 0 {
+		t.Errorf("%d devices left", e.host.devices())
+	}
+}
+
+func TestMountPoint(t *testing.T) {
+	mi := filepath.Join(t.TempDir(), "mountinfo")
+	os.WriteFile(mi, []byte("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"+
+		"30 22 7:5 / /mnt/x rw - ext4 /dev/loop5 rw\n"), 0o644)
+	tests := []struct {
+		rdev uint64
+		want string
+	}{
+		{unix.Mkdev(8, 1), "/"},
+		{unix.Mkdev(7, 5), "/mnt/x"},
+		{unix.Mkdev(7, 6), ""},
+	}
+	for _, tt := range tests {
+		got, err := mountPoint(mi, tt.rdev)
+		if err != nil || got != tt.want {
+			t.Errorf("mountPoint(%x) = %q, %v; want %q", tt.rdev, got, err, tt.want)
+		}
+	}
+}

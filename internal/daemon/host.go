@@ -1,0 +1,37 @@
+package daemon
+
+import (
+	"fmt"
+	"os"
+
+	"xenblkd/internal/loop"
+	"xenblkd/internal/model"
+)
+
+// loopHost is model.Host on the real machine.
+type loopHost struct {
+	tag       string // lo_file_name of every device we make
+	mountinfo string // /proc/self/mountinfo
+}
+
+func (h loopHost) NewLoop(backing *os.File, readOnly bool) (model.Device, error) {
+	dev, err := loop.Attach(backing, loop.Options{ReadOnly: readOnly, Tag: h.tag})
+	if err != nil {
+		return nil, err
+	}
+	return dev, nil
+}
+
+func (h loopHost) LoopsOf(file model.FileID) ([]model.Binding, error) {
+	bs, err := loop.FindByBacking(loop.FileID{Dev: file.Dev, Ino: file.Ino})
+	if err != nil {
+		return nil, fmt.Errorf("list loop devices: %w", err)
+	}
+	out := make([]model.Binding, len(bs))
+	for i, b := range bs {
+		out[i] = model.Binding{Path: b.Path, Rdev: b.Rdev, DiskSeq: b.DiskSeq, Tag: b.Tag}
+	}
+	return out, nil
+}
+
+func (h loopHost) MountPoint(rdev uint64) (string, error) { return mountPoint(h.mountinfo, rdev) }

@@ -1,0 +1,124 @@
+package daemon
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/api"
+)
+
+// Listen creates the API socket: its directory 0700 if missing, the socket
+// 0600. A stale socket (nobody answers) is replaced; a live one is an error.
+func Listen(path string) (*net.UnixListener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("listen on %s: another xenblkd daemon is already running there", path)
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		os.Remove(path) // stale: nobody answered
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	return l, nil
+}
+
+// Serve answers requests on l until ctx is done, then waits for the requests
+// in flight. Only root and the daemon's own uid may talk to it.
+func (d *Daemon) Serve(ctx context.Context, l *net.UnixListener) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			d.log.Error("accept", "err", err)
+			time.Sleep(10 * time.Millisecond) // e.g. EMFILE: do not spin
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d.serveConn(context.WithoutCancel(ctx), c)
+		}()
+	}
+}
+
+func (d *Daemon) serveConn(ctx context.Context, c *net.UnixConn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(RequestTimeout + 5*time.Second))
+	uid, pid, err := peerCred(c)
+	if err != nil {
+		d.log.Error("read peer credentials", "err", err)
+		return
+	}
+	if uid != 0 && uid != uint32(os.Getuid()) {
+		d.log.Warn("refused API client", "uid", uid, "pid", pid)
+		writeReply(c, api.Response{Error: fmt.Sprintf("permission denied: uid %d may not use xenblkd (root only)", uid)})
+		return
+	}
+	r := bufio.NewReaderSize(c, 4096)
+	line, err := r.ReadSlice('\n')
+	if err != nil {
+		d.log.Warn("read request", "pid", pid, "err", err)
+		return
+	}
+	var req api.Request
+	if err := json.Unmarshal(line, &req); err != nil {
+		writeReply(c, api.Response{Error: fmt.Sprintf("malformed request: %v", err)})
+		return
+	}
+	writeReply(c, d.Handle(ctx, req))
+}
+
+func writeReply(c net.Conn, resp api.Response) {
+	b, _ := json.Marshal(resp)
+	c.Write(append(b, '\n'))
+}
+
+func peerCred(c *net.UnixConn) (uid uint32, pid int32, err error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return 0, 0, err
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, 0, err
+	}
+	if cerr != nil {
+		return 0, 0, cerr
+	}
+	return cred.Uid, cred.Pid, nil
+}
+
+// discard is a logger for tests that do not care.
+var discard = slog.New(slog.DiscardHandler)

@@ -1,0 +1,270 @@
+// Package hotplug is the vbd backend's XenStore contract, as libxl and
+// xen-blkback expect it from a block script (see
+// ../shared/docs/xen-block-protocol.md §1, §4, §7): parse XENBUS_PATH, read
+// params and mode, write physical-device and friends in one transaction, write
+// hotplug-error on failure, clean up on remove. It knows nothing of loop
+// devices.
+package hotplug
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/xenstore"
+)
+
+// Limits on values read from XenStore. params is a path (PATH_MAX is 4096,
+// but no sane image path is near it); longer values are refused, not cut.
+const (
+	MaxParams = 1024
+	MaxMode   = 8
+	// maxError keeps hotplug-error well inside XenStore's 4096-byte payload.
+	maxError = 2048
+)
+
+// Backend is one vbd backend directory, relative to the caller's domain:
+// backend/vbd/<Domid>/<Devid>.
+type Backend struct {
+	Domid uint32
+	Devid uint32
+}
+
+// ErrBadPath: XENBUS_PATH is not backend/vbd/<domid>/<devid>.
+var ErrBadPath = errors.New("malformed XENBUS_PATH")
+
+// ParseBackendPath parses XENBUS_PATH as libxl passes it: relative,
+// "backend/vbd/<domid>/<devid>" with decimal numbers.
+func ParseBackendPath(p string) (Backend, error) {
+	if p == "" {
+		return Backend{}, fmt.Errorf("%w: it is empty or unset; libxl sets it to backend/vbd/<domid>/<devid>", ErrBadPath)
+	}
+	parts := strings.Split(p, "/")
+	if len(parts) != 4 || parts[0] != "backend" || parts[1] != "vbd" {
+		return Backend{}, fmt.Errorf("%w %q: want backend/vbd/<domid>/<devid>", ErrBadPath, quote(p))
+	}
+	domid, err1 := parseID(parts[2], 0x7fef) // DOMID_FIRST_RESERVED-1
+	devid, err2 := parseID(parts[3], 1<<32-1)
+	if err1 != nil || err2 != nil {
+		return Backend{}, fmt.Errorf("%w %q: domid and devid must be decimal numbers", ErrBadPath, quote(p))
+	}
+	return Backend{Domid: uint32(domid), Devid: uint32(devid)}, nil
+}
+
+func parseID(s string, max uint64) (uint64, error) {
+	if s == "" || (len(s) > 1 && s[0] == '0') {
+		return 0, strconv.ErrSyntax
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return 0, strconv.ErrSyntax
+		}
+	}
+	n, err := strconv.ParseUint(s, 10, 64)
+	if err != nil || n > max {
+		return 0, strconv.ErrRange
+	}
+	return n, nil
+}
+
+// Path returns the backend directory as XENBUS_PATH names it.
+func (b Backend) Path() string { return fmt.Sprintf("backend/vbd/%d/%d", b.Domid, b.Devid) }
+
+func (b Backend) node(name string) string { return b.Path() + "/" + name }
+
+func (b Backend) String() string { return b.Path() }
+
+// Store is the XenStore access the contract needs. ClientStore adapts a
+// *xenstore.Client; tests may use an in-memory map.
+type Store interface {
+	Read(ctx context.Context, path string) (string, error)
+	// Transact runs fn in one transaction, retrying on EAGAIN.
+	Transact(ctx context.Context, fn func(ops xenstore.Ops) error) error
+}
+
+// ClientStore is a Store on a real XenStore connection.
+type ClientStore struct{ *xenstore.Client }
+
+func (s ClientStore) Transact(ctx context.Context, fn func(ops xenstore.Ops) error) error {
+	return s.Client.Transaction(ctx, func(tx *xenstore.Tx) error { return fn(tx) })
+}
+
+// Request is what the backend asks for.
+type Request struct {
+	Params         string
+	Mode           string
+	PhysicalDevice string // already written (by an earlier add): "" if absent
+}
+
+// ReadRequest reads params, mode and physical-device and checks their sizes.
+func ReadRequest(ctx context.Context, s Store, b Backend) (Request, error) {
+	var r Request
+	var err error
+	if r.Params, err = readRequired(ctx, s, b, "params", MaxParams); err != nil {
+		return Request{}, err
+	}
+	if r.Mode, err = readRequired(ctx, s, b, "mode", MaxMode); err != nil {
+		return Request{}, err
+	}
+	r.PhysicalDevice, err = s.Read(ctx, b.node("physical-device"))
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		return Request{}, readError(b.node("physical-device"), err)
+	}
+	return r, nil
+}
+
+func readRequired(ctx context.Context, s Store, b Backend, name string, max int) (string, error) {
+	v, err := s.Read(ctx, b.node(name))
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return "", fmt.Errorf("%s is missing in %s: the toolstack did not write the disk's %s", name, b, name)
+	case err != nil:
+		return "", readError(b.node(name), err)
+	case v == "":
+		return "", fmt.Errorf("%s is empty in %s: set the disk's target in the domain configuration", name, b)
+	case len(v) > max:
+		return "", fmt.Errorf("%s in %s is %d bytes long (%q); the limit is %d", name, b, len(v), quote(v), max)
+	}
+	return v, nil
+}
+
+// readError explains a failed read: an error reply names the node; a
+// transport failure (dial refused, connection lost) means xenstored is down.
+func readError(path string, err error) error {
+	var xerr *xenstore.Error
+	reply := errors.As(err, &xerr) && xerr.Op != "dial" &&
+		!errors.Is(err, xenstore.ErrConnectionLost) && !errors.Is(err, xenstore.ErrClosed)
+	if reply {
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	return fmt.Errorf("cannot reach XenStore to read %s (is xenstored running?): %w", path, err)
+}
+
+// Result is what add hands to blkback.
+type Result struct {
+	Rdev    uint64 // physical-device
+	DevPath string // physical-device-path
+	DiskSeq uint64 // 0: not a loop device, no diskseq node
+}
+
+// FormatRdev formats a device number as blkback parses it: "%x:%x".
+func FormatRdev(rdev uint64) string {
+	return fmt.Sprintf("%x:%x", unix.Major(rdev), unix.Minor(rdev))
+}
+
+// ErrBackendGone: the backend directory was removed (the domain is being
+// destroyed); nothing was written.
+var ErrBackendGone = errors.New("backend directory is gone")
+
+// ErrPhysicalDeviceSet: physical-device already holds another device;
+// blkback ignores changes, so it is never rewritten.
+var ErrPhysicalDeviceSet = errors.New("physical-device already set to another device")
+
+// Connect writes the result in one transaction: physical-device,
+// physical-device-path, diskseq (loop devices) and hotplug-status=connected,
+// and removes a stale hotplug-error. It writes nothing if the backend is gone
+// or physical-device already names another device.
+func Connect(ctx context.Context, s Store, b Backend, r Result) error {
+	pdev := FormatRdev(r.Rdev)
+	err := s.Transact(ctx, func(tx xenstore.Ops) error {
+		if err := exists(ctx, tx, b); err != nil {
+			return err
+		}
+		old, err := tx.Read(ctx, b.node("physical-device"))
+		switch {
+		case err == nil && old != pdev:
+			return fmt.Errorf("%w: %s holds %q, this add made %s", ErrPhysicalDeviceSet, b.node("physical-device"), quote(old), pdev)
+		case err == nil:
+			// Same value: written by an earlier add of ours; confirm the rest.
+		case errors.Is(err, unix.ENOENT):
+			if err := tx.Write(ctx, b.node("physical-device"), pdev); err != nil {
+				return err
+			}
+		default:
+			return err
+		}
+		if err := tx.Write(ctx, b.node("physical-device-path"), r.DevPath); err != nil {
+			return err
+		}
+		if r.DiskSeq != 0 {
+			if err := tx.Write(ctx, b.node("diskseq"), strconv.FormatUint(r.DiskSeq, 16)); err != nil {
+				return err
+			}
+		}
+		if err := tx.Write(ctx, b.node("hotplug-status"), "connected"); err != nil {
+			return err
+		}
+		return rmIfExists(ctx, tx, b.node("hotplug-error"))
+	})
+	if err != nil {
+		return fmt.Errorf("write physical-device %s to %s: %w", pdev, b, err)
+	}
+	return nil
+}
+
+// Fail records msg in hotplug-error (libxl logs it) and sets
+// hotplug-status=error, unless the backend directory is gone: writing into it
+// would recreate it.
+func Fail(ctx context.Context, s Store, b Backend, msg string) error {
+	msg = quoteN(msg, maxError)
+	err := s.Transact(ctx, func(tx xenstore.Ops) error {
+		if err := exists(ctx, tx, b); err != nil {
+			return err
+		}
+		if err := tx.Write(ctx, b.node("hotplug-error"), msg); err != nil {
+			return err
+		}
+		return tx.Write(ctx, b.node("hotplug-status"), "error")
+	})
+	if err != nil {
+		return fmt.Errorf("write hotplug-error to %s: %w", b, err)
+	}
+	return nil
+}
+
+// Disconnect removes physical-device and diskseq if they still exist
+// (physical-device first: it is what the kernel watches).
+func Disconnect(ctx context.Context, s Store, b Backend) error {
+	err := s.Transact(ctx, func(tx xenstore.Ops) error {
+		if err := rmIfExists(ctx, tx, b.node("physical-device")); err != nil {
+			return err
+		}
+		return rmIfExists(ctx, tx, b.node("diskseq"))
+	})
+	if err != nil {
+		return fmt.Errorf("remove physical-device from %s: %w", b, err)
+	}
+	return nil
+}
+
+func exists(ctx context.Context, ops xenstore.Ops, b Backend) error {
+	if _, err := ops.Read(ctx, b.Path()); err != nil {
+		if errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("%w: %s", ErrBackendGone, b)
+		}
+		return err
+	}
+	return nil
+}
+
+func rmIfExists(ctx context.Context, ops xenstore.Ops, path string) error {
+	if _, err := ops.Read(ctx, path); errors.Is(err, unix.ENOENT) {
+		return nil
+	} else if err != nil {
+		return err
+	}
+	return ops.Rm(ctx, path)
+}
+
+func quote(s string) string { return quoteN(s, 64) }
+
+func quoteN(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}

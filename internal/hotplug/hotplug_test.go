@@ -1,0 +1,190 @@
+package hotplug
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/xenstore"
+)
+
+// mapStore is an in-memory Store: a flat map of node → value. A directory
+// exists if it is a key itself. Transactions apply to a copy, committed at the end.
+type mapStore map[string]string
+
+func (m mapStore) Read(ctx context.Context, p string) (string, error) {
+	if v, ok := m[p]; ok {
+		return v, nil
+	}
+	return "", &xenstore.Error{Op: "read", Path: p, Err: unix.ENOENT}
+}
+func (m mapStore) Write(ctx context.Context, p, v string) error { m[p] = v; return nil }
+func (m mapStore) Mkdir(ctx context.Context, p string) error    { m[p] = ""; return nil }
+func (m mapStore) Rm(ctx context.Context, p string) error {
+	for k := range m {
+		if k == p || strings.HasPrefix(k, p+"/") {
+			delete(m, k)
+		}
+	}
+	return nil
+}
+func (m mapStore) Directory(ctx context.Context, p string) ([]string, error) { return nil, nil }
+func (m mapStore) GetPerms(ctx context.Context, p string) ([]xenstore.Perm, error) {
+	return nil, nil
+}
+func (m mapStore) SetPerms(ctx context.Context, p string, perms []xenstore.Perm) error { return nil }
+func (m mapStore) Transact(ctx context.Context, fn func(xenstore.Ops) error) error {
+	tx := mapStore{}
+	for k, v := range m {
+		tx[k] = v
+	}
+	if err := fn(tx); err != nil {
+		return err
+	}
+	for k := range m {
+		delete(m, k)
+	}
+	for k, v := range tx {
+		m[k] = v
+	}
+	return nil
+}
+
+func TestParseBackendPath(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    Backend
+		wantErr bool
+	}{
+		{"backend/vbd/1/51712", Backend{1, 51712}, false},
+		{"backend/vbd/0/768", Backend{0, 768}, false},
+		{"", Backend{}, true},
+		{"/local/domain/0/backend/vbd/1/51712", Backend{}, true},
+		{"backend/vif/1/0", Backend{}, true},
+		{"backend/vbd/1", Backend{}, true},
+		{"backend/vbd/1/51712/x", Backend{}, true},
+		{"backend/vbd/-1/51712", Backend{}, true},
+		{"backend/vbd/01/51712", Backend{}, true},
+		{"backend/vbd/1/0x10", Backend{}, true},
+		{"backend/vbd/40000/1", Backend{}, true},
+		{"backend/vbd/1/99999999999", Backend{}, true},
+		{"backend/vbd/../51712", Backend{}, true},
+	}
+	for _, tt := range tests {
+		got, err := ParseBackendPath(tt.in)
+		if (err != nil) != tt.wantErr || got != tt.want {
+			t.Errorf("ParseBackendPath(%q) = %v, %v; want %v, error %v", tt.in, got, err, tt.want, tt.wantErr)
+		}
+		if err != nil && !errors.Is(err, ErrBadPath) {
+			t.Errorf("ParseBackendPath(%q): %v does not match ErrBadPath", tt.in, err)
+		}
+	}
+}
+
+func FuzzParseBackendPath(f *testing.F) {
+	f.Add("backend/vbd/1/51712")
+	f.Add("backend/vbd//")
+	f.Fuzz(func(t *testing.T, s string) {
+		b, err := ParseBackendPath(s)
+		if err == nil && b.Path() != s {
+			t.Fatalf("ParseBackendPath(%q) = %v, which formats as %q", s, b, b.Path())
+		}
+	})
+}
+
+var be = Backend{1, 51712}
+
+func backendStore(params, mode string) mapStore {
+	m := mapStore{be.Path(): "", be.node("state"): "2"}
+	if params != "-" {
+		m[be.node("params")] = params
+	}
+	if mode != "-" {
+		m[be.node("mode")] = mode
+	}
+	return m
+}
+
+func TestReadRequest(t *testing.T) {
+	ctx := context.Background()
+	tests := []struct {
+		name, params, mode string
+		wantErr            string
+	}{
+		{"ok", "/srv/img", "w", ""},
+		{"missing params", "-", "w", "params is missing"},
+		{"empty params", "", "w", "params is empty"},
+		{"oversized params", strings.Repeat("a", 3000), "w", "params in backend/vbd/1/51712 is 3000 bytes long"},
+		{"missing mode", "/srv/img", "-", "mode is missing"},
+		{"oversized mode", "/srv/img", strings.Repeat("w", 100), "the limit is 8"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r, err := ReadRequest(ctx, backendStore(tt.params, tt.mode), be)
+			if tt.wantErr == "" {
+				if err != nil || r.Params != tt.params || r.Mode != tt.mode {
+					t.Fatalf("got %+v, %v", r, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("got %v, want an error containing %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestConnectFailDisconnect(t *testing.T) {
+	ctx := context.Background()
+	s := backendStore("/srv/img", "w")
+	s[be.node("hotplug-error")] = "stale"
+	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab}
+	if err := Connect(ctx, s, be, r); err != nil {
+		t.Fatal(err)
+	}
+	for node, want := range map[string]string{
+		"physical-device": "7:12c", "physical-device-path": "/dev/loop300", "diskseq": "ab", "hotplug-status": "connected",
+	} {
+		if got := s[be.node(node)]; got != want {
+			t.Errorf("%s = %q, want %q", node, got, want)
+		}
+	}
+	if _, ok := s[be.node("hotplug-error")]; ok {
+		t.Error("stale hotplug-error not removed")
+	}
+	// Same value again: fine. Another value: refused, nothing rewritten.
+	if err := Connect(ctx, s, be, r); err != nil {
+		t.Fatalf("reconnect same device: %v", err)
+	}
+	if err := Connect(ctx, s, be, Result{Rdev: unix.Mkdev(7, 1), DevPath: "/dev/loop1"}); !errors.Is(err, ErrPhysicalDeviceSet) {
+		t.Fatalf("connect another device: got %v, want ErrPhysicalDeviceSet", err)
+	}
+	if got := s[be.node("physical-device-path")]; got != "/dev/loop300" {
+		t.Fatalf("physical-device-path rewritten to %q", got)
+	}
+	if err := Disconnect(ctx, s, be); err != nil {
+		t.Fatal(err)
+	}
+	for _, node := range []string{"physical-device", "diskseq"} {
+		if _, ok := s[be.node(node)]; ok {
+			t.Errorf("%s left after Disconnect", node)
+		}
+	}
+	if err := Fail(ctx, s, be, "boom"); err != nil || s[be.node("hotplug-error")] != "boom" || s[be.node("hotplug-status")] != "error" {
+		t.Fatalf("Fail: %v, nodes %v", err, s)
+	}
+
+	gone := mapStore{}
+	if err := Connect(ctx, gone, be, r); !errors.Is(err, ErrBackendGone) || len(gone) != 0 {
+		t.Fatalf("connect to a removed backend: %v, wrote %v", err, gone)
+	}
+	if err := Fail(ctx, gone, be, "x"); !errors.Is(err, ErrBackendGone) || len(gone) != 0 {
+		t.Fatalf("fail on a removed backend: %v, wrote %v", err, gone)
+	}
+	if err := Disconnect(ctx, gone, be); err != nil || len(gone) != 0 {
+		t.Fatalf("disconnect a removed backend: %v, wrote %v", err, gone)
+	}
+}

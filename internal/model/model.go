@@ -1,0 +1,525 @@
+// Package model keeps xenblkd's attachments: which backend (domain, device)
+// uses which target, the read-only loop-device cache, and the sharing rules.
+// It knows nothing of sockets or XenStore and makes no ioctls itself: the
+// machine is reached through Host.
+//
+// Every change of state goes through Add, Remove or Restore. Add is also what
+// a future "pre-setup" (the daemon reacting to a new backend before libxl
+// execs the script) calls; the exec'd add then finds the attachment and only
+// confirms it. Restore is the seam for recovery after a daemon restart.
+package model
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sort"
+	"sync"
+)
+
+// Key identifies a backend: the frontend domain and the virtual device number,
+// i.e. backend/vbd/<Domid>/<Devid>.
+type Key struct {
+	Domid uint32
+	Devid uint32
+}
+
+func (k Key) String() string { return fmt.Sprintf("domain %d device %d", k.Domid, k.Devid) }
+
+// FileID identifies a regular file by st_dev and st_ino.
+type FileID struct {
+	Dev uint64
+	Ino uint64
+}
+
+// Kind says what a backend's params resolved to.
+type Kind int
+
+const (
+	BlockDevice Kind = iota + 1 // used as is
+	RegularFile                 // gets a loop device
+)
+
+func (k Kind) String() string {
+	switch k {
+	case BlockDevice:
+		return "block device"
+	case RegularFile:
+		return "file"
+	}
+	return "unknown"
+}
+
+// Target is what a backend's params resolved to, as fstat saw the opened fd.
+type Target struct {
+	Kind Kind
+	Path string // the resolved path, for messages and physical-device-path of block devices
+	File FileID // RegularFile: the file's identity
+	Rdev uint64 // BlockDevice: st_rdev
+}
+
+// targetID is the per-target lock and sharing key: one per file or block device.
+type targetID struct {
+	kind Kind
+	a, b uint64
+}
+
+func (t Target) id() targetID {
+	if t.Kind == RegularFile {
+		return targetID{RegularFile, t.File.Dev, t.File.Ino}
+	}
+	return targetID{BlockDevice, t.Rdev, 0}
+}
+
+// Device is a loop device the model owns (the daemon's held fd).
+type Device interface {
+	Path() string
+	Rdev() uint64
+	DiskSeq() uint64
+	// Verify fails if the device is no longer bound as it was when made.
+	Verify() error
+	// Close releases the held fd; AUTOCLEAR frees the device once the last
+	// opener (xen-blkback) lets go.
+	Close() error
+}
+
+// Binding is a loop device bound to a file, whoever bound it.
+type Binding struct {
+	Path    string
+	Rdev    uint64
+	DiskSeq uint64
+	Tag     string
+}
+
+// Host is what the model needs from the machine.
+type Host interface {
+	// NewLoop binds a new AUTOCLEAR loop device to backing.
+	NewLoop(backing *os.File, readOnly bool) (Device, error)
+	// LoopsOf lists every loop device bound to the file.
+	LoopsOf(file FileID) ([]Binding, error)
+	// MountPoint returns where the block device rdev is mounted in this
+	// mount namespace, or "" if it is not.
+	MountPoint(rdev uint64) (string, error)
+}
+
+// AddRequest asks for target to be attached to backend Key.
+type AddRequest struct {
+	Key     Key
+	Params  string // BE/params as read, for the record and messages
+	Mode    Mode
+	Target  Target
+	Backing *os.File // opened with the access Mode asks for; the caller closes it
+}
+
+// Attachment is a snapshot of one backend's attachment.
+type Attachment struct {
+	Key     Key
+	Params  string
+	Mode    Mode
+	Target  Target
+	DevPath string // physical-device-path
+	Rdev    uint64 // physical-device
+	DiskSeq uint64 // loop devices only; 0 for block devices
+	Users   int    // backends sharing the device (read-only cache), else 1
+}
+
+// ConflictError is a refusal by the sharing rules.
+type ConflictError struct {
+	Key    Key
+	Target Target
+	Reason string
+}
+
+func (e *ConflictError) Error() string {
+	return fmt.Sprintf("refusing to attach %s %s to %s: %s", e.Target.Kind, e.Target.Path, e.Key, e.Reason)
+}
+
+// ErrConflict matches every *ConflictError with errors.Is.
+var ErrConflict = errors.New("sharing conflict")
+
+func (e *ConflictError) Is(target error) bool { return target == ErrConflict }
+
+// loopDevice is a device the model holds, with the backends using it.
+type loopDevice struct {
+	dev      Device
+	readOnly bool
+	file     FileID
+	users    map[Key]bool
+}
+
+type attachment struct {
+	Attachment
+	loop *loopDevice // nil for block devices
+}
+
+func (a *attachment) snapshot() Attachment {
+	s := a.Attachment
+	s.Users = 1
+	if a.loop != nil {
+		s.Users = len(a.loop.users)
+	}
+	return s
+}
+
+// Model is the set of attachments. The zero value is not usable: use New.
+//
+// Locking: a per-target lock (locks) is held across the slow work of one add
+// or remove (sharing checks against the host, loop setup) so two requests
+// for the same file serialise, and requests for different files never wait on
+// each other. mu guards the maps below and is never held across slow work.
+type Model struct {
+	host  Host
+	log   *slog.Logger
+	locks keyedMutex
+
+	mu          sync.Mutex
+	attachments map[Key]*attachment              // guarded by mu
+	byTarget    map[targetID]map[Key]*attachment // guarded by mu
+	readOnly    map[FileID]*loopDevice           // guarded by mu: the read-only cache
+	devices     map[uint64]*loopDevice           // guarded by mu: every held device by rdev
+}
+
+// New returns an empty model.
+func New(host Host, log *slog.Logger) *Model {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Model{
+		host:        host,
+		log:         log,
+		attachments: map[Key]*attachment{},
+		byTarget:    map[targetID]map[Key]*attachment{},
+		readOnly:    map[FileID]*loopDevice{},
+		devices:     map[uint64]*loopDevice{},
+	}
+}
+
+// Add attaches req.Target to req.Key, enforcing the sharing rules unless the
+// mode has '!'. Adding a backend that is already attached to the same target
+// with the same mode returns the existing attachment (idempotent).
+func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
+	tid := req.Target.id()
+	unlock := m.locks.lock(tid)
+	defer unlock()
+	if err := ctx.Err(); err != nil {
+		return Attachment{}, err
+	}
+
+	m.mu.Lock()
+	if a, ok := m.attachments[req.Key]; ok {
+		m.mu.Unlock()
+		if a.Target.id() == tid && a.Mode == req.Mode {
+			return a.snapshot(), nil
+		}
+		return Attachment{}, fmt.Errorf("%s is already attached to %s %s (mode %s): remove it first",
+			req.Key, a.Target.Kind, a.Target.Path, a.Mode)
+	}
+	var conflict error
+	if !req.Mode.Force {
+		conflict = m.conflictLocked(req, tid)
+	}
+	m.mu.Unlock()
+	if conflict != nil {
+		return Attachment{}, conflict
+	}
+	if !req.Mode.Force && req.Mode.Writable {
+		if err := m.checkHost(req); err != nil {
+			return Attachment{}, err
+		}
+	}
+
+	a := &attachment{Attachment: Attachment{
+		Key: req.Key, Params: req.Params, Mode: req.Mode, Target: req.Target,
+	}}
+	if req.Target.Kind == BlockDevice {
+		a.DevPath, a.Rdev = req.Target.Path, req.Target.Rdev
+	} else {
+		ld, fresh, err := m.loopFor(req)
+		if err != nil {
+			return Attachment{}, err
+		}
+		a.loop = ld
+		a.DevPath, a.Rdev, a.DiskSeq = ld.dev.Path(), ld.dev.Rdev(), ld.dev.DiskSeq()
+		if fresh {
+			m.log.Info("loop device bound", "domid", req.Key.Domid, "devid", req.Key.Devid,
+				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path, "readonly", !req.Mode.Writable)
+		} else {
+			m.log.Info("loop device shared", "domid", req.Key.Domid, "devid", req.Key.Devid,
+				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path)
+		}
+	}
+
+	m.mu.Lock()
+	if _, taken := m.attachments[req.Key]; taken {
+		// A concurrent add for the same backend but another target won.
+		release := m.dropUserLocked(a)
+		m.mu.Unlock()
+		m.closeDevice(release)
+		return Attachment{}, fmt.Errorf("%s: attached concurrently by another request", req.Key)
+	}
+	m.insertLocked(a)
+	snap := a.snapshot()
+	m.mu.Unlock()
+	return snap, nil
+}
+
+// conflictLocked applies the sharing rules against our own attachments.
+func (m *Model) conflictLocked(req AddRequest, tid targetID) error {
+	keys := make([]Key, 0, len(m.byTarget[tid]))
+	for k := range m.byTarget[tid] {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return less(keys[i], keys[j]) })
+	for _, k := range keys {
+		other := m.byTarget[tid][k]
+		if other.Key.Domid == req.Key.Domid {
+			continue // the same domain may attach it again
+		}
+		if req.Mode.Writable || other.Mode.Writable {
+			return &ConflictError{Key: req.Key, Target: req.Target, Reason: fmt.Sprintf(
+				"it is already attached to domain %d (device %d, mode %s, %s); use mode w! to override",
+				other.Key.Domid, other.Key.Devid, other.Mode, other.DevPath)}
+		}
+	}
+	return nil
+}
+
+// checkHost applies the rules that need the machine: a loop device we do not
+// own bound to the file, or the block device mounted here.
+func (m *Model) checkHost(req AddRequest) error {
+	switch req.Target.Kind {
+	case RegularFile:
+		bindings, err := m.host.LoopsOf(req.Target.File)
+		if err != nil {
+			return fmt.Errorf("check loop devices bound to %s: %w", req.Target.Path, err)
+		}
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		for _, b := range bindings {
+			if ld, ours := m.devices[b.Rdev]; ours && ld.dev.DiskSeq() == b.DiskSeq {
+				continue
+			}
+			return &ConflictError{Key: req.Key, Target: req.Target, Reason: fmt.Sprintf(
+				"loop device %s (not held by xenblkd, tag %q) is bound to this file; detach it (losetup -d %s) or use mode w! to override",
+				b.Path, b.Tag, b.Path)}
+		}
+	case BlockDevice:
+		where, err := m.host.MountPoint(req.Target.Rdev)
+		if err != nil {
+			return fmt.Errorf("check mounts of %s: %w", req.Target.Path, err)
+		}
+		if where != "" {
+			return &ConflictError{Key: req.Key, Target: req.Target, Reason: fmt.Sprintf(
+				"it is mounted on %s in this domain; unmount it or use mode w! to override", where)}
+		}
+	}
+	return nil
+}
+
+// loopFor returns the cached read-only device for the file or binds a new one.
+// Called with the target lock held, so the cache entry cannot go away.
+func (m *Model) loopFor(req AddRequest) (ld *loopDevice, fresh bool, err error) {
+	readOnly := !req.Mode.Writable
+	if readOnly {
+		m.mu.Lock()
+		ld = m.readOnly[req.Target.File]
+		m.mu.Unlock()
+		if ld != nil {
+			return ld, false, nil
+		}
+	}
+	dev, err := m.host.NewLoop(req.Backing, readOnly)
+	if err != nil {
+		return nil, false, fmt.Errorf("bind a loop device to %s: %w", req.Target.Path, err)
+	}
+	return &loopDevice{dev: dev, readOnly: readOnly, file: req.Target.File, users: map[Key]bool{}}, true, nil
+}
+
+// insertLocked records a, which must not be recorded yet.
+func (m *Model) insertLocked(a *attachment) {
+	tid := a.Target.id()
+	m.attachments[a.Key] = a
+	if m.byTarget[tid] == nil {
+		m.byTarget[tid] = map[Key]*attachment{}
+	}
+	m.byTarget[tid][a.Key] = a
+	if ld := a.loop; ld != nil {
+		ld.users[a.Key] = true
+		m.devices[ld.dev.Rdev()] = ld
+		if ld.readOnly {
+			m.readOnly[ld.file] = ld
+		}
+	}
+}
+
+// dropUserLocked forgets a's use of its device and returns the device if a
+// was its last user (the caller closes it outside mu).
+func (m *Model) dropUserLocked(a *attachment) Device {
+	ld := a.loop
+	if ld == nil {
+		return nil
+	}
+	delete(ld.users, a.Key)
+	if len(ld.users) > 0 {
+		return nil
+	}
+	if m.devices[ld.dev.Rdev()] == ld {
+		delete(m.devices, ld.dev.Rdev())
+	}
+	if ld.readOnly && m.readOnly[ld.file] == ld {
+		delete(m.readOnly, ld.file)
+	}
+	return ld.dev
+}
+
+// closeDevice releases a device no backend uses any more. A device whose
+// identity changed (diskseq differs) is not ours to free: its fd is left open
+// rather than risk clearing someone else's binding.
+func (m *Model) closeDevice(dev Device) {
+	if dev == nil {
+		return
+	}
+	if err := dev.Verify(); err != nil {
+		m.log.Error("loop device changed under us; not releasing it", "dev", dev.Path(), "diskseq", dev.DiskSeq(), "err", err)
+		return
+	}
+	if err := dev.Close(); err != nil {
+		m.log.Error("release loop device", "dev", dev.Path(), "diskseq", dev.DiskSeq(), "err", err)
+		return
+	}
+	m.log.Info("loop device released", "dev", dev.Path(), "diskseq", dev.DiskSeq())
+}
+
+// Remove releases key's attachment, closing its loop device if it was the
+// last user. It reports whether key was attached; removing twice is fine.
+func (m *Model) Remove(key Key) (Attachment, bool) {
+	m.mu.Lock()
+	a := m.attachments[key]
+	m.mu.Unlock()
+	if a == nil {
+		return Attachment{}, false
+	}
+	unlock := m.locks.lock(a.Target.id())
+	defer unlock()
+
+	m.mu.Lock()
+	if m.attachments[key] != a { // removed (or replaced) while we waited
+		m.mu.Unlock()
+		return Attachment{}, false
+	}
+	snap := a.snapshot()
+	delete(m.attachments, key)
+	tid := a.Target.id()
+	delete(m.byTarget[tid], key)
+	if len(m.byTarget[tid]) == 0 {
+		delete(m.byTarget, tid)
+	}
+	release := m.dropUserLocked(a)
+	m.mu.Unlock()
+
+	snap.Users--
+	m.closeDevice(release)
+	return snap, true
+}
+
+// Restore records an attachment rebuilt after a restart (an adopted device
+// plus the backend's XenStore record). Backends naming the same read-only
+// device share it. dev is nil for block devices.
+func (m *Model) Restore(a Attachment, dev Device) error {
+	unlock := m.locks.lock(a.Target.id())
+	defer unlock()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.attachments[a.Key]; ok {
+		return fmt.Errorf("restore %s: already attached", a.Key)
+	}
+	rec := &attachment{Attachment: a}
+	if a.Target.Kind == RegularFile {
+		if dev == nil {
+			return fmt.Errorf("restore %s: a file attachment needs its loop device", a.Key)
+		}
+		ld := m.devices[dev.Rdev()]
+		if ld == nil {
+			ld = &loopDevice{dev: dev, readOnly: !a.Mode.Writable, file: a.Target.File, users: map[Key]bool{}}
+		}
+		rec.loop = ld
+		rec.DevPath, rec.Rdev, rec.DiskSeq = dev.Path(), dev.Rdev(), dev.DiskSeq()
+	}
+	m.insertLocked(rec)
+	return nil
+}
+
+// Lookup returns key's attachment.
+func (m *Model) Lookup(key Key) (Attachment, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	a, ok := m.attachments[key]
+	if !ok {
+		return Attachment{}, false
+	}
+	return a.snapshot(), true
+}
+
+// List returns every attachment, ordered by domain and device.
+func (m *Model) List() []Attachment {
+	m.mu.Lock()
+	out := make([]Attachment, 0, len(m.attachments))
+	for _, a := range m.attachments {
+		out = append(out, a.snapshot())
+	}
+	m.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return less(out[i].Key, out[j].Key) })
+	return out
+}
+
+// Devices returns how many loop devices the model holds.
+func (m *Model) Devices() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.devices)
+}
+
+func less(a, b Key) bool {
+	if a.Domid != b.Domid {
+		return a.Domid < b.Domid
+	}
+	return a.Devid < b.Devid
+}
+
+// keyedMutex is a mutex per target, created on demand and dropped when unused.
+type keyedMutex struct {
+	mu    sync.Mutex
+	locks map[targetID]*keyedLock // guarded by mu
+}
+
+type keyedLock struct {
+	mu   sync.Mutex
+	refs int // guarded by keyedMutex.mu
+}
+
+func (k *keyedMutex) lock(id targetID) (unlock func()) {
+	k.mu.Lock()
+	if k.locks == nil {
+		k.locks = map[targetID]*keyedLock{}
+	}
+	l := k.locks[id]
+	if l == nil {
+		l = &keyedLock{}
+		k.locks[id] = l
+	}
+	l.refs++
+	k.mu.Unlock()
+
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		k.mu.Lock()
+		l.refs--
+		if l.refs == 0 {
+			delete(k.locks, id)
+		}
+		k.mu.Unlock()
+	}
+}
