@@ -7,7 +7,7 @@ BIN      := bin/xenblkd
 # ~1 ms more per exec, and the hotplug entry point is exec'd for every disk).
 BUILDFLAGS := -trimpath -ldflags='-s -w'
 
-.PHONY: all build setup check test test-unit test-e2e bench bench-loop bench-xenstore demo chaos clean
+.PHONY: all build setup check test test-unit test-e2e testbed bench bench-loop bench-xenstore demo chaos clean
 
 all: build
 
@@ -31,6 +31,12 @@ test: setup check build
 
 ## --- benchmarks -----------------------------------------------------------
 
+# bench: the stock block script vs xenblkd, driven as libxl drives them, against
+# one private real xenstored (issue 6). Writes docs/benchmarks.md and
+# docs/bench-scaling.png; root. `go run ./test/bench -quick` for a smoke run.
+bench: setup build
+	$(GO) run ./test/bench -bin $(BIN) -out docs/benchmarks.md -plot docs/bench-scaling.png
+
 bench-loop: setup
 	CGO_ENABLED=1 $(GO) test -run '^$$' -bench . -benchtime 300x -count 1 ./internal/loop/
 
@@ -39,8 +45,94 @@ bench-xenstore: setup
 
 ## --- demo -----------------------------------------------------------------
 
+## --- Xen testbed (docs/testbed.md) -----------------------------------------
+
+# testbed: build the dom0 image, or reuse the cached one (rebuilt only when the recipe changes).
+testbed:
+	@scripts/setup.sh testbed
+	test/testbed/build-image.sh
+
+# test-e2e: one boot of real Xen under QEMU/TCG, the end-to-end suite, stock script vs xenblkd.
+# Ends with `N passed, N failed`. (~25 min; not yet part of `make test`.)
+test-e2e: build
+	@scripts/setup.sh testbed
+	test/testbed/e2e.sh
+
+# demo: a guest with 4 disks through the stock script, then through xenblkd, with timings.
 demo:
-	@echo "make demo: not yet: the Xen testbed demo (issue 8) does not exist yet."; exit 1
+	@scripts/setup.sh testbed || echo "make demo: installing the testbed packages failed"
+	@$(MAKE) --no-print-directory build || echo "make demo: make build failed: the xenblkd half will say so"
+	@test/testbed/e2e.sh --demo
+
+## --- install and package (docs/install.md) ----------------------------------
+
+# Install layout; override on the command line, e.g.
+#   make install DESTDIR=/tmp/stage PREFIX=/usr/local
+DESTDIR      ?=
+PREFIX       ?= /usr
+SBINDIR      ?= $(PREFIX)/sbin
+MANDIR       ?= $(PREFIX)/share/man
+XENSCRIPTDIR ?= /etc/xen/scripts
+UNITDIR      ?= /lib/systemd/system
+BUILDDIR     ?= build
+UNIT         := dist/xenblkd.service
+MANPAGE      := docs/xenblkd.8
+
+# VERSION file if there is one, else git describe. A Debian version must start
+# with a digit: v1.2-3-gabc -> 1.2+3+gabc; a bare hash -> 0~git<hash>.
+VERSION      ?= $(shell cat VERSION 2>/dev/null || git describe --always --dirty 2>/dev/null || echo unknown)
+DEB_VERSION  ?= $(shell printf '%s\n' '$(VERSION)' | sed -E 's/^v([0-9])/\1/; /^[0-9]+\./!s/^/0~git/; y/-/+/')
+DEB          := $(BUILDDIR)/xenblkd_$(DEB_VERSION)_amd64.deb
+
+.PHONY: install uninstall deb man check-unit
+
+check-unit:
+	@test -f $(UNIT) || { echo "make: $(UNIT) does not exist yet: the systemd unit is needed to install or package xenblkd" >&2; exit 1; }
+
+man: $(BUILDDIR)/xenblkd.8.gz
+
+$(BUILDDIR)/xenblkd.8.gz: $(MANPAGE)
+	@mkdir -p $(BUILDDIR)
+	gzip -9n < $(MANPAGE) > $@
+
+# install: the binary, the hotplug link libxl execs for script=xenblkd, the
+# unit (ExecStart= pointed at $(SBINDIR)) and the man page.
+install: check-unit build man
+	install -D -m 0755 $(BIN) $(DESTDIR)$(SBINDIR)/xenblkd
+	install -d -m 0755 $(DESTDIR)$(XENSCRIPTDIR)
+	ln -sfn $(SBINDIR)/xenblkd $(DESTDIR)$(XENSCRIPTDIR)/xenblkd
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed 's|/usr/sbin/xenblkd|$(SBINDIR)/xenblkd|g' $(UNIT) > $(DESTDIR)$(UNITDIR)/xenblkd.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/xenblkd.service
+	install -D -m 0644 $(BUILDDIR)/xenblkd.8.gz $(DESTDIR)$(MANDIR)/man8/xenblkd.8.gz
+	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
+		systemctl daemon-reload; \
+		echo "installed; now: systemctl enable --now xenblkd, then use script=xenblkd (docs/install.md)"; \
+	fi
+
+# uninstall: removes exactly what install put there. With DESTDIR it also
+# removes the directories install made that are left empty.
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/xenblkd $(DESTDIR)$(XENSCRIPTDIR)/xenblkd \
+		$(DESTDIR)$(UNITDIR)/xenblkd.service $(DESTDIR)$(MANDIR)/man8/xenblkd.8.gz
+	@if [ -n "$(DESTDIR)" ]; then \
+		for d in $(SBINDIR) $(XENSCRIPTDIR) $(UNITDIR) $(MANDIR)/man8; do \
+			rmdir -p --ignore-fail-on-non-empty $(DESTDIR)$$d 2>/dev/null || true; \
+		done; \
+	fi
+
+# deb: a Debian package of the same layout, built without fakeroot
+# (--root-owner-group). The control file and maintainer scripts are in dist/debian/.
+deb: check-unit build man
+	rm -rf $(BUILDDIR)/deb
+	$(MAKE) --no-print-directory install DESTDIR=$(abspath $(BUILDDIR))/deb PREFIX=/usr SBINDIR=/usr/sbin \
+		MANDIR=/usr/share/man UNITDIR=/lib/systemd/system XENSCRIPTDIR=/etc/xen/scripts
+	install -d -m 0755 $(BUILDDIR)/deb/DEBIAN
+	sed -e 's|@VERSION@|$(DEB_VERSION)|' -e "s|@INSTALLED_SIZE@|$$(du -sk --exclude=DEBIAN $(BUILDDIR)/deb | cut -f1)|" \
+		dist/debian/control > $(BUILDDIR)/deb/DEBIAN/control
+	install -m 0755 dist/debian/postinst dist/debian/prerm dist/debian/postrm $(BUILDDIR)/deb/DEBIAN/
+	dpkg-deb --build --root-owner-group $(BUILDDIR)/deb $(DEB)
+	@echo "built $(DEB)"
 
 clean:
 	rm -rf bin build

@@ -12,11 +12,13 @@ pkgs=(
 	# its helpers, the headers for the xenstored shim
 	xen-utils-4.17 xen-utils-common xenstore-utils libxen-dev
 	gcc libc6-dev make util-linux e2fsprogs
+	# make install / make deb and their tests (test/install): man page check
+	man-db
 	# benchmarks
 	hyperfine strace
 )
 if [[ ${1:-} == testbed || ${1:-} == all ]]; then
-	pkgs+=(qemu-system-x86 qemu-utils debootstrap cpio gzip socat perl python3)
+	pkgs+=(qemu-system-x86 qemu-utils debootstrap cpio gzip socat perl python3 xz-utils)
 fi
 
 missing=()

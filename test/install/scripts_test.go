@@ -1,0 +1,128 @@
+package install
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// stubPath makes a directory of stand-ins for deb-systemd-helper,
+// deb-systemd-invoke and systemctl that log their arguments to log, so the
+// maintainer scripts run without touching this host's systemd.
+func stubPath(t *testing.T, log string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, name := range []string{"deb-systemd-helper", "deb-systemd-invoke", "systemctl"} {
+		// was-enabled fails (exit 1) when $WAS_ENABLED is "no".
+		stub := "#!/bin/sh\necho \"" + name + " $*\" >> " + log + "\n" +
+			"case \"$*\" in *was-enabled*) [ \"$WAS_ENABLED\" != no ] ;; esac\n"
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(stub), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+func runScript(t *testing.T, script string, env []string, args ...string) []string {
+	t.Helper()
+	log := filepath.Join(t.TempDir(), "calls")
+	cmd := exec.Command(filepath.Join(repoRoot(t), "dist/debian", script), args...)
+	cmd.Env = append([]string{"PATH=" + stubPath(t, log) + ":/usr/bin:/bin"}, env...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s %v: %v\n%s", script, args, err, out)
+	}
+	b, _ := os.ReadFile(log)
+	return strings.Split(strings.TrimSpace(string(b)), "\n")
+}
+
+func contains(calls []string, want string) bool {
+	for _, c := range calls {
+		if c == want {
+			return true
+		}
+	}
+	return false
+}
+
+// systemdRunning: the scripts start/stop the unit only when /run/systemd/system
+// exists; on a host without it those calls must not happen.
+func systemdRunning() bool {
+	st, err := os.Stat("/run/systemd/system")
+	return err == nil && st.IsDir()
+}
+
+func TestMaintainerScripts(t *testing.T) {
+	const unit = "xenblkd.service"
+	sd := systemdRunning()
+
+	calls := runScript(t, "postinst", nil, "configure")
+	for _, want := range []string{"deb-systemd-helper unmask " + unit, "deb-systemd-helper enable " + unit} {
+		if !contains(calls, want) {
+			t.Errorf("postinst configure (new install): no %q in %q", want, calls)
+		}
+	}
+	if got := contains(calls, "deb-systemd-invoke start "+unit); got != sd {
+		t.Errorf("postinst configure: started the unit = %v, want %v (systemd running: %v): %q", got, sd, sd, calls)
+	}
+
+	// An upgrade of a unit the administrator disabled keeps it disabled, and
+	// restarts rather than starts.
+	calls = runScript(t, "postinst", []string{"WAS_ENABLED=no"}, "configure", "0~git1234567")
+	if contains(calls, "deb-systemd-helper enable "+unit) || !contains(calls, "deb-systemd-helper update-state "+unit) {
+		t.Errorf("postinst upgrade of a disabled unit: %q, want update-state and no enable", calls)
+	}
+	if got := contains(calls, "deb-systemd-invoke restart "+unit); got != sd {
+		t.Errorf("postinst upgrade: restarted = %v, want %v: %q", got, sd, calls)
+	}
+
+	// prerm stops the daemon on removal only, not on upgrade.
+	calls = runScript(t, "prerm", nil, "upgrade", "1.0")
+	if contains(calls, "deb-systemd-invoke stop "+unit) {
+		t.Errorf("prerm upgrade stopped the unit: %q", calls)
+	}
+	calls = runScript(t, "prerm", nil, "remove")
+	if got := contains(calls, "deb-systemd-invoke stop "+unit); got != sd {
+		t.Errorf("prerm remove: stopped = %v, want %v: %q", got, sd, calls)
+	}
+
+	calls = runScript(t, "postrm", nil, "remove")
+	if !contains(calls, "deb-systemd-helper mask "+unit) {
+		t.Errorf("postrm remove: %q, want mask", calls)
+	}
+	calls = runScript(t, "postrm", nil, "purge")
+	if !contains(calls, "deb-systemd-helper purge "+unit) || !contains(calls, "deb-systemd-helper unmask "+unit) {
+		t.Errorf("postrm purge: %q, want purge and unmask", calls)
+	}
+}
+
+// TestManPage renders docs/xenblkd.8 with man's warnings on and checks that it
+// documents every command the binary has.
+func TestManPage(t *testing.T) {
+	if _, err := exec.LookPath("man"); err != nil {
+		t.Skip("no man (apt-get install man-db)")
+	}
+	page := filepath.Join(repoRoot(t), "docs/xenblkd.8")
+	cmd := exec.Command("man", "--warnings", "-l", page)
+	cmd.Env = append(os.Environ(), "MANWIDTH=80", "LC_ALL=C.UTF-8", "MANPAGER=cat", "PAGER=cat")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil || stderr.Len() != 0 {
+		t.Fatalf("man --warnings -l %s: %v\n%s", page, err, stderr.String())
+	}
+	// Drop grotty's overstrike (bold "x\bx", underline "_\bx") and Unicode hyphens.
+	text := regexp.MustCompile(".\b").ReplaceAllString(string(out), "")
+	text = strings.NewReplacer("\u2010", "-", "\u2212", "-", "\u2018", "'", "\u2019", "'").Replace(text)
+	for _, want := range []string{
+		"xenblkd daemon", "add|remove", "xenblkd status [--json]", "xenblkd doctor [--json]", "xenblkd version",
+		"XENBLKD_SOCKET", "XENSTORED_PATH", "XENBUS_PATH", "/run/xenblkd/api.sock", "/etc/xen/scripts/xenblkd",
+		"xenblkd.service", "script=xenblkd", "<script path='/etc/xen/scripts/xenblkd'/>", "EXIT STATUS", "SEE ALSO",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("rendered man page lacks %q", want)
+		}
+	}
+}
