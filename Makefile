@@ -5,7 +5,7 @@ export CGO_ENABLED := 0
 BIN      := bin/xenblkd
 # GOFLAGS for the build: static, no cgo (a dynamically linked Go binary costs
 # ~1 ms more per exec, and the hotplug entry point is exec'd for every disk).
-BUILDFLAGS := -trimpath -ldflags='-s -w'
+BUILDFLAGS = -trimpath -ldflags='-s -w -X main.version=$(VERSION)'
 
 .PHONY: all build setup check test test-unit test-e2e testbed bench bench-loop bench-xenstore demo chaos clean
 
