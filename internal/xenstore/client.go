@@ -1,29 +1,51 @@
 // Package xenstore is a client for the XenStore wire protocol (unix socket of
 // xenstored, or /dev/xen/xenbus). It knows nothing of Xen policy.
 //
-// CONTRACT SKELETON: the exported API below is what the rest of xenblkd codes
-// against. Implementations may add to it but must keep these signatures.
+// One Client is one connection. Requests from many goroutines are pipelined
+// on it and matched to their replies by req_id; a single reader goroutine
+// demultiplexes replies and watch events. The package does not import net:
+// the socket is a raw AF_UNIX fd wrapped in an *os.File, so it integrates
+// with the runtime poller without net's init cost.
 package xenstore
 
 import (
 	"context"
 	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
 )
 
-// Errors: replies of type XS_ERROR map to an *Error whose Err is the matching
-// syscall.Errno (ENOENT, EACCES, EAGAIN, EINVAL, E2BIG, EQUOTA→EDQUOT, ...), so
+// Error is a failed XenStore operation. Replies of type XS_ERROR map to an
+// Error whose Err is the matching syscall.Errno (ENOENT, EACCES, EAGAIN,
+// EINVAL, E2BIG, ...; oxenstored's EQUOTA maps to EDQUOT), so
 // errors.Is(err, unix.ENOENT) and errors.Is(err, fs.ErrNotExist) work.
+// Transport failures carry ErrConnectionLost, ErrClosed or the dial errno.
 type Error struct {
 	Op   string // "read", "write", ...
 	Path string
 	Err  error
 }
 
-func (e *Error) Error() string { return "xenstore " + e.Op + " " + e.Path + ": " + e.Err.Error() }
+func (e *Error) Error() string {
+	if e.Path == "" {
+		return "xenstore " + e.Op + ": " + e.Err.Error()
+	}
+	return "xenstore " + e.Op + " " + e.Path + ": " + e.Err.Error()
+}
+
 func (e *Error) Unwrap() error { return e.Err }
 
 // ErrClosed: the client was closed. ErrConnectionLost: the connection broke
 // while the request was in flight (the request may or may not have happened).
+// ErrTooLarge: the request payload exceeds XenStore's 4096-byte limit; it was
+// not sent.
 var (
 	ErrClosed         = errors.New("xenstore: client closed")
 	ErrConnectionLost = errors.New("xenstore: connection to xenstored lost")
@@ -49,50 +71,536 @@ type Ops interface {
 	SetPerms(ctx context.Context, path string, perms []Perm) error
 }
 
-// Client is one connection to XenStore, safe for concurrent use; it reconnects
-// after xenstored restarts and re-registers its watches.
-type Client struct{}
+var (
+	_ Ops = (*Client)(nil)
+	_ Ops = (*Tx)(nil)
+)
 
-// Dial connects to $XENSTORED_PATH, else /run/xenstored/socket,
-// /var/run/xenstored/socket, else /dev/xen/xenbus.
-func Dial(ctx context.Context) (*Client, error) { panic("TODO") }
+// Client is one connection to XenStore, safe for concurrent use. After the
+// connection breaks (xenstored restarted), the next call dials again and
+// re-registers the client's watches, each of which fires its initial event
+// again; events that happened while disconnected are not replayed.
+type Client struct {
+	target string                   // socket or device path, for errors
+	open   func() (*os.File, error) // dials the transport
+
+	reqID atomic.Uint32
+
+	dialMu sync.Mutex // serialises reconnects (held while dialling and re-registering watches)
+
+	mu      sync.Mutex // guards conn, dialing and closed; never held while waiting
+	conn    *conn      // the live connection, or nil / dead
+	dialing *conn      // a connection being set up, so Close can break it
+	closed  bool
+
+	watchMu  sync.RWMutex      // guards watches and watchSeq
+	watches  map[string]*Watch // by wire token
+	watchSeq uint64
+}
+
+// conn is one transport connection; a Client replaces it after it dies.
+type conn struct {
+	f *os.File
+
+	mu      sync.Mutex // guards pending and err
+	pending map[uint32]chan frame
+	err     error         // why the connection died; nil while alive
+	dead    chan struct{} // closed when err is set
+}
+
+// Dial connects to $XENSTORED_PATH if it is set (a socket, or a xenbus-like
+// device when the path is not a socket), else to the first of
+// /run/xenstored/socket and /var/run/xenstored/socket that accepts, else
+// opens /dev/xen/xenbus. Unlike libxenstore, a set XENSTORED_PATH is never
+// followed by a fallback: a test pointed at a private daemon must not reach
+// the host's.
+func Dial(ctx context.Context) (*Client, error) {
+	env, set := os.LookupEnv("XENSTORED_PATH")
+	return dialTransports(ctx, chooseTransports(env, set, defaultSockets, defaultXenbus))
+}
 
 // DialUnix connects to the xenstored unix socket at path.
-func DialUnix(ctx context.Context, path string) (*Client, error) { panic("TODO") }
+func DialUnix(ctx context.Context, path string) (*Client, error) {
+	return dialTransports(ctx, []transport{{path: path, unix: true}})
+}
 
 // OpenXenbus opens the kernel's xenbus device (usually /dev/xen/xenbus).
-func OpenXenbus(ctx context.Context, path string) (*Client, error) { panic("TODO") }
+func OpenXenbus(ctx context.Context, path string) (*Client, error) {
+	return dialTransports(ctx, []transport{{path: path}})
+}
 
-func (c *Client) Close() error { panic("TODO") }
+// newClient returns a client that dials with open; it connects on first use.
+func newClient(target string, open func() (*os.File, error)) *Client {
+	return &Client{target: target, open: open, watches: make(map[string]*Watch)}
+}
 
-func (c *Client) Read(ctx context.Context, path string) (string, error)         { panic("TODO") }
-func (c *Client) Write(ctx context.Context, path, value string) error           { panic("TODO") }
-func (c *Client) Mkdir(ctx context.Context, path string) error                  { panic("TODO") }
-func (c *Client) Rm(ctx context.Context, path string) error                     { panic("TODO") }
-func (c *Client) Directory(ctx context.Context, path string) ([]string, error)  { panic("TODO") }
-func (c *Client) GetPerms(ctx context.Context, path string) ([]Perm, error)     { panic("TODO") }
-func (c *Client) SetPerms(ctx context.Context, path string, perms []Perm) error { panic("TODO") }
+// Close closes the connection. In-flight calls fail with ErrClosed, and the
+// channels of all watches are closed.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	cn, dialing := c.conn, c.dialing
+	c.conn, c.dialing = nil, nil
+	c.mu.Unlock()
+	for _, cn := range []*conn{cn, dialing} {
+		if cn != nil {
+			cn.fail(ErrClosed)
+		}
+	}
+	c.watchMu.Lock()
+	ws := c.watches
+	c.watches = map[string]*Watch{}
+	c.watchMu.Unlock()
+	for _, w := range ws {
+		w.stop()
+	}
+	return nil
+}
 
-// Tx is an open transaction; it implements Ops.
-type Tx struct{}
+// connect returns the live connection, dialling a new one (and re-registering
+// watches on it) if there is none or the last one died. Other callers wait
+// for a reconnect in progress, so they never overtake the re-registration.
+func (c *Client) connect(ctx context.Context) (*conn, error) {
+	if cn, err := c.live(); cn != nil || err != nil {
+		return cn, err
+	}
+	c.dialMu.Lock()
+	defer c.dialMu.Unlock()
+	if cn, err := c.live(); cn != nil || err != nil {
+		return cn, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	f, err := c.open()
+	if err != nil {
+		return nil, &Error{Op: "dial", Path: c.target, Err: err}
+	}
+	cn := &conn{f: f, pending: make(map[uint32]chan frame), dead: make(chan struct{})}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		f.Close()
+		return nil, ErrClosed
+	}
+	c.dialing = cn
+	c.mu.Unlock()
+	go cn.readLoop(c)
 
-func (c *Client) Begin(ctx context.Context) (*Tx, error) { panic("TODO") }
+	c.watchMu.RLock()
+	ws := make([]*Watch, 0, len(c.watches))
+	for _, w := range c.watches {
+		ws = append(ws, w)
+	}
+	c.watchMu.RUnlock()
+	for _, w := range ws {
+		_, err := c.do(ctx, cn, typeWatch, 0, "watch", w.path, w.path, "\x00", w.wireToken, "\x00")
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			cn.fail(ErrConnectionLost)
+			c.mu.Lock()
+			c.dialing = nil
+			c.mu.Unlock()
+			return nil, fmt.Errorf("re-register watches after reconnect: %w", err)
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dialing = nil
+	if c.closed {
+		cn.fail(ErrClosed)
+		return nil, ErrClosed
+	}
+	c.conn = cn
+	return cn, nil
+}
+
+// live returns the current connection if it is alive, or ErrClosed.
+func (c *Client) live() (*conn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrClosed
+	}
+	if cn := c.conn; cn != nil && cn.alive() {
+		return cn, nil
+	}
+	return nil, nil
+}
+
+func (cn *conn) alive() bool {
+	select {
+	case <-cn.dead:
+		return false
+	default:
+		return true
+	}
+}
+
+// fail marks the connection dead with err (the first error wins), closes the
+// transport and fails every pending request. For a blocking (non-pollable)
+// xenbus file the reader goroutine stays parked in read(2) until the next
+// message, but no caller waits for it.
+func (cn *conn) fail(err error) {
+	cn.mu.Lock()
+	if cn.err != nil {
+		cn.mu.Unlock()
+		return
+	}
+	cn.err = err
+	cn.pending = nil
+	close(cn.dead)
+	cn.mu.Unlock()
+	cn.f.Close()
+}
+
+func (cn *conn) deadErr() error {
+	cn.mu.Lock()
+	defer cn.mu.Unlock()
+	return cn.err
+}
+
+// readLoop is the connection's only reader: it hands replies to the waiting
+// caller by req_id and queues watch events on their Watch. Events are queued
+// before any later reply is handed over, so an event that cxenstored sends
+// before the reply of the request that caused it is queued by the time that
+// request's call returns.
+func (cn *conn) readLoop(c *Client) {
+	r := newFrameReader(cn.f)
+	for {
+		fr, err := r.next()
+		if err != nil {
+			cn.fail(fmt.Errorf("%w: %w", ErrConnectionLost, err))
+			return
+		}
+		if fr.typ == typeWatchEvent {
+			c.dispatch(fr.payload)
+			continue
+		}
+		cn.mu.Lock()
+		ch, ok := cn.pending[fr.reqID]
+		delete(cn.pending, fr.reqID)
+		cn.mu.Unlock()
+		if ok {
+			ch <- fr // buffered: never blocks
+		}
+	}
+}
+
+// dispatch queues a watch event on the watch that owns its token; events for
+// unknown tokens (a watch closed meanwhile) are dropped.
+func (c *Client) dispatch(payload []byte) {
+	path, wireToken, err := parseWatchEvent(payload)
+	if err != nil {
+		return
+	}
+	c.watchMu.RLock()
+	w := c.watches[wireToken]
+	c.watchMu.RUnlock()
+	if w != nil {
+		w.push(Event{Path: path, Token: w.token})
+	}
+}
+
+var replyChans = sync.Pool{New: func() any { return make(chan frame, 1) }}
+
+// do sends one request and waits for its reply. pin, if set, is the
+// connection a transaction lives on: it is never replaced by a reconnect.
+// args are joined as they go on the wire; the caller supplies the NULs.
+func (c *Client) do(ctx context.Context, pin *conn, typ, txID uint32, op, path string, args ...string) ([]byte, error) {
+	n := 0
+	for _, a := range args {
+		n += len(a)
+	}
+	if n > MaxPayload {
+		return nil, &Error{Op: op, Path: path, Err: fmt.Errorf("%w (%d bytes)", ErrTooLarge, n)}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, &Error{Op: op, Path: path, Err: err}
+	}
+	cn := pin
+	if cn == nil {
+		var err error
+		if cn, err = c.connect(ctx); err != nil {
+			var xe *Error
+			if errors.As(err, &xe) {
+				return nil, err
+			}
+			return nil, &Error{Op: op, Path: path, Err: err}
+		}
+	}
+	id := c.reqID.Add(1)
+	if id == 0 { // req_id 0 is what watch events carry
+		id = c.reqID.Add(1)
+	}
+	msg := make([]byte, headerSize, headerSize+n)
+	putHeader(msg, typ, id, txID, uint32(n))
+	for _, a := range args {
+		msg = append(msg, a...)
+	}
+
+	ch := replyChans.Get().(chan frame)
+	cn.mu.Lock()
+	if cn.err != nil {
+		err := cn.err
+		cn.mu.Unlock()
+		replyChans.Put(ch)
+		return nil, &Error{Op: op, Path: path, Err: err}
+	}
+	cn.pending[id] = ch
+	cn.mu.Unlock()
+
+	// os.File.Write holds the fd's write lock for the whole buffer, so
+	// concurrent requests never interleave on the wire.
+	if _, err := cn.f.Write(msg); err != nil {
+		cn.fail(fmt.Errorf("%w: %w", ErrConnectionLost, err))
+	}
+	var fr frame
+	select {
+	case fr = <-ch:
+	case <-cn.dead:
+		select {
+		case fr = <-ch: // the reply won the race against the failure
+		default:
+			return nil, &Error{Op: op, Path: path, Err: cn.deadErr()}
+		}
+	case <-ctx.Done():
+		cn.mu.Lock()
+		delete(cn.pending, id)
+		cn.mu.Unlock()
+		// ch may still receive a late reply: do not return it to the pool.
+		return nil, &Error{Op: op, Path: path, Err: ctx.Err()}
+	}
+	replyChans.Put(ch)
+	switch fr.typ {
+	case typ:
+		return fr.payload, nil
+	case typeError:
+		return nil, &Error{Op: op, Path: path, Err: parseError(fr.payload)}
+	default:
+		return nil, &Error{Op: op, Path: path, Err: fmt.Errorf("protocol error: reply type %d to request type %d", fr.typ, typ)}
+	}
+}
+
+// ops implements Ops for a Client (pin nil, txID 0) or a Tx.
+type ops struct {
+	c    *Client
+	pin  *conn
+	txID uint32
+}
+
+func (o ops) read(ctx context.Context, path string) (string, error) {
+	p, err := o.c.do(ctx, o.pin, typeRead, o.txID, "read", path, path, "\x00")
+	if err != nil {
+		return "", err
+	}
+	return string(p), nil
+}
+
+func (o ops) write(ctx context.Context, path, value string) error {
+	_, err := o.c.do(ctx, o.pin, typeWrite, o.txID, "write", path, path, "\x00", value)
+	return err
+}
+
+func (o ops) mkdir(ctx context.Context, path string) error {
+	_, err := o.c.do(ctx, o.pin, typeMkdir, o.txID, "mkdir", path, path, "\x00")
+	return err
+}
+
+func (o ops) rm(ctx context.Context, path string) error {
+	_, err := o.c.do(ctx, o.pin, typeRm, o.txID, "rm", path, path, "\x00")
+	return err
+}
+
+func (o ops) directory(ctx context.Context, path string) ([]string, error) {
+	p, err := o.c.do(ctx, o.pin, typeDirectory, o.txID, "directory", path, path, "\x00")
+	if err != nil {
+		return nil, err
+	}
+	return parseDirectory(p), nil
+}
+
+func (o ops) getPerms(ctx context.Context, path string) ([]Perm, error) {
+	p, err := o.c.do(ctx, o.pin, typeGetPerms, o.txID, "get-perms", path, path, "\x00")
+	if err != nil {
+		return nil, err
+	}
+	perms, err := parsePerms(p)
+	if err != nil {
+		return nil, &Error{Op: "get-perms", Path: path, Err: err}
+	}
+	return perms, nil
+}
+
+func (o ops) setPerms(ctx context.Context, path string, perms []Perm) error {
+	if len(perms) == 0 {
+		return &Error{Op: "set-perms", Path: path, Err: fmt.Errorf("empty permission list: %w", unix.EINVAL)}
+	}
+	args := make([]string, 0, 2+len(perms))
+	args = append(args, path, "\x00")
+	for _, p := range perms {
+		switch p.Access {
+		case 'n', 'r', 'w', 'b':
+		default:
+			return &Error{Op: "set-perms", Path: path, Err: fmt.Errorf("access %q is not one of n, r, w, b: %w", p.Access, unix.EINVAL)}
+		}
+		args = append(args, formatPerm(p), "\x00")
+	}
+	_, err := o.c.do(ctx, o.pin, typeSetPerms, o.txID, "set-perms", path, args...)
+	return err
+}
+
+// Read returns the value of the node at path.
+func (c *Client) Read(ctx context.Context, path string) (string, error) {
+	return ops{c: c}.read(ctx, path)
+}
+
+// Write sets the value of the node at path, creating it and missing parents.
+func (c *Client) Write(ctx context.Context, path, value string) error {
+	return ops{c: c}.write(ctx, path, value)
+}
+
+// Mkdir creates the node at path with an empty value; an existing node is kept.
+func (c *Client) Mkdir(ctx context.Context, path string) error { return ops{c: c}.mkdir(ctx, path) }
+
+// Rm removes the node at path and everything below it.
+func (c *Client) Rm(ctx context.Context, path string) error { return ops{c: c}.rm(ctx, path) }
+
+// Directory returns the names (not paths) of the children of path.
+func (c *Client) Directory(ctx context.Context, path string) ([]string, error) {
+	return ops{c: c}.directory(ctx, path)
+}
+
+// GetPerms returns the permission list of the node at path.
+func (c *Client) GetPerms(ctx context.Context, path string) ([]Perm, error) {
+	return ops{c: c}.getPerms(ctx, path)
+}
+
+// SetPerms replaces the permission list of the node at path.
+func (c *Client) SetPerms(ctx context.Context, path string, perms []Perm) error {
+	return ops{c: c}.setPerms(ctx, path, perms)
+}
+
+// Tx is an open transaction; it implements Ops. It lives on the connection it
+// was started on: if that connection dies, its calls fail with
+// ErrConnectionLost and the transaction must be started again.
+type Tx struct {
+	o     ops
+	ended atomic.Bool
+}
+
+// Begin starts a transaction.
+func (c *Client) Begin(ctx context.Context) (*Tx, error) {
+	cn, err := c.connect(ctx)
+	if err != nil {
+		var xe *Error
+		if errors.As(err, &xe) {
+			return nil, err
+		}
+		return nil, &Error{Op: "transaction-start", Err: err}
+	}
+	p, err := c.do(ctx, cn, typeTransactionStart, 0, "transaction-start", "", "\x00")
+	if err != nil {
+		return nil, err
+	}
+	id, err := parseTxID(p)
+	if err != nil {
+		return nil, &Error{Op: "transaction-start", Err: err}
+	}
+	return &Tx{o: ops{c: c, pin: cn, txID: id}}, nil
+}
 
 // Commit ends the transaction; a conflict returns an error matching unix.EAGAIN.
-func (t *Tx) Commit(ctx context.Context) error { panic("TODO") }
-func (t *Tx) Abort(ctx context.Context) error  { panic("TODO") }
+func (t *Tx) Commit(ctx context.Context) error { return t.end(ctx, "commit", "T\x00") }
 
-func (t *Tx) Read(ctx context.Context, path string) (string, error)         { panic("TODO") }
-func (t *Tx) Write(ctx context.Context, path, value string) error           { panic("TODO") }
-func (t *Tx) Mkdir(ctx context.Context, path string) error                  { panic("TODO") }
-func (t *Tx) Rm(ctx context.Context, path string) error                     { panic("TODO") }
-func (t *Tx) Directory(ctx context.Context, path string) ([]string, error)  { panic("TODO") }
-func (t *Tx) GetPerms(ctx context.Context, path string) ([]Perm, error)     { panic("TODO") }
-func (t *Tx) SetPerms(ctx context.Context, path string, perms []Perm) error { panic("TODO") }
+// Abort ends the transaction without applying it. Aborting a transaction
+// that already ended is a no-op.
+func (t *Tx) Abort(ctx context.Context) error { return t.end(ctx, "abort", "F\x00") }
+
+func (t *Tx) end(ctx context.Context, op, arg string) error {
+	if t.ended.Swap(true) {
+		if op == "abort" {
+			return nil
+		}
+		return &Error{Op: op, Err: fmt.Errorf("transaction %d already ended: %w", t.o.txID, unix.EINVAL)}
+	}
+	_, err := t.o.c.do(ctx, t.o.pin, typeTransactionEnd, t.o.txID, op, "", arg)
+	return err
+}
+
+// Read returns the value of the node at path as the transaction sees it.
+func (t *Tx) Read(ctx context.Context, path string) (string, error) { return t.o.read(ctx, path) }
+
+// Write sets the value of the node at path within the transaction.
+func (t *Tx) Write(ctx context.Context, path, value string) error {
+	return t.o.write(ctx, path, value)
+}
+
+// Mkdir creates the node at path within the transaction.
+func (t *Tx) Mkdir(ctx context.Context, path string) error { return t.o.mkdir(ctx, path) }
+
+// Rm removes the node at path (and below) within the transaction.
+func (t *Tx) Rm(ctx context.Context, path string) error { return t.o.rm(ctx, path) }
+
+// Directory lists the children of path as the transaction sees them.
+func (t *Tx) Directory(ctx context.Context, path string) ([]string, error) {
+	return t.o.directory(ctx, path)
+}
+
+// GetPerms returns the permission list of path as the transaction sees it.
+func (t *Tx) GetPerms(ctx context.Context, path string) ([]Perm, error) {
+	return t.o.getPerms(ctx, path)
+}
+
+// SetPerms replaces the permission list of path within the transaction.
+func (t *Tx) SetPerms(ctx context.Context, path string, perms []Perm) error {
+	return t.o.setPerms(ctx, path, perms)
+}
+
+// Retry bounds of Transaction: at most maxTxAttempts runs of fn, sleeping a
+// jittered, doubling backoff (from 1 ms, capped at 100 ms) between them.
+const (
+	maxTxAttempts = 20
+	minTxBackoff  = time.Millisecond
+	maxTxBackoff  = 100 * time.Millisecond
+)
 
 // Transaction runs fn in a transaction and commits it, retrying the whole thing
 // (bounded, with backoff) when the commit reports EAGAIN. fn must be idempotent.
-func (c *Client) Transaction(ctx context.Context, fn func(tx *Tx) error) error { panic("TODO") }
+// If fn returns an error the transaction is aborted and the error returned
+// (an EAGAIN from fn is retried like a conflicting commit).
+func (c *Client) Transaction(ctx context.Context, fn func(tx *Tx) error) error {
+	backoff := minTxBackoff
+	for attempt := 1; ; attempt++ {
+		tx, err := c.Begin(ctx)
+		if err != nil {
+			return err
+		}
+		if err = fn(tx); err != nil {
+			tx.Abort(ctx) // best effort: the error from fn is what matters
+		} else {
+			err = tx.Commit(ctx)
+		}
+		if err == nil || !errors.Is(err, unix.EAGAIN) {
+			return err
+		}
+		if attempt == maxTxAttempts {
+			return fmt.Errorf("transaction still conflicting after %d attempts: %w", attempt, err)
+		}
+		sleep := backoff/2 + rand.N(backoff/2+1)
+		t := time.NewTimer(sleep)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return &Error{Op: "transaction", Err: ctx.Err()}
+		}
+		backoff = min(2*backoff, maxTxBackoff)
+	}
+}
 
 // Event is one watch firing: the path that changed (in the form the watch was
 // registered) and the watch's token.
@@ -103,8 +611,133 @@ type Event struct {
 
 // Watch is a registered watch. Events are delivered in order, without loss
 // (the queue is unbounded), including the initial event XS_WATCH fires.
-type Watch struct{}
+type Watch struct {
+	c         *Client
+	path      string
+	token     string
+	wireToken string // unique per client, so events route to one Watch
 
-func (c *Client) Watch(ctx context.Context, path, token string) (*Watch, error) { panic("TODO") }
-func (w *Watch) Events() <-chan Event                                           { panic("TODO") }
-func (w *Watch) Close(ctx context.Context) error                                { panic("TODO") }
+	events chan Event
+	wake   chan struct{} // capacity 1: "queue is not empty"
+	done   chan struct{} // closed by stop
+
+	mu     sync.Mutex // guards queue, pushed and stoppd
+	queue  []Event
+	pushed int // events queued so far (for tests)
+	stoppd bool
+}
+
+// Watch registers a watch on path (and everything below it). The returned
+// Watch's channel receives the initial event XS_WATCH fires, then one event per
+// change. The token is reported in every Event; it need not be unique.
+func (c *Client) Watch(ctx context.Context, path, token string) (*Watch, error) {
+	w := &Watch{
+		c:      c,
+		path:   path,
+		token:  token,
+		events: make(chan Event),
+		wake:   make(chan struct{}, 1),
+		done:   make(chan struct{}),
+	}
+	c.watchMu.Lock()
+	c.watchSeq++
+	w.wireToken = strconv.FormatUint(c.watchSeq, 36) + ":" + token
+	c.watches[w.wireToken] = w
+	c.watchMu.Unlock()
+	go w.pump()
+
+	// A reconnect racing with this call may already have registered the
+	// watch (it is in c.watches): EEXIST then means success.
+	_, err := c.do(ctx, nil, typeWatch, 0, "watch", path, path, "\x00", w.wireToken, "\x00")
+	if err != nil && !errors.Is(err, unix.EEXIST) {
+		c.forget(w)
+		w.stop()
+		return nil, err
+	}
+	return w, nil
+}
+
+func (c *Client) forget(w *Watch) {
+	c.watchMu.Lock()
+	delete(c.watches, w.wireToken)
+	c.watchMu.Unlock()
+}
+
+// Events returns the channel of the watch's events; it is closed by Close.
+func (w *Watch) Events() <-chan Event { return w.events }
+
+// Path returns the path the watch was registered on.
+func (w *Watch) Path() string { return w.path }
+
+// Close unregisters the watch and closes its channel; undelivered events are
+// dropped. If the connection is down, the watch is only forgotten locally.
+func (w *Watch) Close(ctx context.Context) error {
+	w.c.forget(w)
+	w.stop()
+	w.c.mu.Lock()
+	cn, closed := w.c.conn, w.c.closed
+	w.c.mu.Unlock()
+	if closed || cn == nil || !cn.alive() {
+		return nil
+	}
+	_, err := w.c.do(ctx, cn, typeUnwatch, 0, "unwatch", w.path, w.path, "\x00", w.wireToken, "\x00")
+	if errors.Is(err, ErrConnectionLost) || errors.Is(err, ErrClosed) {
+		return nil // the daemon forgets watches of dead connections
+	}
+	return err
+}
+
+func (w *Watch) push(ev Event) {
+	w.mu.Lock()
+	if w.stoppd {
+		w.mu.Unlock()
+		return
+	}
+	w.queue = append(w.queue, ev)
+	w.pushed++
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (w *Watch) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.stoppd {
+		w.stoppd = true
+		w.queue = nil
+		close(w.done)
+	}
+}
+
+// pump moves queued events to the unbuffered events channel, so a slow
+// consumer never blocks the connection's reader.
+func (w *Watch) pump() {
+	defer close(w.events)
+	for {
+		select {
+		case <-w.wake:
+		case <-w.done:
+			return
+		}
+		for {
+			w.mu.Lock()
+			if len(w.queue) == 0 {
+				w.queue = w.queue[:0]
+				w.mu.Unlock()
+				break
+			}
+			ev := w.queue[0]
+			w.queue[0] = Event{}
+			w.queue = w.queue[1:]
+			w.mu.Unlock()
+			select {
+			case w.events <- ev:
+			case <-w.done:
+				return
+			}
+		}
+	}
+}
