@@ -69,6 +69,18 @@ func TestProductionUnit(t *testing.T) {
 	if out, err := sbx.Exec("cp", filepath.Join(bin, "fdsvc"), "/usr/sbin/xenblkd"); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
+	// Documentation=man:xenblkd(8): verify checks the page exists, so install
+	// ours (in the sandbox's overlay only).
+	page, err := os.ReadFile("../../docs/xenblkd.8")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "xenblkd.8"), page, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := sbx.Exec("install", "-D", "-m", "0644", filepath.Join(dir, "xenblkd.8"), "/usr/share/man/man8/xenblkd.8"); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
 	out, err := sbx.Exec("systemd-analyze", "verify", filepath.Join(dir, "xenblkd.service"))
 	t.Logf("systemd-analyze verify dist/xenblkd.service:\n%s", out)
 	if err != nil {
