@@ -1,0 +1,172 @@
+// Command bench drives the stock Xen `block` hotplug script and xenblkd
+// identically, as libxl 4.17 drives a disk's script, against the same private
+// real C xenstored in the same run, and writes docs/benchmarks.md and
+// docs/bench-scaling.png (issue 6). Run it as root: `make bench`, or
+//
+//	go run ./test/bench -quick            # smoke run, prints only
+//	go run ./test/bench -out docs/benchmarks.md -plot docs/bench-scaling.png
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+)
+
+type config struct {
+	quick      bool
+	stockOnly  bool
+	bin        string
+	daemonArgs string
+	out, plot  string
+	backends   []int
+}
+
+func main() {
+	var c config
+	flag.BoolVar(&c.quick, "quick", false, "smoke run: few iterations, smaller read-only scenario")
+	flag.BoolVar(&c.stockOnly, "stock-only", false, "measure only the stock script")
+	flag.StringVar(&c.bin, "bin", "bin/xenblkd", "xenblkd binary (build with `make build`)")
+	flag.StringVar(&c.daemonArgs, "daemon-args", "daemon --socket {socket}", "how to start the daemon; {socket} is the private API socket")
+	flag.StringVar(&c.out, "out", "", "write the markdown report here (e.g. docs/benchmarks.md)")
+	flag.StringVar(&c.plot, "plot", "", "write the scaling plot PNG here (e.g. docs/bench-scaling.png)")
+	backends := flag.String("backends", "0,100,1000", "numbers of unrelated backends for the scaling scenario")
+	flag.Parse()
+	for _, f := range strings.Split(*backends, ",") {
+		var n int
+		fmt.Sscan(f, &n)
+		c.backends = append(c.backends, n)
+	}
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "bench: must run as root (loop devices, the stock script)")
+		os.Exit(1)
+	}
+	if err := run(c); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(c config) (err error) {
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	dir, err := os.MkdirTemp("/var/tmp", "xenblkd-bench-")
+	if err != nil {
+		return err
+	}
+	r := &report{cfg: c, start: time.Now(), fail: map[string]int{}}
+	if l, err := os.ReadFile("/proc/loadavg"); err == nil {
+		r.loadStart = strings.Join(strings.Fields(string(l))[:3], " ")
+	}
+	b := &bench{ctx: ctx, dir: dir, r: r}
+	var peers []*peer
+	stopXenstored := func() {}
+	defer func() {
+		// Order matters: the daemon first (its loop devices autoclear when it
+		// exits), then whatever loop device is still backed by our files.
+		for _, p := range peers {
+			p.stop()
+		}
+		for _, dev := range b.leftoverLoops() {
+			r.notef("cleanup: detached leftover %s (backed by %s)", dev, backingFile(dev))
+			exec.Command("losetup", "-d", dev).Run()
+		}
+		if b.phyDev != "" {
+			if out, derr := exec.Command("losetup", "-d", b.phyDev).CombinedOutput(); derr != nil {
+				fmt.Fprintf(os.Stderr, "bench: detach %s: %v %s\n", b.phyDev, derr, out)
+			}
+		}
+		if b.xs != nil {
+			b.xs.Close()
+		}
+		stopXenstored()
+		os.RemoveAll(dir)
+	}()
+
+	xsd, stop, err := startXenstored()
+	if err != nil {
+		return fmt.Errorf("private xenstored: %w", err)
+	}
+	stopXenstored = stop
+	r.xenstored = fmt.Sprintf("private C xenstored (Debian %s), pid %d, socket %s", pkgVersion("xen-utils-4.17"), xsd.Pid, xsd.Socket)
+	b.xs, r.client, err = dialStore(ctx, xsd.Socket)
+	if err != nil {
+		return fmt.Errorf("connect to private xenstored: %w", err)
+	}
+	if err := b.xs.WriteTx(ctx, [][2]string{{"/local/domain/0/name", "Domain-0"}}); err != nil {
+		return err
+	}
+
+	// The phy: disk: a loop device the bench makes on its own file.
+	b.phyFile = dir + "/phy.img"
+	if err := sparseFile(b.phyFile, 256<<20); err != nil {
+		return err
+	}
+	out, err := exec.Command("losetup", "--find", "--show", b.phyFile).Output()
+	if err != nil {
+		return fmt.Errorf("losetup --find --show %s: %w", b.phyFile, err)
+	}
+	b.phyDev = strings.TrimSpace(string(out))
+
+	log, err := os.Create(dir + "/hotplug.log")
+	if err != nil {
+		return err
+	}
+	defer log.Close()
+	stock := &peer{name: "stock", script: "/etc/xen/scripts/block", log: log, extraEnv: []string{"XENSTORED_PATH=" + xsd.Socket}}
+	if _, err := os.Stat(stock.script); err != nil {
+		return fmt.Errorf("stock script: %w (run scripts/setup.sh)", err)
+	}
+	peers = append(peers, stock)
+	var xen *peer
+	if !c.stockOnly {
+		if ok, why := xenblkdAvailable(c.bin); !ok {
+			r.notef("xenblkd half NOT run: %s", why)
+		} else if xen, err = startXenblkd(c.bin, c.daemonArgs, dir, xsd.Socket, log); err != nil {
+			r.notef("xenblkd half NOT run: %v", err)
+			xen = nil
+		} else {
+			peers = append(peers, xen)
+		}
+	} else {
+		r.notef("xenblkd half not run (-stock-only)")
+	}
+	r.stockVersion = pkgVersion("xen-utils-common")
+
+	fmt.Printf("bench: work dir %s, phy disk %s, %s\n", dir, b.phyDev, r.client)
+	if err := scenarios(b, r, stock, xen); err != nil {
+		return err
+	}
+	r.end = time.Now()
+	if l, err := os.ReadFile("/proc/loadavg"); err == nil {
+		r.loadEnd = strings.Join(strings.Fields(string(l))[:3], " ")
+	}
+	r.print(os.Stdout)
+	if c.out != "" {
+		if err := os.WriteFile(c.out, []byte(r.markdown()), 0o644); err != nil {
+			return err
+		}
+		fmt.Println("bench: wrote", c.out)
+	}
+	if c.plot != "" {
+		if err := writePlot(c.plot, r); err != nil {
+			return err
+		}
+		fmt.Println("bench: wrote", c.plot)
+	}
+	return nil
+}
+
+func pkgVersion(pkg string) string {
+	out, err := exec.Command("dpkg-query", "-W", "-f=${Version}", pkg).Output()
+	if err != nil {
+		return "?"
+	}
+	return string(out)
+}

@@ -1,0 +1,148 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// peer is one implementation of the vbd hotplug script, exec'd as libxl 4.17
+// execs a disk's script (libxl_device.c device_hotplug): argv [script, op],
+// env script/XENBUS_TYPE/XENBUS_PATH/XENBUS_BASE_PATH, stdin /dev/null,
+// stdout to libxl's stderr (here: a log file, so no pipe-copy goroutines).
+type peer struct {
+	name     string
+	script   string   // the path in the backend's `script` node and argv[0]
+	extraEnv []string // XENSTORED_PATH, XENBLKD_SOCKET
+	log      *os.File
+	daemon   *exec.Cmd // xenblkd only
+}
+
+var basePath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+func (p *peer) env(xbPath string) []string {
+	return append([]string{basePath, "script=" + p.script, "XENBUS_TYPE=vbd",
+		"XENBUS_PATH=" + xbPath, "XENBUS_BASE_PATH=backend"}, p.extraEnv...)
+}
+
+// run execs the script and returns exec-to-exit wall time.
+func (p *peer) run(op, xbPath string) (time.Duration, error) {
+	cmd := &exec.Cmd{Path: p.script, Args: []string{p.script, op}, Env: p.env(xbPath), Stdout: p.log, Stderr: p.log}
+	off, _ := p.log.Seek(0, 1)
+	t0 := time.Now()
+	err := cmd.Run()
+	d := time.Since(t0)
+	if err != nil {
+		return d, fmt.Errorf("%s %s %s: %w%s", p.name, op, xbPath, err, p.logTail(off))
+	}
+	return d, nil
+}
+
+func (p *peer) logTail(off int64) string {
+	b, err := os.ReadFile(p.log.Name())
+	if err != nil || int64(len(b)) < off {
+		return ""
+	}
+	b = b[off:]
+	if p.name == "stock" { // the script sends its stderr to this log itself
+		if h, err := os.ReadFile("/var/log/xen/xen-hotplug.log"); err == nil {
+			b = append(b, h[max(0, len(h)-400):]...)
+		}
+	}
+	if len(b) > 800 {
+		b = b[len(b)-800:]
+	}
+	return "\n  output: " + strings.TrimSpace(string(b))
+}
+
+// xenblkdAvailable reports whether bin/xenblkd is past the skeleton.
+func xenblkdAvailable(bin string) (bool, string) {
+	if _, err := os.Stat(bin); err != nil {
+		return false, err.Error()
+	}
+	out, err := exec.Command(bin, "daemon", "--help").CombinedOutput()
+	if bytes.Contains(out, []byte("not yet implemented")) {
+		return false, bin + " says: " + strings.TrimSpace(string(out))
+	}
+	if err != nil && len(out) == 0 {
+		return false, fmt.Sprintf("%s daemon --help: %v", bin, err)
+	}
+	return true, ""
+}
+
+// startXenblkd starts the daemon once against the private xenstored. The
+// command line is an adapter: -daemon-args, "{socket}" is replaced.
+func startXenblkd(bin, daemonArgs, dir, xsSocket string, log *os.File) (*peer, error) {
+	sock := filepath.Join(dir, "xenblkd", "api.sock")
+	os.MkdirAll(filepath.Dir(sock), 0o700)
+	args := strings.Fields(strings.ReplaceAll(daemonArgs, "{socket}", sock))
+	env := []string{basePath, "XENSTORED_PATH=" + xsSocket, "XENBLKD_SOCKET=" + sock}
+	cmd := &exec.Cmd{Path: bin, Args: append([]string{bin}, args...), Env: env, Stdout: log, Stderr: log,
+		SysProcAttr: &syscall.SysProcAttr{Setpgid: true}}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	p := &peer{name: "xenblkd", script: bin, log: log, daemon: cmd,
+		extraEnv: []string{"XENSTORED_PATH=" + xsSocket, "XENBLKD_SOCKET=" + sock}}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	deadline := time.After(15 * time.Second)
+	for {
+		if _, err := os.Stat(sock); err == nil {
+			return p, nil
+		}
+		select {
+		case err := <-exited:
+			cmd = nil
+			return nil, fmt.Errorf("xenblkd daemon exited before creating %s: %v%s", sock, err, p.logTail(0))
+		case <-deadline:
+			p.stop()
+			return nil, fmt.Errorf("xenblkd daemon did not create %s in 15s", sock)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// stop terminates the daemon we started, by pid.
+func (p *peer) stop() {
+	if p == nil || p.daemon == nil || p.daemon.Process == nil {
+		return
+	}
+	p.daemon.Process.Signal(syscall.SIGTERM)
+	for range 300 {
+		if err := p.daemon.Process.Signal(syscall.Signal(0)); errors.Is(err, os.ErrProcessDone) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	p.daemon.Process.Kill()
+	p.daemon = nil
+}
+
+// rssKiB reads VmRSS of the daemon from /proc/<pid>/status.
+func (p *peer) rssKiB() int {
+	if p.daemon == nil {
+		return -1
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.daemon.Process.Pid))
+	if err != nil {
+		return -1
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
+			var n int
+			fmt.Sscan(f[1], &n)
+			return n
+		}
+	}
+	return -1
+}
+
+var _ = context.Background
