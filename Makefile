@@ -1,5 +1,7 @@
 # xenblkd — see README.md. Every target installs what it needs (scripts/setup.sh).
 SHELL    := /bin/bash
+# Go 1.26 is not in Debian 12: the official tarball lives in /usr/local/go.
+export PATH := $(PATH):/usr/local/go/bin
 GO       ?= go
 export CGO_ENABLED := 0
 BIN      := bin/xenblkd
@@ -42,6 +44,19 @@ bench-loop: setup
 
 bench-xenstore: setup
 	CGO_ENABLED=1 $(GO) test -run '^$$' -bench . -count 1 ./internal/xenstore/
+
+## --- fault injection --------------------------------------------------------
+
+# chaos: the fault-injection storm of test/recovery (random adds/removes over
+# many domains, SIGKILL of the daemon at random moments, with and without the
+# systemd fd store) at a bigger size than `make test` runs it; prints the
+# invariant counts (CHAOS lines). CHAOS_OPS/CHAOS_DOMAINS/CHAOS_SEED override.
+CHAOS_OPS     ?= 5000
+CHAOS_DOMAINS ?= 40
+CHAOS_SEED    ?= 0
+chaos: setup
+	set -o pipefail; CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 60m -v -run '^TestChaos$$' ./test/recovery/ \
+		-args -chaos.ops $(CHAOS_OPS) -chaos.domains $(CHAOS_DOMAINS) -chaos.seed $(CHAOS_SEED) 2>&1 | grep -v 'level='
 
 ## --- demo -----------------------------------------------------------------
 

@@ -80,11 +80,12 @@ type daemon struct {
 	xsPath string
 	cmd    *exec.Cmd
 	log    *bytes.Buffer
+	logw   *syncWriter // guards log while the daemon runs
 }
 
 // startDaemon runs `xenblkd daemon` on a private socket against xenstored
 // socket xsPath, and waits until it serves (`xenblkd status` answers).
-func startDaemon(t *testing.T, xsPath string) *daemon {
+func startDaemon(t *testing.T, xsPath string, extraArgs ...string) *daemon {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "xb-")
 	if err != nil {
@@ -107,15 +108,21 @@ func startDaemon(t *testing.T, xsPath string) *daemon {
 			if err != nil {
 				return
 			}
+			// Keep reading after READY=1: the daemon pushes every loop fd it
+			// makes (FDSTORE=1); reading without a control buffer closes them,
+			// as they must be, or the queued copies would keep devices bound.
 			if msg := string(buf[:n]); strings.Contains(msg, "READY=1") {
-				ready <- msg
-				return
+				select {
+				case ready <- msg:
+				default:
+				}
 			}
 		}
 	}()
-	d.cmd = exec.Command(binary, "daemon", "--socket", d.socket, "--tag", tag)
+	d.cmd = exec.Command(binary, append([]string{"daemon", "--socket", d.socket, "--tag", tag}, extraArgs...)...)
 	d.cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "XENSTORED_PATH=" + xsPath, "NOTIFY_SOCKET=" + notifyPath}
-	d.cmd.Stderr = &syncWriter{w: d.log}
+	d.logw = &syncWriter{w: d.log}
+	d.cmd.Stderr = d.logw
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -603,7 +610,10 @@ func TestRemoveWhenBackendGone(t *testing.T) {
 }
 
 func TestBadInput(t *testing.T) {
-	d := startDaemon(t, xsd.Socket)
+	// Without pre-setup: the "daemon not running" case must not find its
+	// backend attached by this daemon (presetup_e2e_test.go covers bad input
+	// found by pre-setup).
+	d := startDaemon(t, xsd.Socket, "--presetup=false")
 	dir := t.TempDir()
 	fifo := filepath.Join(dir, "fifo")
 	if err := unix.Mkfifo(fifo, 0o600); err != nil {

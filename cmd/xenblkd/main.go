@@ -5,21 +5,18 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
-	"text/tabwriter"
 	"time"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/daemon"
+	"xenblkd/internal/doctor"
 	"xenblkd/internal/fdstore"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/xenstore"
@@ -32,9 +29,11 @@ const usage = `NAME
     xenblkd - attach Xen VM disks (vbd backends) without the bash block script
 
 SYNOPSIS
-    xenblkd daemon [--socket PATH] [--tag PREFIX]
+    xenblkd daemon [--socket PATH] [--tag PREFIX] [--metrics-listen ADDR]
+                   [--presetup=false] [--scripts LIST]
     xenblkd add | remove          (the hotplug entry point, exec'd by libxl)
     xenblkd status [--json] [--socket PATH]
+    xenblkd doctor [--json] [--socket PATH]
     xenblkd version
     xenblkd COMMAND --help
 
@@ -52,7 +51,8 @@ COMMANDS
     daemon    run the daemon (foreground; logs to stderr)
     add       attach the disk of the backend named by $XENBUS_PATH
     remove    release the disk of the backend named by $XENBUS_PATH
-    status    list attachments
+    status    list attachments and the loop devices held
+    doctor    check what this host offers xenblkd and say what to fix
     version   print the version
 
 ENVIRONMENT
@@ -65,7 +65,8 @@ const daemonUsage = `NAME
     xenblkd daemon - run the xenblkd daemon
 
 SYNOPSIS
-    xenblkd daemon [--socket PATH] [--tag PREFIX]
+    xenblkd daemon [--socket PATH] [--tag PREFIX] [--metrics-listen ADDR]
+                   [--presetup=false] [--scripts LIST]
 
 DESCRIPTION
     Serves the API on a unix socket (directory 0700, socket 0600, root only),
@@ -73,16 +74,41 @@ DESCRIPTION
     of every loop device it made for as long as a VM uses it (the devices are
     AUTOCLEAR: the kernel frees each once the last user lets go).
 
-    Tells systemd READY=1 (when $NOTIFY_SOCKET is set) once it serves.
+    Under systemd, the fd of every loop device is also pushed into the
+    unit's fd store before the backend's physical-device is written. On
+    start the daemon recovers before it serves: it adopts the fds systemd
+    hands back (each verified: device number, diskseq, tag), rebuilds every
+    attachment from XenStore (backends whose script is xenblkd and whose
+    physical-device is set; a loop device not in the store is re-opened by
+    number if its diskseq is unchanged), and releases devices no backend
+    uses. Then it tells systemd READY=1 (when $NOTIFY_SOCKET is set) and
+    logs one "recovery done" line with the counts.
+
     SIGTERM or SIGINT stops it after the requests in flight. Devices
-    xen-blkback has opened stay with the running VMs; this version keeps no
-    record across restarts, so a restart forgets the attachments and frees
-    devices no backend has opened yet (the fd store comes in a later version).
+    xen-blkback has opened stay with the running VMs. Without systemd, or
+    after "systemctl stop" on systemd < 254 (which drops the fd store), a
+    device no backend had opened yet is freed; recovery reports such a
+    backend as mismatched, removes its physical-device and writes
+    hotplug-error: re-attach that disk. See docs/fdstore.md.
 
 OPTIONS
     --socket PATH   API socket (default $XENBLKD_SOCKET, else /run/xenblkd/api.sock)
     --tag PREFIX    prefix of lo_file_name of the loop devices it makes
                     (default "xenblkd:")
+    --metrics-listen ADDR
+                    serve Prometheus metrics (GET /metrics) on ADDR:
+                    127.0.0.1:PORT, [::1]:PORT or unix:/PATH (default: off)
+    --presetup=BOOL pre-setup (default true): watch backend/vbd and attach a
+                    new disk whose script is ours as soon as libxl's
+                    transaction writes its backend, before libxl execs the
+                    script; the exec'd add then only confirms, or reports the
+                    error pre-setup found. A backend removed before its script
+                    ran is released. --presetup=false: every add is done by
+                    the exec'd entry point.
+    --scripts LIST  comma-separated script paths, as libxl writes them to the
+                    backend's script node, that name xenblkd besides any
+                    path whose base name is xenblkd (pre-setup and recovery
+                    touch only those backends)
 
 ENVIRONMENT
     XENSTORED_PATH  xenstored's socket (default /run/xenstored/socket, then
@@ -123,22 +149,6 @@ ENVIRONMENT
     XENSTORED_PATH    used only to record an error when the daemon is down
 `
 
-const statusUsage = `NAME
-    xenblkd status - list the daemon's attachments
-
-SYNOPSIS
-    xenblkd status [--json] [--socket PATH]
-
-DESCRIPTION
-    Prints one line per attached backend: domain, device id, target (params),
-    loop or block device, diskseq, mode and the number of backends sharing the
-    device (read-only images share one loop device).
-
-OPTIONS
-    --json          print the attachments as JSON
-    --socket PATH   API socket (default $XENBLKD_SOCKET, else /run/xenblkd/api.sock)
-`
-
 func main() {
 	os.Exit(run(os.Args, os.Stdout, os.Stderr))
 }
@@ -159,7 +169,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "daemon":
 		return runDaemon(rest, stdout, stderr)
 	case "status":
-		return runStatus(rest, stdout, stderr)
+		return runStatus(rest, stdout, stderr) // status.go
+	case "doctor":
+		return doctor.Main(context.Background(), stdout, rest)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "xenblkd", version)
 		return 0
@@ -241,13 +253,16 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	fs.Usage = func() { fmt.Fprint(stdout, daemonUsage) }
 	socket := fs.String("socket", socketPath(), "API socket")
 	tag := fs.String("tag", daemon.DefaultTag, "lo_file_name prefix of loop devices")
+	metricsListen := fs.String("metrics-listen", "", "serve Prometheus metrics on this address (off if empty)")
+	presetup := fs.Bool("presetup", true, "set disks up as soon as libxl writes their backend (presetup.go)")
+	scripts := fs.String("scripts", "", "comma-separated extra script paths that name xenblkd")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
 		return 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, nil))
+	log := newLogger(stderr) // log.go
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
@@ -265,7 +280,35 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag))
-	if err := fdstore.Notify("READY=1"); err != nil {
+	if *metricsListen != "" {
+		ml, err := daemon.ListenMetrics(*metricsListen)
+		if err != nil {
+			log.Error("cannot serve metrics", "err", err)
+			return 1
+		}
+		log.Info("serving metrics", "addr", ml.Addr().String(), "path", daemon.MetricsPath)
+		mctx, stopMetrics := context.WithCancel(ctx)
+		metricsDone := make(chan struct{})
+		go func() { d.ServeMetrics(mctx, ml); close(metricsDone) }()
+		defer func() { stopMetrics(); <-metricsDone }()
+	}
+	// Recovery before READY=1 and before serving: adopt the fd store's devices,
+	// rebuild attachments from XenStore, release what no backend uses.
+	ourScripts := splitList(*scripts)
+	sum, err := d.Recover(ctx, daemon.RecoverOptions{Tag: *tag, Scripts: ourScripts})
+	if err != nil {
+		log.Error("recovery failed; exiting (the fd store, if any, keeps the devices)", "err", err)
+		return 1
+	}
+	if *presetup {
+		stopPresetup, err := d.StartPresetup(ctx, xs, daemon.PresetupOptions{Scripts: ourScripts})
+		if err != nil {
+			log.Error("pre-setup is off: the hotplug entry does every add itself", "err", err)
+		} else {
+			defer stopPresetup()
+		}
+	}
+	if err := fdstore.Notify("READY=1\nSTATUS=recovered: " + sum.String()); err != nil {
 		log.Warn("could not notify systemd", "err", err)
 	}
 	log.Info("serving", "socket", *socket, "version", version, "pid", os.Getpid())
@@ -275,47 +318,5 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	}
 	os.Remove(*socket)
 	log.Info("stopped; held loop devices are released as the process exits (devices opened by xen-blkback stay bound)")
-	return 0
-}
-
-func runStatus(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stdout, statusUsage) }
-	asJSON := fs.Bool("json", false, "print JSON")
-	socket := fs.String("socket", socketPath(), "API socket")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	resp, err := api.Call(context.Background(), *socket, api.Request{Op: api.OpStatus})
-	if err == nil && !resp.OK {
-		err = errors.New(resp.Error)
-	}
-	if err != nil {
-		fmt.Fprintln(stderr, "xenblkd status:", err)
-		return 1
-	}
-	if *asJSON {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if resp.Attachments == nil {
-			resp.Attachments = []api.Attachment{}
-		}
-		enc.Encode(resp.Attachments)
-		return 0
-	}
-	w := tabwriter.NewWriter(stdout, 0, 8, 2, ' ', 0)
-	fmt.Fprintln(w, "DOMAIN\tDEVID\tTARGET\tDEVICE\tDISKSEQ\tMODE\tUSERS")
-	for _, a := range resp.Attachments {
-		seq := "-"
-		if a.DiskSeq != 0 {
-			seq = fmt.Sprintf("%d", a.DiskSeq)
-		}
-		fmt.Fprintf(w, "%d\t%d\t%s\t%s\t%s\t%s\t%d\n", a.Domid, a.Devid, strings.ReplaceAll(a.Target, "\t", " "), a.Device, seq, a.Mode, a.Users)
-	}
-	w.Flush()
 	return 0
 }

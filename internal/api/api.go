@@ -44,6 +44,16 @@ type Response struct {
 	ErrorRecorded bool         `json:"error_recorded,omitempty"`
 	Attachment    *Attachment  `json:"attachment,omitempty"`  // add
 	Attachments   []Attachment `json:"attachments,omitempty"` // status
+	// UnusedLoopDevices (status): loop devices the daemon holds for no
+	// backend. Normally none; any listed is a leak or a recovery leftover.
+	UnusedLoopDevices []LoopDevice `json:"unused_loop_devices,omitempty"`
+}
+
+// LoopDevice is a loop device the daemon holds.
+type LoopDevice struct {
+	Device         string `json:"device"`          // /dev/loopN
+	PhysicalDevice string `json:"physical_device"` // major:minor, hex
+	DiskSeq        uint64 `json:"diskseq,omitempty"`
 }
 
 // Attachment describes one backend's disk.
@@ -57,6 +67,11 @@ type Attachment struct {
 	PhysicalDevice string `json:"physical_device"` // major:minor, hex
 	DiskSeq        uint64 `json:"diskseq,omitempty"`
 	Users          int    `json:"users"`
+	// Status only; each is omitted when unknown. The field names are stable
+	// (docs/usage.md, "xenblkd status --json").
+	DomainName string    `json:"domain_name,omitempty"` // /local/domain/<domid>/name
+	Vdev       string    `json:"vdev,omitempty"`        // the backend's dev node, e.g. xvda
+	Since      time.Time `json:"since,omitzero"`        // when the daemon attached it (RFC 3339)
 }
 
 // ErrDaemonUnreachable: nothing listens on the socket.

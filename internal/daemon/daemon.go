@@ -4,9 +4,9 @@
 // The daemon holds the fd of every loop device it made for as long as a
 // backend uses it; with AUTOCLEAR that is what keeps a device bound until
 // xen-blkback has it. On exit the fds close by themselves: a device blkback
-// already opened stays bound, one it has not opened yet is freed. Without the
-// systemd fd store (a later issue) a restart therefore forgets every
-// attachment and loses devices no backend has opened yet.
+// already opened stays bound, one it has not opened yet is freed, unless
+// systemd's fd store keeps a copy (recovery.go pushes each new device there
+// and Recover takes the copies back and rebuilds attachments from XenStore).
 package daemon
 
 import (
@@ -29,14 +29,18 @@ const RequestTimeout = 30 * time.Second
 
 // Daemon handles add, remove and status requests.
 type Daemon struct {
-	log   *slog.Logger
-	store hotplug.Store
-	model *model.Model
+	log     *slog.Logger
+	store   hotplug.Store
+	model   *model.Model
+	metrics *Metrics // metrics.go
+
+	backends backendTable // presetup.go: per-backend lock and pre-setup state
 }
 
 // New returns a daemon on store (XenStore) and host (loop devices, mounts).
 func New(log *slog.Logger, store hotplug.Store, host model.Host) *Daemon {
-	return &Daemon{log: log, store: store, model: model.New(host, log)}
+	m := model.New(host, log)
+	return &Daemon{log: log, store: store, model: m, metrics: newMetrics(m)}
 }
 
 // NewHost returns the real machine: loop devices tagged with tag, mounts
@@ -49,23 +53,26 @@ func NewHost(tag string) model.Host {
 func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	switch req.Op {
 	case api.OpStatus:
-		return api.Response{OK: true, Attachments: d.status()}
+		return d.statusResponse(ctx) // status.go
 	case api.OpAdd, api.OpRemove:
 	default:
 		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove or status", model.Quote(req.Op, 32))}
 	}
+	defer d.metrics.timeRequest(req.Op)()
 	b, err := hotplug.ParseBackendPath(req.Path)
 	if err != nil {
+		d.metrics.countError(req.Op, withReason(ReasonBadParams, err))
 		return api.Response{Error: err.Error()}
 	}
 	ctx, cancel := context.WithTimeout(ctx, RequestTimeout)
 	defer cancel()
 	if req.Op == api.OpRemove {
-		d.remove(ctx, b)
+		d.hotplugRemove(ctx, b) // presetup.go
 		return api.Response{OK: true}
 	}
-	a, err := d.add(ctx, b)
+	a, err := d.hotplugAdd(ctx, b) // presetup.go
 	if err != nil {
+		d.metrics.countError(api.OpAdd, err)
 		resp := api.Response{Error: err.Error()}
 		if werr := hotplug.Fail(ctx, d.store, b, err.Error()); werr != nil {
 			d.log.Error("could not record hotplug-error", "domid", b.Domid, "devid", b.Devid, "err", werr)
@@ -83,7 +90,7 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 	req, err := hotplug.ReadRequest(ctx, d.store, b)
 	if err != nil {
 		log.Warn("add refused", "err", err)
-		return nil, err
+		return nil, withReason(ReasonBadParams, err)
 	}
 	key := model.Key{Domid: b.Domid, Devid: b.Devid}
 	if req.PhysicalDevice != "" {
@@ -97,12 +104,12 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 	mode, err := model.ParseMode(req.Mode)
 	if err != nil {
 		log.Warn("add refused", "err", err)
-		return nil, err
+		return nil, withReason(ReasonBadParams, err)
 	}
 	backing, target, err := openTarget(req.Params, mode.Writable)
 	if err != nil {
 		log.Warn("add refused", "params", model.Quote(req.Params, 200), "err", err)
-		return nil, err
+		return nil, withReason(ReasonBadParams, err)
 	}
 	defer backing.Close() // the loop device keeps its own reference
 	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target, Backing: backing})
@@ -114,8 +121,9 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 	if err != nil {
 		d.model.Remove(key)
 		log.Error("add failed", "dev", a.DevPath, "diskseq", a.DiskSeq, "err", err)
-		return nil, err
+		return nil, withReason(ReasonXenStore, err)
 	}
+	d.metrics.attached(a)
 	log.Info("attached", "target", target.Path, "mode", mode, "dev", a.DevPath, "diskseq", a.DiskSeq,
 		"users", a.Users, "took", time.Since(start))
 	return toAPI(a), nil
@@ -133,22 +141,14 @@ func (d *Daemon) remove(ctx context.Context, b hotplug.Backend) {
 	}
 	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
 		log.Warn("remove: could not clear physical-device", "err", err)
+		d.metrics.countError(api.OpRemove, withReason(ReasonXenStore, err))
 	}
-}
-
-func (d *Daemon) status() []api.Attachment {
-	list := d.model.List()
-	out := make([]api.Attachment, len(list))
-	for i, a := range list {
-		out[i] = *toAPI(a)
-	}
-	return out
 }
 
 func toAPI(a model.Attachment) *api.Attachment {
 	return &api.Attachment{
 		Domid: a.Key.Domid, Devid: a.Key.Devid, Target: a.Params, Kind: a.Target.Kind.String(),
 		Mode: a.Mode.String(), Device: a.DevPath, PhysicalDevice: hotplug.FormatRdev(a.Rdev),
-		DiskSeq: a.DiskSeq, Users: a.Users,
+		DiskSeq: a.DiskSeq, Users: a.Users, Since: a.Since,
 	}
 }

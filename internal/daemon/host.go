@@ -19,7 +19,12 @@ func (h loopHost) NewLoop(backing *os.File, readOnly bool) (model.Device, error)
 	if err != nil {
 		return nil, err
 	}
-	return dev, nil
+	stored, err := storeLoop(dev) // before physical-device is written (recovery.go)
+	if err != nil {
+		dev.Close()
+		return nil, err
+	}
+	return stored, nil
 }
 
 func (h loopHost) LoopsOf(file model.FileID) ([]model.Binding, error) {

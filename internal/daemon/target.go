@@ -28,9 +28,9 @@ func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			if !filepath.IsAbs(params) {
-				return nil, model.Target{}, fmt.Errorf("params %q: no such device %s (a relative params names a node under /dev)", q(params), q(p))
+				return nil, model.Target{}, &notFoundError{fmt.Sprintf("params %q: no such device %s (a relative params names a node under /dev)", q(params), q(p))}
 			}
-			return nil, model.Target{}, fmt.Errorf("params %q: no such file or device", q(params))
+			return nil, model.Target{}, &notFoundError{fmt.Sprintf("params %q: no such file or device", q(params))}
 		}
 		return nil, model.Target{}, fmt.Errorf("params %q: open %s: %w", q(params), q(p), err)
 	}

@@ -17,6 +17,7 @@ import (
 	"os"
 	"sort"
 	"sync"
+	"time"
 )
 
 // Key identifies a backend: the frontend domain and the virtual device number,
@@ -119,10 +120,11 @@ type Attachment struct {
 	Params  string
 	Mode    Mode
 	Target  Target
-	DevPath string // physical-device-path
-	Rdev    uint64 // physical-device
-	DiskSeq uint64 // loop devices only; 0 for block devices
-	Users   int    // backends sharing the device (read-only cache), else 1
+	DevPath string    // physical-device-path
+	Rdev    uint64    // physical-device
+	DiskSeq uint64    // loop devices only; 0 for block devices
+	Users   int       // backends sharing the device (read-only cache), else 1
+	Since   time.Time // when Add recorded it (Restore keeps what it is given)
 }
 
 // ConflictError is a refusal by the sharing rules.
@@ -231,7 +233,7 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 	}
 
 	a := &attachment{Attachment: Attachment{
-		Key: req.Key, Params: req.Params, Mode: req.Mode, Target: req.Target,
+		Key: req.Key, Params: req.Params, Mode: req.Mode, Target: req.Target, Since: time.Now(),
 	}}
 	if req.Target.Kind == BlockDevice {
 		a.DevPath, a.Rdev = req.Target.Path, req.Target.Rdev

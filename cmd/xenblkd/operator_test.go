@@ -1,0 +1,220 @@
+package main_test
+
+// Operator commands against the built binary: status (table and --json),
+// the metrics endpoint of a running daemon (curl and a raw TCP client),
+// doctor's wiring, and the journald-friendly log format.
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"xenblkd/internal/metrics"
+)
+
+func TestStatusCommand(t *testing.T) {
+	d := startDaemon(t, xsd.Socket)
+	rw, _ := image(t, "status-rw.img")
+	ro, _ := image(t, "status-ro.img")
+	mustHotplug(t, d, "add", vbdSetup(t, 300, 51712, rw, "w"))
+	mustHotplug(t, d, "add", vbdSetup(t, 301, 51712, ro, "r"))
+	mustHotplug(t, d, "add", vbdSetup(t, 302, 51712, ro, "r"))
+	t.Cleanup(func() {
+		for _, dom := range []int{300, 301, 302} {
+			hotplug(t, d, "remove", bePath(dom, 51712))
+		}
+	})
+
+	out, err := exec.Command(binary, "status", "--socket", d.socket).CombinedOutput()
+	if err != nil {
+		t.Fatalf("status: %v\n%s", err, out)
+	}
+	text := string(out)
+	for _, want := range []string{"DOMID  NAME", "SINCE", "guest300", "xvda", rw, ro, "Loop devices held for no backend: none."} {
+		if !strings.Contains(text, want) {
+			t.Errorf("status lacks %q:\n%s", want, text)
+		}
+	}
+	if !regexp.MustCompile(`(?m)^301 +guest301 +xvda +\S+ +r +/dev/loop\d+ +\d+ +2 +\d{4}-\d\d-\d\d `).MatchString(text) {
+		t.Errorf("no row for domain 301 with 2 users:\n%s", text)
+	}
+
+	out, err = exec.Command(binary, "status", "--json", "--socket", d.socket).Output()
+	if err != nil {
+		t.Fatalf("status --json: %v", err)
+	}
+	var doc map[string][]map[string]any
+	if err := json.Unmarshal(out, &doc); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	if len(doc["attachments"]) != 3 || doc["unused_loop_devices"] == nil || len(doc["unused_loop_devices"]) != 0 {
+		t.Fatalf("status --json:\n%s", out)
+	}
+	// The documented field names (statusUsage, docs/usage.md) and no others.
+	wantKeys := []string{"device", "devid", "diskseq", "domain_name", "domid", "kind", "mode", "physical_device", "since", "target", "users", "vdev"}
+	for _, a := range doc["attachments"] {
+		keys := make([]string, 0, len(a))
+		for k := range a {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		if !slices.Equal(keys, wantKeys) {
+			t.Errorf("attachment fields %v, want %v", keys, wantKeys)
+		}
+	}
+	if code := exitCode(exec.Command(binary, "status", "--socket", filepath.Join(t.TempDir(), "none")).Run()); code != 1 {
+		t.Errorf("status without a daemon: exit %d, want 1", code)
+	}
+	if code := exitCode(exec.Command(binary, "status", "extra").Run()); code != 2 {
+		t.Errorf("status with an argument: exit %d, want 2", code)
+	}
+}
+
+func TestMetricsOverUnixSocketWithCurl(t *testing.T) {
+	curl, err := exec.LookPath("curl")
+	if err != nil {
+		t.Skip("no curl")
+	}
+	sock := filepath.Join(t.TempDir(), "metrics.sock")
+	d := startDaemon(t, xsd.Socket, "--metrics-listen", "unix:"+sock)
+	ro, _ := image(t, "metrics-ro.img")
+	mustHotplug(t, d, "add", vbdSetup(t, 310, 51712, ro, "r"))
+	mustHotplug(t, d, "add", vbdSetup(t, 311, 51712, ro, "r"))
+	if _, code := hotplug(t, d, "add", vbdSetup(t, 312, 51712, "/nonexistent.img", "r")); code == 0 {
+		t.Fatal("add of a missing image succeeded")
+	}
+	t.Cleanup(func() {
+		hotplug(t, d, "remove", bePath(310, 51712))
+		hotplug(t, d, "remove", bePath(311, 51712))
+	})
+	out, err := exec.Command(curl, "-sS", "-i", "--unix-socket", sock, "http://localhost/metrics").Output()
+	if err != nil {
+		t.Fatalf("curl: %v\n%s", err, out)
+	}
+	text := strings.ReplaceAll(string(out), "\r\n", "\n")
+	for _, want := range []string{
+		"HTTP/1.1 200 OK\n", "Content-Type: " + metrics.ContentType + "\n",
+		"\nxenblkd_attachments{kind=\"file\",mode=\"r\"} 2\n",
+		"\nxenblkd_loop_devices_held 1\n",
+		"\nxenblkd_readonly_cache_hits_total 1\n",
+		"\nxenblkd_errors_total{op=\"add\",reason=\"not_found\"} 1\n",
+		"\nxenblkd_request_duration_seconds_count{op=\"add\"} 3\n",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("curl output lacks %q:\n%s", want, text)
+		}
+	}
+	out, _ = exec.Command(curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", sock, "http://localhost/").Output()
+	if string(out) != "404" {
+		t.Errorf("GET /: %s, want 404", out)
+	}
+}
+
+func TestMetricsOverTCP(t *testing.T) {
+	d := startDaemon(t, xsd.Socket, "--metrics-listen", "127.0.0.1:0")
+	// The daemon logs the address it bound before it says READY=1.
+	m := regexp.MustCompile(`msg="serving metrics" addr=(127\.0\.0\.1:\d+)`).FindStringSubmatch(d.logText())
+	if m == nil {
+		t.Fatalf("no metrics address in the log:\n%s", d.logText())
+	}
+	c, err := net.Dial("tcp", m[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET /metrics HTTP/1.1\r\nHost: %s\r\n\r\n", m[1])
+	reply, err := io.ReadAll(bufio.NewReader(c))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(string(reply), "HTTP/1.1 200 OK\r\n") || !strings.Contains(string(reply), "\nxenblkd_loop_devices_held 0\n") {
+		t.Errorf("reply:\n%s", reply)
+	}
+}
+
+func TestMetricsListenRefused(t *testing.T) {
+	for _, addr := range []string{"0.0.0.0:9477", ":9477", "localhost:9477"} {
+		cmd := exec.Command(binary, "daemon", "--socket", filepath.Join(t.TempDir(), "api.sock"), "--tag", tag, "--metrics-listen", addr)
+		cmd.Env = []string{"XENSTORED_PATH=" + xsd.Socket}
+		out, err := cmd.CombinedOutput()
+		if exitCode(err) != 1 || !strings.Contains(string(out), "cannot serve metrics") {
+			t.Errorf("--metrics-listen %s: %v\n%s", addr, err, out)
+		}
+	}
+}
+
+func TestDoctorWired(t *testing.T) {
+	out, err := exec.Command(binary, "doctor", "--help").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "xenblkd doctor") {
+		t.Errorf("doctor --help: %v\n%s", err, out)
+	}
+	out, _ = exec.Command(binary, "--help").Output()
+	if !strings.Contains(string(out), "xenblkd doctor [--json]") {
+		t.Errorf("xenblkd --help does not list doctor:\n%s", out)
+	}
+	if code := exitCode(exec.Command(binary, "doctor", "--no-such-flag").Run()); code != 2 {
+		t.Errorf("doctor with a bad flag: exit %d, want 2", code)
+	}
+}
+
+// TestJournalLogFormat: under systemd (JOURNAL_STREAM names stderr) the log
+// lines carry no timestamp; elsewhere they do. Both keep level= as text.
+func TestJournalLogFormat(t *testing.T) {
+	for _, journal := range []bool{true, false} {
+		f, err := os.CreateTemp(t.TempDir(), "stderr")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var st syscall.Stat_t
+		if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(binary, "daemon", "--socket", filepath.Join(t.TempDir(), "api.sock"), "--tag", tag)
+		cmd.Env = []string{"XENSTORED_PATH=" + filepath.Join(t.TempDir(), "no-xenstored")}
+		if journal {
+			cmd.Env = append(cmd.Env, fmt.Sprintf("JOURNAL_STREAM=%d:%d", st.Dev, st.Ino))
+		} else {
+			cmd.Env = append(cmd.Env, "JOURNAL_STREAM=1:1") // set, but not this stderr
+		}
+		cmd.Stderr = f
+		if code := exitCode(cmd.Run()); code != 1 {
+			t.Errorf("daemon without xenstored: exit %d, want 1", code)
+		}
+		f.Close()
+		log, _ := os.ReadFile(f.Name())
+		line := string(log)
+		if !strings.Contains(line, "level=ERROR") || !strings.Contains(line, "cannot reach XenStore") {
+			t.Errorf("journal=%v: log %q", journal, line)
+		}
+		if hasTime := strings.HasPrefix(line, "time="); hasTime == journal {
+			t.Errorf("journal=%v: log %q (timestamp shown: %v)", journal, line, hasTime)
+		}
+	}
+}
+
+func exitCode(err error) int {
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	if err != nil {
+		return -1
+	}
+	return 0
+}
+
+// logText returns what the daemon logged so far.
+func (d *daemon) logText() string {
+	d.logw.mu.Lock()
+	defer d.logw.mu.Unlock()
+	return d.log.String()
+}

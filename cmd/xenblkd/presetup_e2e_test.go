@@ -1,0 +1,218 @@
+package main_test
+
+// End-to-end tests of pre-setup: the daemon attaches a disk when libxl's
+// transaction commits, before the script is exec'd.
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"xenblkd/internal/xenstore"
+)
+
+// libxlWrite writes a backend as libxl does, in one transaction with state 1
+// (no InitWait yet), and removes it (and its frontend) in Cleanup.
+func libxlWrite(t testing.TB, domid, devid int, params, mode string) string {
+	t.Helper()
+	ctx := context.Background()
+	be := bePath(domid, devid)
+	fe := fmt.Sprintf("/local/domain/%d/device/vbd/%d", domid, devid)
+	nodes := [][2]string{
+		{abs(be) + "/frontend", fe}, {abs(be) + "/params", params}, {abs(be) + "/script", "/etc/xen/scripts/xenblkd"},
+		{abs(be) + "/frontend-id", strconv.Itoa(domid)}, {abs(be) + "/online", "1"},
+		{abs(be) + "/removable", "0"}, {abs(be) + "/bootable", "1"}, {abs(be) + "/state", "1"},
+		{abs(be) + "/dev", "xvda"}, {abs(be) + "/type", "phy"}, {abs(be) + "/mode", mode},
+		{abs(be) + "/device-type", "disk"}, {abs(be) + "/discard-enable", "1"}, {abs(be) + "/specification", "xen"},
+		{fe + "/backend", abs(be)}, {fe + "/backend-id", "0"}, {fe + "/state", "1"},
+		{fe + "/virtual-device", strconv.Itoa(devid)}, {fe + "/device-type", "disk"},
+	}
+	err := xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		for _, n := range nodes {
+			if err := tx.Write(ctx, n[0], n[1]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("write backend %s: %v", be, err)
+	}
+	t.Cleanup(func() {
+		xs.Rm(ctx, abs(be))
+		xs.Rm(ctx, fe)
+	})
+	return be
+}
+
+// waitNode is a readiness wait for a node to appear (fails only if it never does).
+func waitNode(t *testing.T, path string) string {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if v, ok := read(t, path); ok {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never appeared", path)
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+}
+
+// waitUntil is a readiness wait for cond.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func TestPresetupAttachBeforeExec(t *testing.T) {
+	d := startDaemon(t, xsd.Socket)
+	img, sig := image(t, "pre.img")
+	be := libxlWrite(t, 900, 51712, img, "w")
+	pd := waitNode(t, be+"/physical-device")
+	if devs := ourDevices(t); len(devs) != 1 {
+		t.Fatalf("before exec: devices %v, want 1", devs)
+	}
+	xs.Write(context.Background(), abs(be)+"/state", "2") // blkback's InitWait
+	mustHotplug(t, d, "add", be)
+	if got, _ := read(t, be+"/physical-device"); got != pd {
+		t.Fatalf("physical-device changed by the exec'd add: %q → %q", pd, got)
+	}
+	if devs := ourDevices(t); len(devs) != 1 {
+		t.Fatalf("after exec: devices %v, want 1 (no second device)", devs)
+	}
+	vm, rdev := standIn(t, be, sig, true)
+	seq := diskseqOf(t, be)
+	mustHotplug(t, d, "remove", be)
+	vm.Close()
+	if bound(rdev, seq) {
+		t.Fatal("loop device still bound after remove and last close")
+	}
+}
+
+func TestPresetupConflictReportedByExec(t *testing.T) {
+	d := startDaemon(t, xsd.Socket)
+	img, _ := image(t, "conflict.img")
+	first := libxlWrite(t, 910, 51712, img, "w")
+	waitNode(t, first+"/physical-device")
+	mustHotplug(t, d, "add", first)
+	t.Cleanup(func() { hotplug(t, d, "remove", first) })
+	second := libxlWrite(t, 911, 51712, img, "w")
+	// Give pre-setup the chance to refuse it first: a later backend of ours
+	// is set up (readiness wait, not an assertion on time).
+	other, _ := image(t, "sentinel.img")
+	sentinel := libxlWrite(t, 912, 51712, other, "r")
+	waitNode(t, sentinel+"/physical-device")
+	t.Cleanup(func() { hotplug(t, d, "remove", sentinel) })
+
+	stderr, code := hotplug(t, d, "add", second)
+	herr, _ := read(t, second+"/hotplug-error")
+	want := "already attached to domain 910 (device 51712, mode w"
+	if code == 0 || !strings.Contains(stderr, want) || !strings.Contains(herr, want) {
+		t.Fatalf("exit %d, stderr %q, hotplug-error %q; want a refusal containing %q", code, stderr, herr, want)
+	}
+	if _, ok := read(t, second+"/physical-device"); ok {
+		t.Fatal("physical-device written for the refused backend")
+	}
+}
+
+func TestPresetupBackendRemovedBeforeExec(t *testing.T) {
+	startDaemon(t, xsd.Socket)
+	img, _ := image(t, "aborted.img")
+	be := libxlWrite(t, 920, 51712, img, "w")
+	waitNode(t, be+"/physical-device")
+	if devs := ourDevices(t); len(devs) != 1 {
+		t.Fatalf("devices %v, want 1", devs)
+	}
+	if err := xs.Rm(context.Background(), abs(be)); err != nil { // domain creation aborted
+		t.Fatal(err)
+	}
+	waitUntil(t, "the loop device to be released", func() bool { return len(ourDevices(t)) == 0 })
+}
+
+// TestPresetupStorm: 2,000 read-only backends of one image across 200
+// domains appear at once (the benchmark's scenario): all set up, one loop
+// device; then all removed before any script ran: released.
+func TestPresetupStorm(t *testing.T) {
+	if testing.Short() {
+		t.Skip("2,000 backends")
+	}
+	d := startDaemon(t, xsd.Socket)
+	img, _ := image(t, "storm.img")
+	const domains, perDomain = 200, 10
+	var bes []string
+	start := time.Now()
+	for dom := range domains {
+		for dev := range perDomain {
+			bes = append(bes, libxlWrite(t, 1000+dom, 51712+dev, img, "r"))
+		}
+	}
+	written := time.Since(start)
+	for _, be := range bes {
+		waitNode(t, be+"/physical-device")
+	}
+	t.Logf("%d backends: written in %v, all set up after %v; daemon %s", len(bes), written, time.Since(start), rss(d))
+	if devs := ourDevices(t); len(devs) != 1 {
+		t.Fatalf("devices %v, want 1", devs)
+	}
+	for dom := range domains {
+		xs.Rm(context.Background(), abs(fmt.Sprintf("backend/vbd/%d", 1000+dom)))
+	}
+	waitUntil(t, "the loop device to be released", func() bool { return len(ourDevices(t)) == 0 })
+	t.Logf("released after %v; daemon %s", time.Since(start), rss(d))
+}
+
+func rss(d *daemon) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", d.cmd.Process.Pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmRSS:") {
+			return "RSS " + strings.Join(strings.Fields(l)[1:], " ")
+		}
+	}
+	return "RSS ?"
+}
+
+// TestPresetupLatency logs add latency from the end of libxl's transaction to
+// the script's exit, with and without pre-setup, the script exec'd at once
+// and after an InitWait gap (no assertion: speed is for benchmarks).
+func TestPresetupLatency(t *testing.T) {
+	const n = 30
+	for _, on := range []bool{false, true} {
+		d := startDaemon(t, xsd.Socket, "--presetup="+strconv.FormatBool(on))
+		img, _ := image(t, "lat.img")
+		for gi, gap := range []time.Duration{0, 5 * time.Millisecond} {
+			var adds []time.Duration
+			for i := range n {
+				domid := 3000 + 100*gi + i
+				if on {
+					domid += 1000
+				}
+				be := libxlWrite(t, domid, 51712, img, "w")
+				t0 := time.Now()
+				if gap > 0 {
+					time.Sleep(gap)
+				}
+				xs.Write(context.Background(), abs(be)+"/state", "2") // blkback's InitWait
+				mustHotplug(t, d, "add", be)
+				adds = append(adds, time.Since(t0))
+				mustHotplug(t, d, "remove", be)
+				xs.Rm(context.Background(), abs(be))
+			}
+			sort.Slice(adds, func(i, j int) bool { return adds[i] < adds[j] })
+			t.Logf("presetup=%v, InitWait gap %v: transaction end → script exit, n=%d: median %v (min %v, max %v); minus gap %v",
+				on, gap, n, adds[n/2], adds[0], adds[n-1], adds[n/2]-gap)
+		}
+	}
+}

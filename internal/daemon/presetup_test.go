@@ -1,0 +1,387 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/api"
+	"xenblkd/internal/hotplug"
+	"xenblkd/internal/model"
+	"xenblkd/internal/xenstore"
+	"xenblkd/internal/xenstore/xenstoretest"
+)
+
+// preEnv is a daemon with pre-setup on the in-memory XenStore.
+type preEnv struct {
+	d    *Daemon
+	xs   *xenstore.Client
+	host *fakeHost
+	img  string // a writable image file
+	next int    // settle's next devid
+}
+
+func startPresetup(t *testing.T, host model.Host, workers int, before func(*xenstore.Client)) *preEnv {
+	t.Helper()
+	srv := xenstoretest.NewServer(t, xenstoretest.Options{EventsBeforeReply: true})
+	ctx := context.Background()
+	xs, err := xenstore.DialUnix(ctx, srv.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { xs.Close() })
+	e := &preEnv{xs: xs, img: filepath.Join(t.TempDir(), "img")}
+	if fh, ok := host.(*fakeHost); ok {
+		e.host = fh
+	}
+	if err := os.WriteFile(e.img, []byte("image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if before != nil {
+		before(xs)
+	}
+	e.d = New(discard, hotplug.ClientStore{Client: xs}, host)
+	stop, err := e.d.StartPresetup(ctx, xs, PresetupOptions{Workers: workers})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(stop)
+	return e
+}
+
+// libxlBackend writes a backend directory in one transaction, as libxl does,
+// with state 1; "-" leaves a node out.
+func libxlBackend(t *testing.T, xs *xenstore.Client, domid, devid int, script, params, mode string, extra ...string) hotplug.Backend {
+	t.Helper()
+	b := hotplug.Backend{Domid: uint32(domid), Devid: uint32(devid)}
+	nodes := map[string]string{
+		"frontend": fmt.Sprintf("/local/domain/%d/device/vbd/%d", domid, devid), "frontend-id": fmt.Sprint(domid),
+		"online": "1", "state": "1", "dev": "xvda", "type": "phy", "device-type": "disk",
+		"script": script, "params": params, "mode": mode,
+	}
+	for i := 0; i+1 < len(extra); i += 2 {
+		nodes[extra[i]] = extra[i+1]
+	}
+	ctx := context.Background()
+	err := xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		for k, v := range nodes {
+			if v == "-" {
+				continue
+			}
+			if err := tx.Write(ctx, b.Path()+"/"+k, v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+const ourScript = "/etc/xen/scripts/xenblkd"
+
+// waitFor is a readiness wait: it fails only if cond never holds.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func (e *preEnv) node(t *testing.T, b hotplug.Backend, name string) (string, bool) {
+	t.Helper()
+	v, err := e.xs.Read(context.Background(), b.Path()+"/"+name)
+	if errors.Is(err, unix.ENOENT) {
+		return "", false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v, true
+}
+
+func (e *preEnv) waitAttached(t *testing.T, b hotplug.Backend) string {
+	t.Helper()
+	var pd string
+	waitFor(t, b.Path()+"/physical-device", func() bool {
+		v, ok := e.node(t, b, "physical-device")
+		pd = v
+		return ok
+	})
+	return pd
+}
+
+// settle waits until every event before it was handled (Workers: 1, FIFO):
+// a fresh backend of ours appears and gets set up.
+func (e *preEnv) settle(t *testing.T) {
+	t.Helper()
+	e.next++
+	img := filepath.Join(t.TempDir(), "settle")
+	os.WriteFile(img, []byte("s"), 0o644)
+	e.waitAttached(t, libxlBackend(t, e.xs, 9999, e.next, ourScript, img, "r"))
+}
+
+func (e *preEnv) exec(t *testing.T, op string, b hotplug.Backend) api.Response {
+	t.Helper()
+	return e.d.Handle(context.Background(), api.Request{Op: op, Path: b.Path()})
+}
+
+func TestPresetupAttachesBeforeExec(t *testing.T) {
+	host := &fakeHost{}
+	e := startPresetup(t, host, 1, nil)
+	b := libxlBackend(t, e.xs, 1, 51712, ourScript, e.img, "w")
+	pd := e.waitAttached(t, b)
+	if st, _ := e.node(t, b, "hotplug-status"); st != "connected" || host.devices() != 1 {
+		t.Fatalf("before exec: hotplug-status %q, %d devices; want connected, 1", st, host.devices())
+	}
+	if !e.d.backends.get(keyOf(b)).presetup {
+		t.Fatal("pre-setup state not recorded")
+	}
+	resp := e.exec(t, "add", b)
+	if !resp.OK || resp.Attachment == nil || resp.Attachment.PhysicalDevice != pd {
+		t.Fatalf("exec'd add: %+v; want OK confirming %s", resp, pd)
+	}
+	if host.devices() != 1 || host.made() != 1 {
+		t.Fatalf("after exec: %d devices open, %d made; want 1, 1", host.devices(), host.made())
+	}
+	if resp := e.exec(t, "remove", b); !resp.OK || host.devices() != 0 {
+		t.Fatalf("remove: %+v, %d devices", resp, host.devices())
+	}
+	// The backend lingers without physical-device (state unchanged here):
+	// pre-setup must not attach it again.
+	e.settle(t)
+	if _, ok := e.node(t, b, "physical-device"); ok || host.made() != 2 {
+		t.Fatalf("re-attached after remove (devices made: %d)", host.made())
+	}
+}
+
+func TestPresetupBackendGoneBeforeExec(t *testing.T) {
+	host := &fakeHost{}
+	e := startPresetup(t, host, 1, nil)
+	for i, remove := range []string{"backend", "domain"} {
+		b := libxlBackend(t, e.xs, 10+i, 51712, ourScript, e.img, "w")
+		e.waitAttached(t, b)
+		p := b.Path()
+		if remove == "domain" {
+			p = fmt.Sprintf("backend/vbd/%d", b.Domid)
+		}
+		if err := e.xs.Rm(context.Background(), p); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "release of "+remove, func() bool { _, ok := e.d.model.Lookup(keyOf(b)); return !ok })
+		if host.devices() != 0 {
+			t.Fatalf("%s removed: %d devices still open", remove, host.devices())
+		}
+		if st := e.d.backends.get(keyOf(b)); st != (backendState{}) {
+			t.Fatalf("%s removed: state %+v still remembered", remove, st)
+		}
+	}
+}
+
+// gatedHost blocks NewLoop until released, to hold a pre-setup in flight.
+type gatedHost struct {
+	*fakeHost
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (h *gatedHost) NewLoop(f *os.File, ro bool) (model.Device, error) {
+	h.entered <- struct{}{}
+	<-h.gate
+	return h.fakeHost.NewLoop(f, ro)
+}
+
+func TestPresetupExecDuringPresetup(t *testing.T) {
+	host := &gatedHost{fakeHost: &fakeHost{}, entered: make(chan struct{}), gate: make(chan struct{})}
+	e := startPresetup(t, host, 1, nil)
+	b := libxlBackend(t, e.xs, 2, 51712, ourScript, e.img, "w")
+	<-host.entered // pre-setup is inside model.Add
+	done := make(chan api.Response)
+	go func() { done <- e.exec(t, "add", b) }()
+	close(host.gate) // the exec'd add may run now; it must wait for pre-setup's lock
+	resp := <-done
+	if !resp.OK || host.fakeHost.devices() != 1 || host.fakeHost.made() != 1 {
+		t.Fatalf("exec'd add: %+v, %d devices open, %d made; want OK, 1, 1", resp, host.fakeHost.devices(), host.fakeHost.made())
+	}
+}
+
+func TestPresetupExecFirst(t *testing.T) {
+	host := &fakeHost{}
+	e := startPresetup(t, host, 4, nil)
+	const n = 40
+	var wg sync.WaitGroup
+	for i := range n {
+		img := e.img + "-" + fmt.Sprint(i)
+		os.WriteFile(img, []byte("x"), 0o644)
+		b := libxlBackend(t, e.xs, 20+i, 51712, ourScript, img, "w")
+		wg.Go(func() {
+			// Right after the transaction commits: races pre-setup.
+			if resp := e.exec(t, "add", b); !resp.OK {
+				t.Errorf("add %s: %+v", b, resp)
+			}
+		})
+	}
+	wg.Wait()
+	if host.devices() != n || host.made() != n {
+		t.Fatalf("%d devices open, %d made; want %d, %d", host.devices(), host.made(), n, n)
+	}
+}
+
+func TestPresetupFailureReported(t *testing.T) {
+	host := &fakeHost{}
+	e := startPresetup(t, host, 1, nil)
+	first := libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
+	e.waitAttached(t, first)
+	tests := []struct {
+		name         string
+		params, mode string
+		want         string
+	}{
+		{"sharing conflict", e.img, "w", "already attached to domain 3 (device 51712, mode w"},
+		{"nonexistent", "/nonexistent/xenblkd.img", "w", "no such file or device"},
+		{"bad mode", e.img, "x", `unknown mode "x"`},
+		{"no params", "-", "w", "params is missing"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := libxlBackend(t, e.xs, 30+i, 51712, ourScript, tt.params, tt.mode)
+			waitFor(t, "pre-setup failure", func() bool { return e.d.backends.get(keyOf(b)).failure != nil })
+			if _, ok := e.node(t, b, "hotplug-error"); ok {
+				t.Error("hotplug-error written before the script ran")
+			}
+			resp := e.exec(t, "add", b)
+			if resp.OK || !resp.ErrorRecorded || !strings.Contains(resp.Error, tt.want) {
+				t.Fatalf("exec'd add: %+v; want a recorded error containing %q", resp, tt.want)
+			}
+			if got, _ := e.node(t, b, "hotplug-error"); got != resp.Error {
+				t.Errorf("hotplug-error = %q, want %q", got, resp.Error)
+			}
+			if _, ok := e.node(t, b, "physical-device"); ok {
+				t.Error("physical-device written for a refused backend")
+			}
+		})
+	}
+	if host.devices() != 1 {
+		t.Fatalf("%d devices open, want 1", host.devices())
+	}
+	// A failure is forgotten when its backend goes away.
+	b := libxlBackend(t, e.xs, 40, 51712, ourScript, "/nonexistent/x", "w")
+	waitFor(t, "pre-setup failure", func() bool { return e.d.backends.get(keyOf(b)).failure != nil })
+	e.xs.Rm(context.Background(), b.Path())
+	waitFor(t, "failure forgotten", func() bool { return e.d.backends.get(keyOf(b)) == (backendState{}) })
+}
+
+func TestPresetupLeavesOthersAlone(t *testing.T) {
+	host := &fakeHost{}
+	e := startPresetup(t, host, 1, nil)
+	foreign := libxlBackend(t, e.xs, 50, 51712, "/etc/xen/scripts/block", e.img, "w")
+	noScript := libxlBackend(t, e.xs, 51, 51712, "-", e.img, "w")
+	pastInitWait := libxlBackend(t, e.xs, 52, 51712, ourScript, e.img, "w", "state", "4")
+	preset := libxlBackend(t, e.xs, 53, 51712, ourScript, e.img, "w", "physical-device", "8:1")
+	e.settle(t)
+	for _, b := range []hotplug.Backend{foreign, noScript, pastInitWait} {
+		for _, n := range []string{"physical-device", "hotplug-error", "hotplug-status"} {
+			if v, ok := e.node(t, b, n); ok {
+				t.Errorf("%s/%s = %q written", b, n, v)
+			}
+		}
+	}
+	if v, _ := e.node(t, preset, "physical-device"); v != "8:1" {
+		t.Errorf("physical-device rewritten to %q", v)
+	}
+	if _, ok := e.node(t, preset, "hotplug-status"); ok {
+		t.Error("hotplug-status written to a backend with physical-device set")
+	}
+	if host.made() != 1 { // settle's own
+		t.Errorf("%d devices made, want 1 (settle's)", host.made())
+	}
+}
+
+func TestPresetupRescanAtStart(t *testing.T) {
+	host := &fakeHost{}
+	var pending hotplug.Backend
+	img := filepath.Join(t.TempDir(), "early")
+	os.WriteFile(img, []byte("e"), 0o644)
+	e := startPresetup(t, host, 1, func(xs *xenstore.Client) {
+		pending = libxlBackend(t, xs, 60, 51712, ourScript, img, "r")
+	})
+	e.waitAttached(t, pending)
+}
+
+// TestPresetupStorm: many backends at once, as the benchmark's 2,000
+// read-only attachments of one image: all set up, one device, nothing left
+// queued.
+func TestPresetupStorm(t *testing.T) {
+	host := &fakeHost{}
+	e := startPresetup(t, host, DefaultPresetupWorkers, nil)
+	domains, perDomain := 10, 20
+	var bs []hotplug.Backend
+	for dom := range domains {
+		for dev := range perDomain {
+			bs = append(bs, libxlBackend(t, e.xs, 100+dom, 51712+dev, ourScript, e.img, "r"))
+		}
+	}
+	for _, b := range bs {
+		e.waitAttached(t, b)
+	}
+	if host.made() != 1 || e.d.model.Devices() != 1 {
+		t.Fatalf("%d devices made, %d held; want 1", host.made(), e.d.model.Devices())
+	}
+	// Everything coalesced and drained: no backlog kept.
+	e.settle(t)
+	// Remove them all before any script ran: everything is released.
+	if err := e.xs.Rm(context.Background(), "backend/vbd"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "release of all", func() bool { return len(e.d.model.List()) == 0 })
+	if host.devices() != 0 {
+		t.Fatalf("%d devices still open", host.devices())
+	}
+	waitFor(t, "state forgotten", func() bool { return len(e.d.backends.keys(0, true)) == 0 })
+}
+
+func TestParseEventPath(t *testing.T) {
+	tests := []struct {
+		path  string
+		level eventLevel
+		key   model.Key
+		domid uint32
+	}{
+		{"backend/vbd", levelTree, model.Key{}, 0},
+		{"backend/vbd/5", levelDomain, model.Key{}, 5},
+		{"backend/vbd/5/51712", levelBackend, model.Key{Domid: 5, Devid: 51712}, 5},
+		{"backend/vbd/5/51712/state", levelBackend, model.Key{Domid: 5, Devid: 51712}, 5},
+		{"/local/domain/0/backend/vbd/7/1/params", levelBackend, model.Key{Domid: 7, Devid: 1}, 7},
+		{"backend/vbdx/5", levelNone, model.Key{}, 0},
+		{"backend/vbd/x", levelNone, model.Key{}, 0},
+		{"backend/vbd/5/05", levelNone, model.Key{}, 0},
+		{"backend/vif/5/0", levelNone, model.Key{}, 0},
+		{"/local/domain/0/device/vbd/1", levelNone, model.Key{}, 0},
+	}
+	for _, tt := range tests {
+		key, domid, level := parseEventPath(tt.path)
+		if level != tt.level || key != tt.key || domid != tt.domid {
+			t.Errorf("parseEventPath(%q) = %v, %d, %d; want %v, %d, %d", tt.path, key, domid, level, tt.key, tt.domid, tt.level)
+		}
+	}
+}
+
+func (h *fakeHost) made() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.next
+}
