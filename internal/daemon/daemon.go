@@ -133,15 +133,18 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 // backend's nodes may be gone) and removes physical-device if still there.
 func (d *Daemon) remove(ctx context.Context, b hotplug.Backend) {
 	log := d.log.With("domid", b.Domid, "devid", b.Devid)
+	// physical-device goes first: a crash between the two steps then leaves a
+	// held device no backend names (recovery closes it), never a node naming
+	// a device that is gone.
+	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
+		log.Warn("remove: could not clear physical-device", "err", err)
+		d.metrics.countError(api.OpRemove, withReason(ReasonXenStore, err))
+	}
 	a, found := d.model.Remove(model.Key{Domid: b.Domid, Devid: b.Devid})
 	if found {
 		log.Info("detached", "target", a.Target.Path, "dev", a.DevPath, "diskseq", a.DiskSeq, "users_left", a.Users)
 	} else {
 		log.Info("remove: not attached here, nothing to release")
-	}
-	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
-		log.Warn("remove: could not clear physical-device", "err", err)
-		d.metrics.countError(api.OpRemove, withReason(ReasonXenStore, err))
 	}
 }
 

@@ -413,7 +413,7 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 	}
 
 	// The nodes that decide, read in parallel (the client pipelines them).
-	names := [...]string{"script", "state", "physical-device", "params", "mode"}
+	names := [...]string{"script", "state", "physical-device", "params", "mode", "hotplug-error"}
 	var vals [len(names)]string
 	var errs [len(names)]error
 	var wg sync.WaitGroup
@@ -439,6 +439,11 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 	}
 	if errs[2] == nil || st.presetup {
 		return // physical-device is set (never rewritten)
+	}
+	if errs[5] == nil {
+		// An error is recorded (e.g. recovery found the device it named gone):
+		// the backend is failing; only the exec'd add may try again.
+		return
 	}
 	if errs[1] != nil || (state != "1" && state != "2") {
 		return // past InitWait: the script has run, or blkback gave up
