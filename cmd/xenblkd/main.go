@@ -57,8 +57,11 @@ COMMANDS
 
 ENVIRONMENT
     XENBLKD_SOCKET    the daemon's API socket (default /run/xenblkd/api.sock)
-    XENSTORED_PATH    xenstored's socket (default /run/xenstored/socket, then
-                      /dev/xen/xenbus)
+    XENSTORED_PATH    xenstored's socket (default /run/xenstored/socket,
+                      /var/run/xenstored/socket, then /dev/xen/xenbus)
+    XENBLKD_LOG_LEVEL the daemon's log level: debug, info (default), warn, error
+
+    All flags and variables: docs/configuration.md; man 8 xenblkd.
 `
 
 const daemonUsage = `NAME
@@ -111,8 +114,17 @@ OPTIONS
                     touch only those backends)
 
 ENVIRONMENT
-    XENSTORED_PATH  xenstored's socket (default /run/xenstored/socket, then
-                    /dev/xen/xenbus)
+    XENBLKD_SOCKET  the API socket when --socket is not given
+    XENSTORED_PATH  xenstored's socket or xenbus device; when set, nothing
+                    else is tried (default /run/xenstored/socket,
+                    /var/run/xenstored/socket, then /dev/xen/xenbus)
+    XENBLKD_LOG_LEVEL
+                    debug, info (default), warn or error
+    NOTIFY_SOCKET   set by systemd: READY=1, STATUS= and the fd store
+    LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES
+                    set by systemd: the loop device fds handed back from the
+                    fd store after a restart
+    JOURNAL_STREAM  set by systemd: log lines then leave out the timestamp
 `
 
 const hotplugUsage = `NAME

@@ -101,6 +101,13 @@ func kindLabel(k model.Kind) string {
 // Metrics returns the daemon's metrics.
 func (d *Daemon) Metrics() *Metrics { return d.metrics }
 
+// countRecoveries counts what one start-up recovery did.
+func (x *Metrics) countRecoveries(s RecoverySummary) {
+	x.recoveries.Add(uint64(s.Restored), RecoveryRestored)
+	x.recoveries.Add(uint64(s.Closed), RecoveryDropped)
+	x.recoveries.Add(uint64(s.Rejected+s.Mismatched), RecoveryFailed)
+}
+
 // CountRecovery counts one attachment handled by recovery; result is
 // RecoveryRestored, RecoveryDropped or RecoveryFailed (anything else counts
 // as failed).

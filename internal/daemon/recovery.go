@@ -132,6 +132,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 	}
 	d.log.Info("recovery done", "adopted", sum.Adopted, "reopened", sum.Reopened, "restored", sum.Restored,
 		"closed", sum.Closed, "rejected", sum.Rejected, "mismatched", sum.Mismatched)
+	d.metrics.countRecoveries(sum)
 	return sum, nil
 }
 
