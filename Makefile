@@ -58,8 +58,6 @@ chaos: setup
 	set -o pipefail; CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 60m -v -run '^TestChaos$$' ./test/recovery/ \
 		-args -chaos.ops $(CHAOS_OPS) -chaos.domains $(CHAOS_DOMAINS) -chaos.seed $(CHAOS_SEED) 2>&1 | grep -v 'level='
 
-## --- demo -----------------------------------------------------------------
-
 ## --- Xen testbed (docs/testbed.md) -----------------------------------------
 
 # testbed: build the dom0 image, or reuse the cached one (rebuilt only when the recipe changes).
@@ -68,7 +66,7 @@ testbed:
 	test/testbed/build-image.sh
 
 # test-e2e: one boot of real Xen under QEMU/TCG, the end-to-end suite, stock script vs xenblkd.
-# Ends with `N passed, N failed`. (~25 min; not yet part of `make test`.)
+# Ends with `N passed, N failed`. (~18 min on a quiet host; not yet part of `make test`.)
 test-e2e: build
 	@scripts/setup.sh testbed
 	test/testbed/e2e.sh

@@ -47,24 +47,29 @@ if [[ $force == 0 && -f $dest/complete ]]; then
 	exit 0
 fi
 
-work=$(mktemp -d "$TESTBED_CACHE/.build-XXXXXX")
-# cleanup unmounts whatever debootstrap left mounted inside the chroot before removing it, and
-# never crosses into another file system (so a leftover /proc or /dev mount is never walked).
-cleanup() {
+# remove_build_dir DIR unmounts whatever debootstrap left mounted inside the chroot, then removes
+# DIR without crossing into another file system (a leftover /proc or /dev mount is never walked).
+remove_build_dir() {
 	local m
-	for m in $(findmnt -rn -o TARGET | grep -F "$work/" | sort -r); do
+	for m in $(findmnt -rn -o TARGET | grep -F "$1/" | sort -r); do
 		umount -l "$m" || true
 	done
-	rm -rf --one-file-system "$work"
+	rm -rf --one-file-system "$1"
 }
-trap cleanup EXIT
+# We hold the lock, so any other build directory is the leftover of a killed build.
+for stale in "$TESTBED_CACHE"/.build-*; do
+	[[ -d $stale ]] && { log "removing $stale (an interrupted build)"; remove_build_dir "$stale"; }
+done
+work=$(mktemp -d "$TESTBED_CACHE/.build-XXXXXX")
+trap 'remove_build_dir "$work"' EXIT
 
 t0=$EPOCHREALTIME
 mirror=$(debian_mirror)
 [[ -n $mirror ]] || die "no Debian mirror found in the host's apt configuration"
 rootfs=$work/rootfs
 log "debootstrap bookworm from $mirror into $rootfs"
-timeout "$BUILD_DEADLINE_S" debootstrap --variant=minbase \
+# --foreground: Ctrl-C reaches debootstrap too, and the exit trap runs right away.
+timeout --foreground -k 30 "$BUILD_DEADLINE_S" debootstrap --variant=minbase \
 	--include="$(IFS=,; echo "${PACKAGES[*]}")" bookworm "$rootfs" "$mirror" >"$work/debootstrap.log" 2>&1 ||
 	{ tail -30 "$work/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
 t1=$EPOCHREALTIME

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# configure-rootfs.sh ROOTFS OUT: turn a fresh debootstrap of bookworm into the testbed's dom0
+# and put the files QEMU boots (xen, vmlinuz, initrd.img) into OUT. Called by build-image.sh;
+# part of the recipe hash.
+set -euo pipefail
+rootfs=${1:?usage: configure-rootfs.sh ROOTFS OUT}
+out=${2:?usage: configure-rootfs.sh ROOTFS OUT}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+
+echo xenblkd-dom0 >"$rootfs/etc/hostname"
+printf '127.0.0.1 localhost\n127.0.1.1 xenblkd-dom0\n' >"$rootfs/etc/hosts"
+printf '/dev/vda / ext4 rw,errors=remount-ro 0 0\n' >"$rootfs/etc/fstab"
+chroot "$rootfs" passwd -d root >/dev/null
+
+# Every guest console is logged to /var/log/xen/console/guest-<name>.log: the tests read the
+# guest's DOMU-* lines there. (Debian's /etc/init.d/xen ignores XENCONSOLED_TRACE.)
+mkdir -p "$rootfs/var/log/xen/console"
+echo 'XENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"' >>"$rootfs/etc/default/xen"
+
+# A small dom0 initramfs: only what mounts an ext4 root from virtio-blk. Xen copies the boot
+# modules at boot; the default MODULES=most initrd (37 MB) costs boot time for nothing.
+mkdir -p "$rootfs/etc/initramfs-tools/conf.d"
+printf 'MODULES=list\nCOMPRESS=gzip\n' >"$rootfs/etc/initramfs-tools/conf.d/xenblkd-testbed.conf"
+printf 'virtio_pci\nvirtio_blk\next4\ncrc32c_generic\n' >"$rootfs/etc/initramfs-tools/modules"
+chroot "$rootfs" update-initramfs -u -k all >/dev/null
+
+# The batch runner: runs run-in-dom0.sh from the control disk (/dev/vdb) after boot, then
+# powers off. Root autologin on hvc0 is for interactive debugging (boot.sh --interactive).
+install -m 755 "$here/image/xenblkd-testbed-runner" "$rootfs/usr/local/sbin/xenblkd-testbed-runner"
+install -m 644 "$here/image/xenblkd-testbed-runner.service" "$rootfs/etc/systemd/system/"
+chroot "$rootfs" systemctl enable xenblkd-testbed-runner.service >/dev/null 2>&1
+mkdir -p "$rootfs/etc/systemd/system/serial-getty@hvc0.service.d"
+printf '[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin root --keep-baud 115200,38400,9600 %%I $TERM\n' \
+	>"$rootfs/etc/systemd/system/serial-getty@hvc0.service.d/autologin.conf"
+# Keep the boot short (every unit costs seconds under TCG): no apt timers, no network wait, no
+# gettys on virtual terminals nobody sees, no ext4 scrub, a journal in RAM only (no flush to
+# disk; the root disk is a throw-away snapshot anyway), no domain save/restore at shutdown.
+chroot "$rootfs" systemctl mask apt-daily.timer apt-daily-upgrade.timer \
+	systemd-networkd-wait-online.service e2scrub_all.timer e2scrub_reap.service fstrim.timer \
+	getty-static.service getty@tty1.service systemd-journal-flush.service >/dev/null 2>&1 || true
+mkdir -p "$rootfs/etc/systemd/journald.conf.d"
+printf '[Journal]\nStorage=volatile\n' >"$rootfs/etc/systemd/journald.conf.d/xenblkd-testbed.conf"
+chroot "$rootfs" systemctl disable xendomains.service >/dev/null 2>&1 || true
+
+# The PV guest: the dom0 kernel + a busybox initramfs (image/domu-init) that loads
+# xen-blkfront and prints each disk's signature.
+kver=$(ls "$rootfs/lib/modules" | sort -V | tail -1)
+domu=$(mktemp -d)
+mkdir -p "$domu"/{bin,dev,proc,sys,mods}
+cp "$rootfs/bin/busybox" "$domu/bin/busybox"
+ko=$(find "$rootfs/lib/modules/$kver" -name 'xen-blkfront.ko*' | head -1)
+case "$ko" in
+"") echo "xen-blkfront module not found (built in?)" >&2 ;;
+*.xz) xz -dc "$ko" >"$domu/mods/xen-blkfront.ko" ;;
+*) cp "$ko" "$domu/mods/xen-blkfront.ko" ;;
+esac
+install -m 755 "$here/image/domu-init" "$domu/init"
+mkdir -p "$rootfs/root/domu"
+(cd "$domu" && find . | cpio -o -H newc --quiet | gzip -9) >"$rootfs/root/domu/initrd.gz"
+cp "$rootfs/boot/vmlinuz-$kver" "$rootfs/root/domu/vmlinuz"
+rm -rf "$domu"
+
+# Boot files for QEMU's multiboot loader, which needs the uncompressed (32-bit ELF) xen.
+xengz=$(ls "$rootfs"/boot/xen-*.gz | sort -V | tail -1)
+gzip -dc "$xengz" >"$out/xen"
+cp "$rootfs/boot/vmlinuz-$kver" "$out/vmlinuz"
+cp "$rootfs/boot/initrd.img-$kver" "$out/initrd.img"
+echo "$kver" >"$out/kernel-version"
