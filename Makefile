@@ -28,7 +28,10 @@ check:
 # test: the README's test command. Unit tests, then integration tests against
 # the real kernel (loop), the real xenstored/oxenstored, and the real systemd
 # (in a sandbox). -race needs cgo, so it is enabled for the test run only.
-test: setup check build
+test: test-unit test-e2e
+
+# test-unit: everything but the Xen testbed (a few minutes).
+test-unit: setup check build
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 30m ./...
 
 ## --- benchmarks -----------------------------------------------------------
@@ -66,7 +69,7 @@ testbed:
 	test/testbed/build-image.sh
 
 # test-e2e: one boot of real Xen under QEMU/TCG, the end-to-end suite, stock script vs xenblkd.
-# Ends with `N passed, N failed`. (~18 min on a quiet host; not yet part of `make test`.)
+# Ends with `N passed, N failed`. (~18 min on a quiet host; the last part of `make test`.)
 test-e2e: build
 	@scripts/setup.sh testbed
 	test/testbed/e2e.sh
