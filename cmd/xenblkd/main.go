@@ -228,7 +228,7 @@ func hotplugEntry(action string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "xenblkd %s: %s\n", action, msg)
 		return 2
 	}
-	resp, err := api.Call(context.Background(), socketPath(), api.Request{Op: action, Path: b.Path()})
+	resp, err := api.CallBrief(context.Background(), socketPath(), api.Request{Op: action, Path: b.Path()})
 	if err == nil && resp.OK {
 		return 0
 	}

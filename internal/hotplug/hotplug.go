@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -79,7 +80,8 @@ func (b Backend) node(name string) string { return b.Path() + "/" + name }
 func (b Backend) String() string { return b.Path() }
 
 // Store is the XenStore access the contract needs. ClientStore adapts a
-// *xenstore.Client; tests may use an in-memory map.
+// *xenstore.Client; tests may use an in-memory map. Reads, and the operations
+// of one transaction, may be issued concurrently (the client pipelines them).
 type Store interface {
 	Read(ctx context.Context, path string) (string, error)
 	// Transact runs fn in one transaction, retrying on EAGAIN.
@@ -101,24 +103,34 @@ type Request struct {
 }
 
 // ReadRequest reads params, mode and physical-device and checks their sizes.
+// The three reads are issued at once: the XenStore client pipelines them, so
+// they cost one round trip instead of three.
 func ReadRequest(ctx context.Context, s Store, b Backend) (Request, error) {
+	names := [...]string{"params", "mode", "physical-device"}
+	var vals [len(names)]string
+	var errs [len(names)]error
+	var wg sync.WaitGroup
+	for i, name := range names {
+		wg.Go(func() { vals[i], errs[i] = s.Read(ctx, b.node(name)) })
+	}
+	wg.Wait()
 	var r Request
 	var err error
-	if r.Params, err = readRequired(ctx, s, b, "params", MaxParams); err != nil {
+	if r.Params, err = checkRequired(b, "params", vals[0], errs[0], MaxParams); err != nil {
 		return Request{}, err
 	}
-	if r.Mode, err = readRequired(ctx, s, b, "mode", MaxMode); err != nil {
+	if r.Mode, err = checkRequired(b, "mode", vals[1], errs[1], MaxMode); err != nil {
 		return Request{}, err
 	}
-	r.PhysicalDevice, err = s.Read(ctx, b.node("physical-device"))
+	r.PhysicalDevice, err = vals[2], errs[2]
 	if err != nil && !errors.Is(err, unix.ENOENT) {
 		return Request{}, readError(b.node("physical-device"), err)
 	}
 	return r, nil
 }
 
-func readRequired(ctx context.Context, s Store, b Backend, name string, max int) (string, error) {
-	v, err := s.Read(ctx, b.node(name))
+// checkRequired checks the value v (read with err) of a node add needs.
+func checkRequired(b Backend, name, v string, err error, max int) (string, error) {
 	switch {
 	case errors.Is(err, unix.ENOENT):
 		return "", fmt.Errorf("%s is missing in %s: the toolstack did not write the disk's %s", name, b, name)
@@ -167,38 +179,59 @@ var ErrPhysicalDeviceSet = errors.New("physical-device already set to another de
 // Connect writes the result in one transaction: physical-device,
 // physical-device-path, diskseq (loop devices) and hotplug-status=connected,
 // and removes a stale hotplug-error. It writes nothing if the backend is gone
-// or physical-device already names another device.
+// or physical-device already names another device. Inside the transaction
+// the reads go out at once, then the writes at once: the XenStore client
+// pipelines them, so the transaction costs four round trips, not nine.
 func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 	pdev := FormatRdev(r.Rdev)
 	err := s.Transact(ctx, func(tx xenstore.Ops) error {
-		if err := exists(ctx, tx, b); err != nil {
+		var old string
+		var dirErr, oldErr, hotplugErr error
+		var wg sync.WaitGroup
+		wg.Go(func() { _, dirErr = tx.Read(ctx, b.Path()) })
+		wg.Go(func() { old, oldErr = tx.Read(ctx, b.node("physical-device")) })
+		wg.Go(func() { _, hotplugErr = tx.Read(ctx, b.node("hotplug-error")) })
+		wg.Wait()
+		if err := existsError(b, dirErr); err != nil {
 			return err
 		}
-		old, err := tx.Read(ctx, b.node("physical-device"))
+		var writes [][2]string
 		switch {
-		case err == nil && old != pdev:
+		case oldErr == nil && old != pdev:
 			return fmt.Errorf("%w: %s holds %q, this add made %s", ErrPhysicalDeviceSet, b.node("physical-device"), quote(old), pdev)
-		case err == nil:
+		case oldErr == nil:
 			// Same value: written by an earlier add of ours; confirm the rest.
-		case errors.Is(err, unix.ENOENT):
-			if err := tx.Write(ctx, b.node("physical-device"), pdev); err != nil {
-				return err
-			}
+		case errors.Is(oldErr, unix.ENOENT):
+			writes = append(writes, [2]string{b.node("physical-device"), pdev})
 		default:
-			return err
+			return oldErr
 		}
-		if err := tx.Write(ctx, b.node("physical-device-path"), r.DevPath); err != nil {
-			return err
+		rmHotplugError := false
+		switch {
+		case hotplugErr == nil:
+			rmHotplugError = true
+		case !errors.Is(hotplugErr, unix.ENOENT):
+			return hotplugErr
 		}
+		writes = append(writes, [2]string{b.node("physical-device-path"), r.DevPath})
 		if r.DiskSeq != 0 {
-			if err := tx.Write(ctx, b.node("diskseq"), strconv.FormatUint(r.DiskSeq, 16)); err != nil {
+			writes = append(writes, [2]string{b.node("diskseq"), strconv.FormatUint(r.DiskSeq, 16)})
+		}
+		writes = append(writes, [2]string{b.node("hotplug-status"), "connected"})
+		errs := make([]error, len(writes)+1)
+		for i, w := range writes {
+			wg.Go(func() { errs[i] = tx.Write(ctx, w[0], w[1]) })
+		}
+		if rmHotplugError {
+			wg.Go(func() { errs[len(writes)] = tx.Rm(ctx, b.node("hotplug-error")) })
+		}
+		wg.Wait()
+		for _, err := range errs {
+			if err != nil {
 				return err
 			}
 		}
-		if err := tx.Write(ctx, b.node("hotplug-status"), "connected"); err != nil {
-			return err
-		}
-		return rmIfExists(ctx, tx, b.node("hotplug-error"))
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("write physical-device %s to %s: %w", pdev, b, err)
@@ -242,13 +275,16 @@ func Disconnect(ctx context.Context, s Store, b Backend) error {
 }
 
 func exists(ctx context.Context, ops xenstore.Ops, b Backend) error {
-	if _, err := ops.Read(ctx, b.Path()); err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("%w: %s", ErrBackendGone, b)
-		}
-		return err
+	_, err := ops.Read(ctx, b.Path())
+	return existsError(b, err)
+}
+
+// existsError is exists' verdict on the read of b's directory.
+func existsError(b Backend, err error) error {
+	if errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("%w: %s", ErrBackendGone, b)
 	}
-	return nil
+	return err
 }
 
 func rmIfExists(ctx context.Context, ops xenstore.Ops, path string) error {

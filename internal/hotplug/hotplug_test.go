@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -41,7 +42,7 @@ func (m mapStore) Transact(ctx context.Context, fn func(xenstore.Ops) error) err
 	for k, v := range m {
 		tx[k] = v
 	}
-	if err := fn(tx); err != nil {
+	if err := fn(syncOps{&sync.Mutex{}, tx}); err != nil {
 		return err
 	}
 	for k := range m {
@@ -51,6 +52,49 @@ func (m mapStore) Transact(ctx context.Context, fn func(xenstore.Ops) error) err
 		m[k] = v
 	}
 	return nil
+}
+
+// syncOps serialises a transaction's operations on the map: Connect issues
+// them concurrently (the real client pipelines them).
+type syncOps struct {
+	mu  *sync.Mutex
+	ops xenstore.Ops
+}
+
+func (s syncOps) Read(ctx context.Context, p string) (string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ops.Read(ctx, p)
+}
+func (s syncOps) Write(ctx context.Context, p, v string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ops.Write(ctx, p, v)
+}
+func (s syncOps) Mkdir(ctx context.Context, p string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ops.Mkdir(ctx, p)
+}
+func (s syncOps) Rm(ctx context.Context, p string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ops.Rm(ctx, p)
+}
+func (s syncOps) Directory(ctx context.Context, p string) ([]string, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ops.Directory(ctx, p)
+}
+func (s syncOps) GetPerms(ctx context.Context, p string) ([]xenstore.Perm, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ops.GetPerms(ctx, p)
+}
+func (s syncOps) SetPerms(ctx context.Context, p string, perms []xenstore.Perm) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ops.SetPerms(ctx, p, perms)
 }
 
 func TestParseBackendPath(t *testing.T) {

@@ -26,6 +26,8 @@ type config struct {
 	daemonArgs string
 	out, plot  string
 	backends   []int
+	onlyProf   bool   // skip the scenarios: entry cost and profile only
+	perf       string // write `perf report` of the daemon during the profile here
 }
 
 func main() {
@@ -36,6 +38,8 @@ func main() {
 	flag.StringVar(&c.daemonArgs, "daemon-args", "daemon --socket {socket}", "how to start the daemon; {socket} is the private API socket")
 	flag.StringVar(&c.out, "out", "", "write the markdown report here (e.g. docs/benchmarks.md)")
 	flag.StringVar(&c.plot, "plot", "", "write the scaling plot PNG here (e.g. docs/bench-scaling.png)")
+	flag.BoolVar(&c.onlyProf, "profile-only", false, "run only the entry cost and the profile (no table)")
+	flag.StringVar(&c.perf, "perf", "", "perf record the daemon (pre-setup off) during the profile; write perf report here")
 	backends := flag.String("backends", "0,100,1000", "numbers of unrelated backends for the scaling scenario")
 	flag.Parse()
 	for _, f := range strings.Split(*backends, ",") {
@@ -124,23 +128,32 @@ func run(c config) (err error) {
 		return fmt.Errorf("stock script: %w (run scripts/setup.sh)", err)
 	}
 	peers = append(peers, stock)
-	var xen *peer
+	b.xsSocket = xsd.Socket
 	if !c.stockOnly {
 		if ok, why := xenblkdAvailable(c.bin); !ok {
 			r.notef("xenblkd half NOT run: %s", why)
-		} else if xen, err = startXenblkd(c.bin, c.daemonArgs, dir, xsd.Socket, log); err != nil {
-			r.notef("xenblkd half NOT run: %v", err)
-			xen = nil
 		} else {
-			peers = append(peers, xen)
+			for _, x := range []*peer{
+				newXenblkd("xenblkd", slotXen, c.bin, c.daemonArgs, "--presetup=false", dir, xsd.Socket, log),
+				newXenblkd("xenblkd-presetup", slotPre, c.bin, c.daemonArgs, "--presetup=true", dir, xsd.Socket, log),
+			} {
+				err := x.start(xsd.Socket) // a first start proves it works; bench.use restarts it
+				x.stop()
+				if err != nil {
+					r.notef("%s NOT run: %v", x.name, err)
+					continue
+				}
+				peers = append(peers, x)
+			}
 		}
 	} else {
 		r.notef("xenblkd half not run (-stock-only)")
 	}
+	b.peers = peers
 	r.stockVersion = pkgVersion("xen-utils-common")
 
 	fmt.Printf("bench: work dir %s, phy disk %s, %s\n", dir, b.phyDev, r.client)
-	if err := scenarios(b, r, stock, xen); err != nil {
+	if err := scenarios(b, r, peers); err != nil {
 		return err
 	}
 	r.end = time.Now()

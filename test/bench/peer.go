@@ -19,11 +19,26 @@ import (
 // stdout to libxl's stderr (here: a log file, so no pipe-copy goroutines).
 type peer struct {
 	name     string
+	slot     int      // column of the table: slotStock, slotXen, slotPre
 	script   string   // the path in the backend's `script` node and argv[0]
 	extraEnv []string // XENSTORED_PATH, XENBLKD_SOCKET
 	log      *os.File
-	daemon   *exec.Cmd // xenblkd only
+	daemon   *exec.Cmd // xenblkd only, while running
+	// xenblkd only: how to start its daemon. Only one daemon runs at a time
+	// (bench.use), so a pre-setup daemon never reacts to another peer's disks.
+	bin, daemonArgs, dir, xsSocket string
+	lastCPU                        time.Duration // user+sys CPU of the last exec'd script
 }
+
+// Table columns.
+const (
+	slotStock = iota
+	slotXen   // xenblkd, daemon --presetup=false: the exec'd add does the work
+	slotPre   // xenblkd, daemon --presetup=true (the default)
+	nSlots
+)
+
+var slotNames = [nSlots]string{"stock", "xenblkd", "xenblkd pre-setup"}
 
 var basePath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -39,6 +54,9 @@ func (p *peer) run(op, xbPath string) (time.Duration, error) {
 	t0 := time.Now()
 	err := cmd.Run()
 	d := time.Since(t0)
+	if cmd.ProcessState != nil {
+		p.lastCPU = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	}
 	if err != nil {
 		return d, fmt.Errorf("%s %s %s: %w%s", p.name, op, xbPath, err, p.logTail(off))
 	}
@@ -77,35 +95,50 @@ func xenblkdAvailable(bin string) (bool, string) {
 	return true, ""
 }
 
-// startXenblkd starts the daemon once against the private xenstored. The
-// command line is an adapter: -daemon-args, "{socket}" is replaced.
-func startXenblkd(bin, daemonArgs, dir, xsSocket string, log *os.File) (*peer, error) {
-	sock := filepath.Join(dir, "xenblkd", "api.sock")
+// newXenblkd describes a xenblkd peer; its daemon is started by start. The
+// command line is an adapter: -daemon-args, "{socket}" is replaced; extra
+// (e.g. --presetup=false) is appended.
+func newXenblkd(name string, slot int, bin, daemonArgs, extra, dir, xsSocket string, log *os.File) *peer {
+	sock := filepath.Join(dir, name, "api.sock")
+	return &peer{name: name, slot: slot, script: bin, log: log, bin: bin, daemonArgs: daemonArgs + " " + extra, dir: dir, xsSocket: xsSocket,
+		extraEnv: []string{"XENSTORED_PATH=" + xsSocket, "XENBLKD_SOCKET=" + sock}}
+}
+
+func (p *peer) socket() string { return strings.TrimPrefix(p.extraEnv[1], "XENBLKD_SOCKET=") }
+
+// start starts the daemon against xsSocket (the private xenstored, or the
+// bench's counting proxy in front of it) and waits for its API socket.
+func (p *peer) start(xsSocket string) error {
+	if p.daemon != nil {
+		return nil
+	}
+	sock := p.socket()
 	os.MkdirAll(filepath.Dir(sock), 0o700)
-	args := strings.Fields(strings.ReplaceAll(daemonArgs, "{socket}", sock))
+	args := strings.Fields(strings.ReplaceAll(p.daemonArgs, "{socket}", sock))
 	env := []string{basePath, "XENSTORED_PATH=" + xsSocket, "XENBLKD_SOCKET=" + sock}
-	cmd := &exec.Cmd{Path: bin, Args: append([]string{bin}, args...), Env: env, Stdout: log, Stderr: log,
+	off, _ := p.log.Seek(0, 1)
+	cmd := &exec.Cmd{Path: p.bin, Args: append([]string{p.bin}, args...), Env: env, Stdout: p.log, Stderr: p.log,
 		SysProcAttr: &syscall.SysProcAttr{Setpgid: true}}
 	if err := cmd.Start(); err != nil {
-		return nil, err
+		return err
 	}
-	p := &peer{name: "xenblkd", script: bin, log: log, daemon: cmd,
-		extraEnv: []string{"XENSTORED_PATH=" + xsSocket, "XENBLKD_SOCKET=" + sock}}
+	p.daemon = cmd
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	deadline := time.After(15 * time.Second)
 	for {
-		if _, err := os.Stat(sock); err == nil {
-			return p, nil
+		// "serving" is logged after recovery and pre-setup's watch are set up.
+		if b, err := os.ReadFile(p.log.Name()); err == nil && int64(len(b)) > off && bytes.Contains(b[off:], []byte("msg=serving")) {
+			return nil
 		}
 		select {
 		case err := <-exited:
-			cmd = nil
-			return nil, fmt.Errorf("xenblkd daemon exited before creating %s: %v%s", sock, err, p.logTail(0))
+			p.daemon = nil
+			return fmt.Errorf("xenblkd daemon exited before serving on %s: %v%s", sock, err, p.logTail(off))
 		case <-deadline:
 			p.stop()
-			return nil, fmt.Errorf("xenblkd daemon did not create %s in 15s", sock)
-		case <-time.After(10 * time.Millisecond):
+			return fmt.Errorf("xenblkd daemon did not serve on %s in 15s%s", sock, p.logTail(off))
+		case <-time.After(5 * time.Millisecond):
 		}
 	}
 }

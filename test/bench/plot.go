@@ -21,21 +21,15 @@ func writePlot(path string, r *report) error {
 		pts   [][2]float64 // backends, ms
 	}
 	var ss []*series
-	for _, peer := range []string{"stock", "xenblkd"} {
+	for slot, peer := range slotNames {
 		for _, kind := range []string{"file", "phy"} {
 			s := &series{label: strings.ToUpper(peer + " " + kind), dash: kind == "file"}
-			s.col = color.RGBA{200, 40, 40, 255}
-			if peer == "xenblkd" {
-				s.col = color.RGBA{30, 90, 200, 255}
-			}
+			s.col = []color.RGBA{{200, 40, 40, 255}, {30, 90, 200, 255}, {20, 150, 60, 255}}[slot]
 			for _, row := range r.rows {
 				if row.op != "add" || row.kind != kind || row.backends < 0 {
 					continue
 				}
-				smp := row.stock
-				if peer == "xenblkd" {
-					smp = row.xen
-				}
+				smp := row.s[slot]
 				if len(smp) > 0 {
 					s.pts = append(s.pts, [2]float64{float64(row.backends), float64(smp.median()) / 1e6})
 				}
@@ -104,8 +98,8 @@ func writePlot(path string, r *report) error {
 			}
 		}
 		ly := T + (H-T-B)*11/20 + 22*i // between the peers: clear of both
-		thickLine(img, W-R-260, ly+7, W-R-220, ly+7, s.col, s.dash)
-		drawText(img, W-R-210, ly, s.label, black)
+		thickLine(img, W-R-340, ly+7, W-R-300, ly+7, s.col, s.dash)
+		drawText(img, W-R-290, ly, s.label, black)
 	}
 	f, err := os.Create(path)
 	if err != nil {

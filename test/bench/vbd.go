@@ -48,6 +48,23 @@ type bench struct {
 	phyFile  string
 	r        *report
 	scenario string // for failure counts
+	peers    []*peer
+	xsSocket string // the XenStore socket the daemons are started against
+}
+
+// use makes p's daemon the only xenblkd daemon running (none for stock): a
+// pre-setup daemon watches the whole backend tree and must not react to (or
+// take CPU from) another peer's disks.
+func (b *bench) use(p *peer) error {
+	for _, o := range b.peers {
+		if o != p {
+			o.stop()
+		}
+	}
+	if p.bin == "" {
+		return nil
+	}
+	return p.start(b.xsSocket)
 }
 
 func (b *bench) setup(v vbd, p *peer) error { return b.xs.WriteTx(b.ctx, v.nodes(p.script)) }
