@@ -417,10 +417,58 @@ func (o ops) rm(ctx context.Context, path string) error {
 
 func (o ops) directory(ctx context.Context, path string) ([]string, error) {
 	p, err := o.c.do(ctx, o.pin, typeDirectory, o.txID, "directory", path, path, "\x00")
+	if errors.Is(err, unix.E2BIG) {
+		// The names do not fit one 4096-byte reply (e.g. backend/vbd of a
+		// host with ~700 domains or more): list them in parts.
+		return o.directoryParts(ctx, path)
+	}
 	if err != nil {
 		return nil, err
 	}
 	return parseDirectory(p), nil
+}
+
+// maxDirectoryRestarts bounds how often a listing in parts starts again
+// because the directory changed between two parts.
+const maxDirectoryRestarts = 16
+
+// directoryParts lists path with XS_DIRECTORY_PART, as libxenstore's
+// xs_directory_part does: each reply is the node's generation, then as many
+// NUL-terminated names as fit, from byte offset off of the whole list; the
+// last part ends with an empty name. A generation that changes between parts
+// means the directory changed: start again.
+func (o ops) directoryParts(ctx context.Context, path string) ([]string, error) {
+	var names []byte
+	generation := ""
+	for restarts := 0; ; {
+		off := strconv.Itoa(len(names))
+		p, err := o.c.do(ctx, o.pin, typeDirectoryPart, o.txID, "directory", path, path, "\x00", off, "\x00")
+		if err != nil {
+			return nil, err
+		}
+		gen, chunk, err := parseDirectoryPart(p)
+		if err != nil {
+			return nil, &Error{Op: "directory", Path: path, Err: err}
+		}
+		if len(names) > 0 && gen != generation {
+			if restarts++; restarts > maxDirectoryRestarts {
+				return nil, &Error{Op: "directory", Path: path,
+					Err: fmt.Errorf("directory kept changing while listed in parts: %w", unix.EAGAIN)}
+			}
+			names, generation = names[:0], ""
+			continue
+		}
+		generation = gen
+		names = append(names, chunk...)
+		if len(chunk) == 0 {
+			return nil, &Error{Op: "directory", Path: path,
+				Err: fmt.Errorf("empty directory part at offset %s: %w", off, unix.EINVAL)}
+		}
+		if len(names) <= 1 || names[len(names)-2] == 0 {
+			// The closing empty name: drop its NUL, parse the rest.
+			return parseDirectory(names[:len(names)-1]), nil
+		}
+	}
 }
 
 func (o ops) getPerms(ctx context.Context, path string) ([]Perm, error) {

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -103,6 +104,7 @@ var contract = []struct {
 	{"PeerOrdering", testPeerOrdering},
 	{"Hammer", testHammer},
 	{"PayloadLimit", testPayloadLimit},
+	{"LargeDirectory", testLargeDirectory},
 	{"Cancel", testCancel},
 	{"Close", testClose},
 }
@@ -733,5 +735,47 @@ func TestDialEnv(t *testing.T) {
 	defer c.Close()
 	if got, err := c.Read(testCtx(t), "/local/domain/0"); err != nil || got != "" {
 		t.Errorf("Read = %q, %v", got, err)
+	}
+}
+
+// testLargeDirectory lists a directory whose names do not fit one 4096-byte
+// reply (backend/vbd of a host with ~1,000 domains): the client must fall
+// back to XS_DIRECTORY_PART, outside and inside a transaction.
+func testLargeDirectory(t *testing.T, b *backend) {
+	ctx := testCtx(t)
+	c := dial(t, b)
+	r := root(t, c)
+	var want []string
+	err := c.Transaction(ctx, func(tx *xenstore.Tx) error {
+		want = want[:0]
+		for i := range 1200 {
+			name := strconv.Itoa(100000 + i)
+			want = append(want, name)
+			if err := tx.Write(ctx, r+"/"+name+"/state", "4"); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := c.Directory(ctx, r)
+	slices.Sort(got)
+	if err != nil || !slices.Equal(got, want) {
+		t.Fatalf("Directory(%s): %d names, err %v; want %d names", r, len(got), err, len(want))
+	}
+	err = c.Transaction(ctx, func(tx *xenstore.Tx) error {
+		got, err := tx.Directory(ctx, r)
+		if err != nil {
+			return err
+		}
+		if len(got) != len(want) {
+			t.Errorf("Tx.Directory(%s): %d names, want %d", r, len(got), len(want))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

@@ -34,11 +34,22 @@ const (
 	typeError
 )
 
+// typeDirectoryPart is XS_DIRECTORY_PART (XS_RESET_WATCHES + 1 = 22), for
+// listings that do not fit one reply; C xenstored and oxenstored have it since
+// Xen 4.9.
+const typeDirectoryPart uint32 = 22
+
 const (
 	headerSize = 16
 	// MaxPayload is XENSTORE_PAYLOAD_MAX: the largest payload of one message,
 	// in either direction. The client refuses larger requests with ErrTooLarge.
 	MaxPayload = 4096
+	// maxReplyPayload bounds what the reader accepts. oxenstored does not
+	// apply MaxPayload to the replies it sends on its unix socket (a DIRECTORY
+	// of 1,200 names came back as one 8,400-byte reply, where C xenstored
+	// answers E2BIG and the client lists in parts), so larger replies are read;
+	// a length beyond this bound means a corrupt stream.
+	maxReplyPayload = 1 << 20
 )
 
 // frame is one decoded message.
@@ -55,9 +66,9 @@ func putHeader(b []byte, typ, reqID, txID, n uint32) {
 	binary.LittleEndian.PutUint32(b[12:], n)
 }
 
-// errFrameTooLarge: the peer announced a payload above MaxPayload. The stream
-// cannot be trusted after that, so the connection is dropped.
-var errFrameTooLarge = errors.New("reply payload exceeds 4096 bytes")
+// errFrameTooLarge: the peer announced a payload above maxReplyPayload. The
+// stream cannot be trusted after that, so the connection is dropped.
+var errFrameTooLarge = errors.New("reply payload exceeds 1 MiB")
 
 // frameReader decodes frames from a byte stream.
 type frameReader struct {
@@ -81,7 +92,7 @@ func (fr *frameReader) next() (frame, error) {
 		txID:  binary.LittleEndian.Uint32(fr.hdr[8:]),
 	}
 	n := binary.LittleEndian.Uint32(fr.hdr[12:])
-	if n > MaxPayload {
+	if n > maxReplyPayload {
 		return frame{}, fmt.Errorf("%w (type %d, %d bytes)", errFrameTooLarge, f.typ, n)
 	}
 	f.payload = make([]byte, n)
@@ -148,6 +159,16 @@ func parseDirectory(p []byte) []string {
 	}
 	// One string allocation; the names share it.
 	return strings.Split(string(p), "\x00")
+}
+
+// parseDirectoryPart splits a DIRECTORY_PART reply into the directory's
+// generation and the chunk of NUL-terminated names that follows it.
+func parseDirectoryPart(p []byte) (generation string, chunk []byte, err error) {
+	i := bytes.IndexByte(p, 0)
+	if i <= 0 {
+		return "", nil, fmt.Errorf("directory part reply without a generation: %w", unix.EINVAL)
+	}
+	return string(p[:i]), p[i+1:], nil
 }
 
 // parsePerms parses a GET_PERMS reply "n0\0r5\0".

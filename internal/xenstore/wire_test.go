@@ -58,7 +58,7 @@ func TestFrameReader(t *testing.T) {
 		{"header only", encode(frame{typ: typeRead, payload: []byte("abc")})[:headerSize], io.ErrUnexpectedEOF},
 		{"too large", func() []byte {
 			b := make([]byte, headerSize)
-			putHeader(b, typeRead, 1, 0, MaxPayload+1)
+			putHeader(b, typeRead, 1, 0, maxReplyPayload+1)
 			return b
 		}(), errFrameTooLarge},
 	}
@@ -183,7 +183,7 @@ func FuzzFrameReader(f *testing.F) {
 			if err != nil {
 				break
 			}
-			if len(fr.payload) > MaxPayload {
+			if len(fr.payload) > maxReplyPayload {
 				t.Fatalf("payload of %d bytes", len(fr.payload))
 			}
 			out = append(out, encode(fr)...)

@@ -12,6 +12,7 @@ package xenstoretest
 import (
 	"bytes"
 	"encoding/binary"
+	"hash/fnv"
 	"io"
 	"net"
 	"os"
@@ -39,6 +40,7 @@ const (
 	xsSetPerms         = 14
 	xsWatchEvent       = 15
 	xsError            = 16
+	xsDirectoryPart    = 22
 
 	maxPayload = 4096
 	home       = "/local/domain/0" // where relative paths of dom0 resolve
@@ -369,7 +371,7 @@ func (s *Server) exec(c *conn, typ, txID uint32, payload []byte, events *pending
 			return nil, "ENOENT"
 		}
 		return []byte(n.value), ""
-	case xsDirectory:
+	case xsDirectory, xsDirectoryPart:
 		if st[p] == nil {
 			return nil, "ENOENT"
 		}
@@ -377,7 +379,13 @@ func (s *Server) exec(c *conn, typ, txID uint32, payload []byte, events *pending
 		for _, name := range st.children(p) {
 			b = append(append(b, name...), 0)
 		}
-		return b, ""
+		if typ == xsDirectory {
+			if len(b) > maxPayload {
+				return nil, "E2BIG" // as C xenstored: the client lists in parts
+			}
+			return b, ""
+		}
+		return directoryPart(b, a)
 	case xsGetPerms:
 		n := st[p]
 		if n == nil {
@@ -595,4 +603,28 @@ func (s *Server) Thaw() {
 	s.frozen = false
 	s.unfreez.Broadcast()
 	s.mu.Unlock()
+}
+
+// directoryPart answers DIRECTORY_PART "path\0offset\0" from the whole list
+// b: the generation (here a hash of the list, which changes when it does),
+// then the names from offset that fit; the last part ends with an empty name.
+func directoryPart(b []byte, a []string) ([]byte, string) {
+	if len(a) < 2 {
+		return nil, "EINVAL"
+	}
+	off, err := strconv.Atoi(a[1])
+	if err != nil || off < 0 || off > len(b) {
+		return nil, "EINVAL"
+	}
+	h := fnv.New64a()
+	h.Write(b)
+	reply := append(strconv.AppendUint(nil, h.Sum64(), 10), 0)
+	room := maxPayload - len(reply) - 1
+	rest := b[off:]
+	if len(rest) <= room {
+		return append(append(reply, rest...), 0), ""
+	}
+	// Whole names only: cut after the last NUL that fits.
+	cut := bytes.LastIndexByte(rest[:room], 0) + 1
+	return append(reply, rest[:cut]...), ""
 }
