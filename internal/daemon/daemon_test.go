@@ -55,8 +55,10 @@ func (h *fakeHost) devices() int {
 	return h.open
 }
 
-func (h *fakeHost) LoopsOf(model.FileID) ([]model.Binding, error) { return nil, nil }
-func (h *fakeHost) MountPoint(uint64) (string, error)             { return "", nil }
+func (h *fakeHost) LoopsOf(model.FileID, func(string) bool) ([]model.Binding, error) {
+	return nil, nil
+}
+func (h *fakeHost) MountPoint(uint64) (string, error) { return "", nil }
 
 type env struct {
 	xs     *xenstore.Client

@@ -27,8 +27,8 @@ func (h loopHost) NewLoop(backing *os.File, readOnly bool) (model.Device, error)
 	return stored, nil
 }
 
-func (h loopHost) LoopsOf(file model.FileID) ([]model.Binding, error) {
-	bs, err := loop.FindByBacking(loop.FileID{Dev: file.Dev, Ino: file.Ino})
+func (h loopHost) LoopsOf(file model.FileID, held func(path string) bool) ([]model.Binding, error) {
+	bs, err := loop.FindByBackingSkipping(loop.FileID{Dev: file.Dev, Ino: file.Ino}, held)
 	if err != nil {
 		return nil, fmt.Errorf("list loop devices: %w", err)
 	}

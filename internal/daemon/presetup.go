@@ -58,6 +58,7 @@ type backendTable struct {
 	locks      map[model.Key]*backendLock  // guarded by mu; dropped when unused
 	state      map[model.Key]*backendState // guarded by mu; only backends with something to remember
 	remembered int                         // guarded by mu: states that are not presetup (bounded)
+	writing    map[model.Key]bool          // guarded by mu: an add holding the backend's lock may write its nodes
 }
 
 type backendLock struct {
@@ -142,6 +143,45 @@ func (t *backendTable) set(key model.Key, s backendState) bool {
 	return true
 }
 
+// ownNodes are the nodes an add writes below a backend (hotplug.Connect).
+var ownNodes = map[string]bool{"physical-device": true, "physical-device-path": true, "diskseq": true, "hotplug-status": true}
+
+// startWriting marks key as written to by an add of ours until end is called,
+// so that the watch events of its own writes are not checked (see echo).
+func (t *backendTable) startWriting(key model.Key) (end func()) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.writing == nil {
+		t.writing = map[model.Key]bool{}
+	}
+	t.writing[key] = true
+	return func() {
+		t.mu.Lock()
+		delete(t.writing, key)
+		t.mu.Unlock()
+	}
+}
+
+// echo reports whether a watch event for node (the first name below key's
+// backend directory; "" for the directory itself) cannot change what check
+// does, so it need not be checked: while an add of ours writes the backend,
+// the nodes it writes; once pre-setup attached the backend or its script ran,
+// anything but the directory and the nodes libxl writes to (re)create it, as
+// check then only looks for the backend being gone.
+func (t *backendTable) echo(key model.Key, node string) bool {
+	switch node {
+	case "", "script", "params", "mode", "state":
+		return false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.writing[key] && ownNodes[node] {
+		return true
+	}
+	s := t.state[key]
+	return s != nil && s.failure == nil && (s.presetup || s.scriptRan)
+}
+
 // keys returns the backends with a state (all, or one domain's).
 func (t *backendTable) keys(domid uint32, all bool) []model.Key {
 	t.mu.Lock()
@@ -164,6 +204,7 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 	unlock := d.backends.lock(key)
 	defer unlock()
 	st := d.backends.get(key)
+	defer d.backends.startWriting(key)() // ends after scriptRan is set: no gap for our own events
 	defer d.backends.set(key, backendState{scriptRan: true})
 	log := d.log.With("domid", b.Domid, "devid", b.Devid)
 	if st.presetup {
@@ -264,6 +305,9 @@ func (p *presetup) events(w *xenstore.Watch) {
 				p.enqueue(k)
 			}
 		case levelBackend:
+			if p.d.backends.echo(k, backendNode(ev.Path)) {
+				continue // our own write, or nothing check would act on
+			}
 			p.enqueue(k)
 		}
 	}
@@ -308,6 +352,17 @@ func parseEventPath(p string) (key model.Key, domid uint32, level eventLevel) {
 		return model.Key{}, 0, levelNone
 	}
 	return keyOf(b), b.Domid, levelBackend
+}
+
+// backendNode returns the first name below the backend directory in a
+// levelBackend event path, "" for the directory itself.
+func backendNode(p string) string {
+	_, rest, _ := strings.Cut(p, backendTree+"/")
+	parts := strings.SplitN(rest, "/", 4) // domid, devid, node, below
+	if len(parts) < 3 {
+		return ""
+	}
+	return parts[2]
 }
 
 func (p *presetup) enqueue(k model.Key) {
@@ -456,6 +511,7 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 	}
 
 	log := p.log.With("domid", key.Domid, "devid", key.Devid)
+	defer d.backends.startWriting(key)() // ends after the state below is set
 	a, err := d.add(ctx, b)
 	switch {
 	case err == nil && a != nil:

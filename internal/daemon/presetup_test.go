@@ -22,11 +22,12 @@ import (
 
 // preEnv is a daemon with pre-setup on the in-memory XenStore.
 type preEnv struct {
-	d    *Daemon
-	xs   *xenstore.Client
-	host *fakeHost
-	img  string // a writable image file
-	next int    // settle's next devid
+	d     *Daemon
+	xs    *xenstore.Client
+	store *countingStore // the daemon's store
+	host  *fakeHost
+	img   string // a writable image file
+	next  int    // settle's next devid
 }
 
 func startPresetup(t *testing.T, host model.Host, workers int, before func(*xenstore.Client)) *preEnv {
@@ -48,7 +49,8 @@ func startPresetup(t *testing.T, host model.Host, workers int, before func(*xens
 	if before != nil {
 		before(xs)
 	}
-	e.d = New(discard, hotplug.ClientStore{Client: xs}, host)
+	e.store = &countingStore{Store: hotplug.ClientStore{Client: xs}}
+	e.d = New(discard, e.store, host)
 	stop, err := e.d.StartPresetup(ctx, xs, PresetupOptions{Workers: workers})
 	if err != nil {
 		t.Fatal(err)
@@ -148,9 +150,8 @@ func TestPresetupAttachesBeforeExec(t *testing.T) {
 	if st, _ := e.node(t, b, "hotplug-status"); st != "connected" || host.devices() != 1 {
 		t.Fatalf("before exec: hotplug-status %q, %d devices; want connected, 1", st, host.devices())
 	}
-	if !e.d.backends.get(keyOf(b)).presetup {
-		t.Fatal("pre-setup state not recorded")
-	}
+	// Recorded just after the add's transaction, which the test may see first.
+	waitFor(t, "pre-setup state", func() bool { return e.d.backends.get(keyOf(b)).presetup })
 	resp := e.exec(t, "add", b)
 	if !resp.OK || resp.Attachment == nil || resp.Attachment.PhysicalDevice != pd {
 		t.Fatalf("exec'd add: %+v; want OK confirming %s", resp, pd)
@@ -352,6 +353,111 @@ func TestPresetupStorm(t *testing.T) {
 		t.Fatalf("%d devices still open", host.devices())
 	}
 	waitFor(t, "state forgotten", func() bool { return len(e.d.backends.keys(0, true)) == 0 })
+}
+
+// countingStore counts the daemon's reads per path.
+type countingStore struct {
+	hotplug.Store
+	mu    sync.Mutex
+	reads map[string]int // guarded by mu
+}
+
+func (s *countingStore) Read(ctx context.Context, path string) (string, error) {
+	s.mu.Lock()
+	if s.reads == nil {
+		s.reads = map[string]int{}
+	}
+	s.reads[path]++
+	s.mu.Unlock()
+	return s.Store.Read(ctx, path)
+}
+
+// readsUnder returns how many reads were of dir or below it, and resets them.
+func (s *countingStore) readsUnder(dir string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for p, c := range s.reads {
+		if p == dir || strings.HasPrefix(p, dir+"/") {
+			n += c
+			delete(s.reads, p)
+		}
+	}
+	return n
+}
+
+func TestPresetupSkipsEventsItNeedNotCheck(t *testing.T) {
+	host := &fakeHost{}
+	e := startPresetup(t, host, 1, nil)
+	ctx := context.Background()
+	b := libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
+	e.waitAttached(t, b)
+	e.settle(t)
+	e.store.readsUnder(b.Path())
+
+	// Our own nodes rewritten, and nodes xen-blkback writes: nothing to check.
+	for _, n := range []string{"hotplug-status", "physical-device-path", "diskseq", "feature-barrier", "sectors", "queue-0/ring-ref"} {
+		if err := e.xs.Write(ctx, b.Path()+"/"+n, "1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.settle(t)
+	if got := e.store.readsUnder(b.Path()); got != 0 {
+		t.Errorf("events for nodes pre-setup need not check: %d reads of %s, want 0", got, b.Path())
+	}
+
+	// The directory removed: released; re-created: attached again.
+	open, made := host.devices(), host.made()
+	if err := e.xs.Rm(ctx, b.Path()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "release", func() bool { _, ok := e.d.model.Lookup(keyOf(b)); return !ok })
+	if got := host.devices(); got != open-1 {
+		t.Fatalf("removed: %d devices open, want %d", got, open-1)
+	}
+	libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
+	e.waitAttached(t, b)
+	if host.devices() != open || host.made() != made+1 {
+		t.Fatalf("re-created: %d devices open, %d made; want %d, %d", host.devices(), host.made(), open, made+1)
+	}
+}
+
+func TestEcho(t *testing.T) {
+	var bt backendTable
+	k := model.Key{Domid: 1, Devid: 51712}
+	check := func(when string, want map[string]bool) {
+		t.Helper()
+		for node, w := range want {
+			if got := bt.echo(k, node); got != w {
+				t.Errorf("%s: echo(%q) = %v, want %v", when, node, got, w)
+			}
+		}
+	}
+	check("no state", map[string]bool{"": false, "physical-device": false, "sectors": false, "script": false})
+	end := bt.startWriting(k)
+	check("our add writing", map[string]bool{"": false, "physical-device": true, "diskseq": true, "hotplug-status": true, "sectors": false, "params": false})
+	bt.set(k, backendState{presetup: true})
+	end()
+	check("pre-setup attached", map[string]bool{"": false, "physical-device": true, "sectors": true, "script": false, "params": false, "mode": false, "state": false})
+	bt.set(k, backendState{failure: &presetupFailure{}})
+	check("pre-setup refused", map[string]bool{"": false, "physical-device": false, "sectors": false})
+	bt.set(k, backendState{scriptRan: true})
+	check("script ran", map[string]bool{"": false, "physical-device": true, "hotplug-error": true, "script": false})
+}
+
+func TestBackendNode(t *testing.T) {
+	tests := map[string]string{
+		"backend/vbd/5/51712":                             "",
+		"backend/vbd/5/51712/state":                       "state",
+		"backend/vbd/5/51712/queue-0/ring-ref":            "queue-0",
+		"/local/domain/0/backend/vbd/7/1/physical-device": "physical-device",
+		"/local/domain/0/backend/vbd/7/1":                 "",
+	}
+	for path, want := range tests {
+		if got := backendNode(path); got != want {
+			t.Errorf("backendNode(%q) = %q, want %q", path, got, want)
+		}
+	}
 }
 
 func TestParseEventPath(t *testing.T) {

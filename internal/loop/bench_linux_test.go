@@ -72,3 +72,31 @@ func median(d []time.Duration) time.Duration {
 	slices.Sort(s)
 	return s[len(s)/2]
 }
+
+// BenchmarkFindByBackingHeld measures the sharing scan with 50 devices of
+// ours bound: FindByBacking inspects each; FindByBackingSkipping, told they
+// are held, opens none of them.
+func BenchmarkFindByBackingHeld(b *testing.B) {
+	requireRoot(b)
+	path := sparseFile(b, 1<<20)
+	other := sparseFile(b, 1<<20)
+	held := map[string]bool{}
+	for range 50 {
+		held[attach(b, other, loop.Options{ReadOnly: true}).Path()] = true
+	}
+	id := attach(b, path, loop.Options{}).Backing()
+	b.Run("all", func(b *testing.B) {
+		for range b.N {
+			if _, err := loop.FindByBacking(id); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("skip-held", func(b *testing.B) {
+		for range b.N {
+			if _, err := loop.FindByBackingSkipping(id, func(p string) bool { return held[p] }); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}

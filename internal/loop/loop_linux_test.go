@@ -553,6 +553,42 @@ func TestIntegrationFindByBacking(t *testing.T) {
 	}
 }
 
+func TestIntegrationFindByBackingSkipping(t *testing.T) {
+	requireRoot(t)
+	path := sparseFile(t, 1<<20)
+	ours := attach(t, path, loop.Options{})
+	ours2 := attach(t, path, loop.Options{ReadOnly: true})
+
+	out, err := exec.Command("losetup", "-f", "--show", path).Output()
+	if err != nil {
+		t.Fatalf("losetup -f --show %s: %v", path, err)
+	}
+	foreign := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", foreign).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", foreign, err, out)
+		}
+	})
+
+	held := map[string]bool{ours.Path(): true, ours2.Path(): true}
+	asked := map[string]bool{}
+	found, err := loop.FindByBackingSkipping(ours.Backing(), func(p string) bool {
+		asked[p] = true
+		return held[p]
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(found) != 1 || found[0].Path != foreign || found[0].Backing != ours.Backing() {
+		t.Errorf("FindByBackingSkipping = %+v, want only %s bound to %v", found, foreign, ours.Backing())
+	}
+	for _, p := range []string{ours.Path(), ours2.Path(), foreign} {
+		if !asked[p] {
+			t.Errorf("skip was not asked about %s (asked %v)", p, asked)
+		}
+	}
+}
+
 func TestIntegrationBadInput(t *testing.T) {
 	requireRoot(t)
 	dir := t.TempDir()

@@ -98,8 +98,11 @@ type Binding struct {
 type Host interface {
 	// NewLoop binds a new AUTOCLEAR loop device to backing.
 	NewLoop(backing *os.File, readOnly bool) (Device, error)
-	// LoopsOf lists every loop device bound to the file.
-	LoopsOf(file FileID) ([]Binding, error)
+	// LoopsOf lists every loop device bound to the file, leaving out those
+	// held reports true for; held gets a device's path and is called before
+	// the device is opened, so a host with many of our devices need not
+	// inspect them.
+	LoopsOf(file FileID, held func(path string) bool) ([]Binding, error)
 	// MountPoint returns where the block device rdev is mounted in this
 	// mount namespace, or "" if it is not.
 	MountPoint(rdev uint64) (string, error)
@@ -181,6 +184,7 @@ type Model struct {
 	byTarget    map[targetID]map[Key]*attachment // guarded by mu
 	readOnly    map[FileID]*loopDevice           // guarded by mu: the read-only cache
 	devices     map[uint64]*loopDevice           // guarded by mu: every held device by rdev
+	devicePaths map[string]*loopDevice           // guarded by mu: the same devices by path
 }
 
 // New returns an empty model.
@@ -195,6 +199,7 @@ func New(host Host, log *slog.Logger) *Model {
 		byTarget:    map[targetID]map[Key]*attachment{},
 		readOnly:    map[FileID]*loopDevice{},
 		devices:     map[uint64]*loopDevice{},
+		devicePaths: map[string]*loopDevice{},
 	}
 }
 
@@ -293,7 +298,7 @@ func (m *Model) conflictLocked(req AddRequest, tid targetID) error {
 func (m *Model) checkHost(req AddRequest) error {
 	switch req.Target.Kind {
 	case RegularFile:
-		bindings, err := m.host.LoopsOf(req.Target.File)
+		bindings, err := m.host.LoopsOf(req.Target.File, m.holds)
 		if err != nil {
 			return fmt.Errorf("check loop devices bound to %s: %w", req.Target.Path, err)
 		}
@@ -318,6 +323,16 @@ func (m *Model) checkHost(req AddRequest) error {
 		}
 	}
 	return nil
+}
+
+// holds reports whether the model holds the loop device at path. A device we
+// hold the fd of stays bound as we bound it (our fd defers AUTOCLEAR and
+// LOOP_CLR_FD), so leaving it out of LoopsOf loses nothing checkHost needs.
+func (m *Model) holds(path string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, ok := m.devicePaths[path]
+	return ok
 }
 
 // loopFor returns the cached read-only device for the file or binds a new one.
@@ -350,6 +365,7 @@ func (m *Model) insertLocked(a *attachment) {
 	if ld := a.loop; ld != nil {
 		ld.users[a.Key] = true
 		m.devices[ld.dev.Rdev()] = ld
+		m.devicePaths[ld.dev.Path()] = ld
 		if ld.readOnly {
 			m.readOnly[ld.file] = ld
 		}
@@ -369,6 +385,9 @@ func (m *Model) dropUserLocked(a *attachment) Device {
 	}
 	if m.devices[ld.dev.Rdev()] == ld {
 		delete(m.devices, ld.dev.Rdev())
+	}
+	if m.devicePaths[ld.dev.Path()] == ld {
+		delete(m.devicePaths, ld.dev.Path())
 	}
 	if ld.readOnly && m.readOnly[ld.file] == ld {
 		delete(m.readOnly, ld.file)

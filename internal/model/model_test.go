@@ -47,8 +47,8 @@ func (h *fakeHost) NewLoop(backing *os.File, readOnly bool) (Device, error) {
 	return &fakeDevice{host: h, n: h.next, diskseq: uint64(100 + h.next)}, nil
 }
 
-func (h *fakeHost) LoopsOf(file FileID) ([]Binding, error) {
-	if p, ok := h.foreign[file]; ok {
+func (h *fakeHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
+	if p, ok := h.foreign[file]; ok && !held(p) {
 		return []Binding{{Path: p, Rdev: 7<<8 | 99, DiskSeq: 1}}, nil
 	}
 	return nil, nil
@@ -145,6 +145,61 @@ func TestHostChecks(t *testing.T) {
 		if got := err != nil; got != tt.wantErr {
 			t.Errorf("%s %s: got err %v, want error %v", tt.target.Path, tt.mode, err, tt.wantErr)
 		}
+	}
+}
+
+// scanHost reports every device in bound as bound to every file, asking held
+// first as a real host does, and records which paths it was told to skip.
+type scanHost struct {
+	fakeHost
+	bound   []Binding
+	skipped []string
+}
+
+func (h *scanHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
+	var out []Binding
+	for _, b := range h.bound {
+		if held(b.Path) {
+			h.skipped = append(h.skipped, b.Path)
+			continue
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+func TestHostCheckSkipsHeldDevices(t *testing.T) {
+	h := &scanHost{}
+	m := New(h, nil)
+	ours, err := add(t, m, 1, 51712, image2, rw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.bound = []Binding{{Path: ours.DevPath, Rdev: ours.Rdev, DiskSeq: ours.DiskSeq}}
+	if _, err := add(t, m, 2, 51712, image, rw); err != nil {
+		t.Fatalf("add with only our own device bound: %v", err)
+	}
+	if want := []string{ours.DevPath}; fmt.Sprint(h.skipped) != fmt.Sprint(want) {
+		t.Errorf("skipped %v, want %v", h.skipped, want)
+	}
+
+	h.bound = append(h.bound, Binding{Path: "/dev/loop99", Rdev: 7<<8 | 99, DiskSeq: 1, Tag: "other"})
+	_, err = add(t, m, 2, 51728, image, rw) // same domain: only the host check applies
+	want := `refusing to attach file /srv/img to domain 2 device 51728: loop device /dev/loop99 (not held by xenblkd, tag "other") is bound to this file; detach it (losetup -d /dev/loop99) or use mode w! to override`
+	if err == nil || err.Error() != want {
+		t.Errorf("got %v\nwant %s", err, want)
+	}
+
+	// Released devices are no longer ours: found again.
+	m.Remove(Key{1, 51712})
+	m.Remove(Key{2, 51712})
+	h.skipped = nil
+	h.bound = h.bound[:1]
+	if _, err := add(t, m, 4, 51712, image, rw); !errors.Is(err, ErrConflict) {
+		t.Errorf("add with a released device still bound: got %v, want a conflict", err)
+	}
+	if len(h.skipped) != 0 {
+		t.Errorf("skipped %v after release, want none", h.skipped)
 	}
 }
 
