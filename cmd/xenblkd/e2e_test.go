@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/xenstore"
+	"xenblkd/test/libxl"
 	"xenblkd/test/xenstored"
 )
 
@@ -171,49 +172,21 @@ func bePath(domid, devid int) string { return fmt.Sprintf("backend/vbd/%d/%d", d
 
 func abs(p string) string { return "/local/domain/0/" + p }
 
-// vbdSetup writes the nodes libxl 4.17 writes for a disk (one transaction,
-// xenstored-and-baseline.md Appendix B), then state=2 as blkback's probe does.
+// vbdSetup writes the nodes libxl 4.17 writes for a disk (one transaction;
+// params or mode libxl.Omit leaves that node out), then state=2 as blkback's
+// probe does.
 func vbdSetup(t *testing.T, domid, devid int, params, mode string) string {
 	t.Helper()
 	ctx := context.Background()
-	be := bePath(domid, devid)
-	fe := fmt.Sprintf("/local/domain/%d/device/vbd/%d", domid, devid)
-	nodes := [][2]string{
-		{fmt.Sprintf("/local/domain/%d/vm", domid), fmt.Sprintf("/vm/00000000-0000-0000-0000-%012d", domid)},
-		{fmt.Sprintf("/local/domain/%d/name", domid), fmt.Sprintf("guest%d", domid)},
-		{abs(be) + "/frontend", fe}, {abs(be) + "/script", "/etc/xen/scripts/xenblkd"},
-		{abs(be) + "/frontend-id", strconv.Itoa(domid)}, {abs(be) + "/online", "1"},
-		{abs(be) + "/removable", "0"}, {abs(be) + "/bootable", "1"}, {abs(be) + "/state", "1"},
-		{abs(be) + "/dev", "xvda"}, {abs(be) + "/type", "phy"}, {abs(be) + "/device-type", "disk"},
-		{abs(be) + "/discard-enable", "1"}, {abs(be) + "/specification", "xen"},
-		{fe + "/backend", abs(be)}, {fe + "/backend-id", "0"}, {fe + "/state", "1"},
-		{fe + "/virtual-device", strconv.Itoa(devid)}, {fe + "/device-type", "disk"}, {fe + "/trusted", "1"},
-	}
-	if params != "\x00" {
-		nodes = append(nodes, [2]string{abs(be) + "/params", params})
-	}
-	if mode != "\x00" {
-		nodes = append(nodes, [2]string{abs(be) + "/mode", mode})
-	}
-	err := xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		for _, n := range nodes {
-			if err := tx.Write(ctx, n[0], n[1]); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("write backend %s: %v", be, err)
-	}
-	t.Cleanup(func() {
-		xs.Rm(ctx, abs(be))
-		xs.Rm(ctx, fe)
-	})
-	if err := xs.Write(ctx, abs(be)+"/state", "2"); err != nil {
+	disk := libxl.Disk{Domid: domid, Devid: devid, Params: params, Mode: mode, Script: "/etc/xen/scripts/xenblkd"}
+	if err := libxl.Write(ctx, xs, disk); err != nil {
 		t.Fatal(err)
 	}
-	return be
+	t.Cleanup(func() { libxl.Remove(ctx, xs, disk) })
+	if err := xs.Write(ctx, disk.BackendAbs()+"/state", "2"); err != nil {
+		t.Fatal(err)
+	}
+	return disk.Backend()
 }
 
 func read(t *testing.T, path string) (string, bool) {
@@ -237,9 +210,8 @@ func hotplug(t *testing.T, d *daemon, action, xenbusPath string, extraEnv ...str
 		os.Symlink(binary, script)
 	}
 	cmd := exec.Command(script, action) // argv [script, action]; stdin /dev/null
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "script=" + script, "XENBUS_TYPE=vbd",
-		"XENBUS_PATH=" + xenbusPath, "XENBUS_BASE_PATH=backend",
-		"XENBLKD_SOCKET=" + d.socket, "XENSTORED_PATH=" + d.xsPath}
+	cmd.Env = append(libxl.ScriptEnv(script, xenbusPath), "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+		"XENBLKD_SOCKET="+d.socket, "XENSTORED_PATH="+d.xsPath)
 	cmd.Env = append(cmd.Env, extraEnv...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"xenblkd/internal/xenstore"
+	"xenblkd/test/libxl"
 )
 
 // libxlWrite writes a backend as libxl does, in one transaction with state 1
@@ -21,33 +21,12 @@ import (
 func libxlWrite(t testing.TB, domid, devid int, params, mode string) string {
 	t.Helper()
 	ctx := context.Background()
-	be := bePath(domid, devid)
-	fe := fmt.Sprintf("/local/domain/%d/device/vbd/%d", domid, devid)
-	nodes := [][2]string{
-		{abs(be) + "/frontend", fe}, {abs(be) + "/params", params}, {abs(be) + "/script", "/etc/xen/scripts/xenblkd"},
-		{abs(be) + "/frontend-id", strconv.Itoa(domid)}, {abs(be) + "/online", "1"},
-		{abs(be) + "/removable", "0"}, {abs(be) + "/bootable", "1"}, {abs(be) + "/state", "1"},
-		{abs(be) + "/dev", "xvda"}, {abs(be) + "/type", "phy"}, {abs(be) + "/mode", mode},
-		{abs(be) + "/device-type", "disk"}, {abs(be) + "/discard-enable", "1"}, {abs(be) + "/specification", "xen"},
-		{fe + "/backend", abs(be)}, {fe + "/backend-id", "0"}, {fe + "/state", "1"},
-		{fe + "/virtual-device", strconv.Itoa(devid)}, {fe + "/device-type", "disk"},
+	disk := libxl.Disk{Domid: domid, Devid: devid, Params: params, Mode: mode, Script: "/etc/xen/scripts/xenblkd"}
+	if err := libxl.Write(ctx, xs, disk); err != nil {
+		t.Fatal(err)
 	}
-	err := xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		for _, n := range nodes {
-			if err := tx.Write(ctx, n[0], n[1]); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("write backend %s: %v", be, err)
-	}
-	t.Cleanup(func() {
-		xs.Rm(ctx, abs(be))
-		xs.Rm(ctx, fe)
-	})
-	return be
+	t.Cleanup(func() { libxl.Remove(ctx, xs, disk) })
+	return disk.Backend()
 }
 
 // waitNode is a readiness wait for a node to appear (fails only if it never does).

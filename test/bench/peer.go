@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"xenblkd/test/libxl"
 )
 
 // peer is one implementation of the vbd hotplug script, exec'd as libxl 4.17
@@ -43,8 +45,7 @@ var slotNames = [nSlots]string{"stock", "xenblkd", "xenblkd pre-setup"}
 var basePath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 func (p *peer) env(xbPath string) []string {
-	return append([]string{basePath, "script=" + p.script, "XENBUS_TYPE=vbd",
-		"XENBUS_PATH=" + xbPath, "XENBUS_BASE_PATH=backend"}, p.extraEnv...)
+	return append(append(libxl.ScriptEnv(p.script, xbPath), basePath), p.extraEnv...)
 }
 
 // run execs the script and returns exec-to-exit wall time.

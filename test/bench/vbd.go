@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"xenblkd/test/libxl"
 )
 
 // vbd is one disk of one guest, as libxl 4.17 describes it in XenStore.
@@ -22,21 +24,11 @@ func (v vbd) fe() string     { return fmt.Sprintf("/local/domain/%d/device/vbd/%
 func (v vbd) xbPath() string { return fmt.Sprintf("backend/vbd/%d/%d", v.domid, v.devid()) }
 
 // nodes are the ones libxl's device_disk_add writes in one transaction
-// (xen-block-protocol.md §1.2), plus state=2 that blkback would write
-// (InitWait, which libxl waits for before exec'ing the script).
+// (test/libxl), with state=2 that blkback would write (InitWait, which libxl
+// waits for before exec'ing the script).
 func (v vbd) nodes(script string) [][2]string {
-	be, fe, dom := v.be(), v.fe(), fmt.Sprintf("/local/domain/%d", v.domid)
-	return [][2]string{
-		{dom + "/vm", fmt.Sprintf("/vm/00000000-0000-0000-0000-%012d", v.domid)},
-		{dom + "/name", fmt.Sprintf("guest%d", v.domid)},
-		{be + "/frontend", fe}, {be + "/params", v.params}, {be + "/script", script},
-		{be + "/frontend-id", fmt.Sprint(v.domid)}, {be + "/online", "1"}, {be + "/removable", "0"},
-		{be + "/bootable", "1"}, {be + "/state", "2"}, {be + "/dev", "xvd" + string(rune('a'+v.index))},
-		{be + "/type", "phy"}, {be + "/mode", v.mode}, {be + "/device-type", "disk"},
-		{be + "/discard-enable", "1"}, {be + "/specification", "xen"},
-		{fe + "/backend", be}, {fe + "/backend-id", "0"}, {fe + "/state", "1"},
-		{fe + "/virtual-device", fmt.Sprint(v.devid())}, {fe + "/device-type", "disk"}, {fe + "/trusted", "1"},
-	}
+	return libxl.Disk{Domid: v.domid, Devid: v.devid(), Params: v.params, Mode: v.mode, Script: script,
+		Vdev: "xvd" + string(rune('a'+v.index)), State: 2}.Nodes()
 }
 
 // bench holds what every scenario shares.

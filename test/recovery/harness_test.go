@@ -28,6 +28,7 @@ import (
 	"xenblkd/internal/api"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/xenstore"
+	"xenblkd/test/libxl"
 	"xenblkd/test/systemd"
 	"xenblkd/test/xenstored"
 )
@@ -335,26 +336,13 @@ func (k key) be() string { return fmt.Sprintf("backend/vbd/%d/%d", k.domid, k.de
 
 func abs(p string) string { return "/local/domain/0/" + p }
 
-// setupBackend writes the backend nodes libxl writes before it runs the
-// script (the ones xenblkd reads, plus script and state).
+// setupBackend writes the nodes libxl writes before it runs the script, with
+// state=2 (blkback's InitWait) already in place.
 func setupBackend(t testing.TB, k key, params, mode, script string) {
 	t.Helper()
-	ctx := context.Background()
-	be := abs(k.be())
-	err := xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		for _, n := range [][2]string{
-			{be + "/frontend-id", strconv.Itoa(k.domid)}, {be + "/online", "1"}, {be + "/state", "2"},
-			{be + "/script", script}, {be + "/type", "phy"}, {be + "/dev", "xvda"},
-			{be + "/params", params}, {be + "/mode", mode},
-		} {
-			if err := tx.Write(ctx, n[0], n[1]); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatalf("write backend %s: %v", k.be(), err)
+	disk := libxl.Disk{Domid: k.domid, Devid: k.devid, Params: params, Mode: mode, Script: script, State: 2}
+	if err := libxl.Write(context.Background(), xs, disk); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -376,9 +364,8 @@ func readNode(t testing.TB, path string) (string, bool) {
 func hotplug(t testing.TB, d daemonCtl, action string, k key) (string, int) {
 	t.Helper()
 	cmd := exec.Command(binary, action)
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "script=/etc/xen/scripts/xenblkd",
-		"XENBUS_TYPE=vbd", "XENBUS_PATH=" + k.be(), "XENBUS_BASE_PATH=backend",
-		"XENBLKD_SOCKET=" + d.Socket(), "XENSTORED_PATH=" + xsd.Socket}
+	cmd.Env = append(libxl.ScriptEnv("/etc/xen/scripts/xenblkd", k.be()), "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+		"XENBLKD_SOCKET="+d.Socket(), "XENSTORED_PATH="+xsd.Socket)
 	out, err := cmd.CombinedOutput()
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
