@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/xenstore"
+	"xenblkd/test/build"
 	"xenblkd/test/libxl"
 	"xenblkd/test/xenstored"
 )
@@ -51,11 +52,8 @@ func testMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
-	binary = filepath.Join(dir, "xenblkd")
-	build := exec.Command("go", "build", "-trimpath", "-o", binary, ".")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build xenblkd: %v\n%s", err, out)
+	if binary, err = build.Xenblkd(dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	d, stop, err := xenstored.StartMain(xenstored.C)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -64,13 +65,16 @@ type env struct {
 	xs     *xenstore.Client
 	host   *fakeHost
 	socket string
+	dir    string
+	d      *Daemon
 }
 
-func start(t *testing.T) *env {
+// newEnv makes a daemon on a fake XenStore and fake loop devices, and the
+// listener of its API socket; the caller serves it.
+func newEnv(t *testing.T) (*env, *net.UnixListener) {
 	t.Helper()
 	srv := xenstoretest.NewServer(t, xenstoretest.Options{})
-	ctx := context.Background()
-	xs, err := xenstore.DialUnix(ctx, srv.Socket)
+	xs, err := xenstore.DialUnix(context.Background(), srv.Socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,16 +84,34 @@ func start(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := &env{xs: xs, host: &fakeHost{}, socket: filepath.Join(dir, "api.sock")}
+	e := &env{xs: xs, host: &fakeHost{}, socket: filepath.Join(dir, "api.sock"), dir: dir}
 	l, err := Listen(e.socket)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := New(discard, hotplug.ClientStore{Client: xs}, e.host)
-	sctx, cancel := context.WithCancel(ctx)
-	done := make(chan error)
-	go func() { done <- d.Serve(sctx, l) }()
-	t.Cleanup(func() { cancel(); <-done })
+	e.d = New(discard, hotplug.ClientStore{Client: xs}, e.host)
+	return e, l
+}
+
+// serve runs each function until the test ends.
+func serve(t *testing.T, fns ...func(ctx context.Context) error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, len(fns))
+	for _, fn := range fns {
+		go func() { done <- fn(ctx) }()
+	}
+	t.Cleanup(func() {
+		cancel()
+		for range fns {
+			<-done
+		}
+	})
+}
+
+func start(t *testing.T) *env {
+	t.Helper()
+	e, l := newEnv(t)
+	serve(t, func(ctx context.Context) error { return e.d.Serve(ctx, l) })
 	return e
 }
 

@@ -20,7 +20,6 @@ import (
 	"xenblkd/internal/metrics"
 	"xenblkd/internal/model"
 	"xenblkd/internal/xenstore"
-	"xenblkd/internal/xenstore/xenstoretest"
 )
 
 // observed is a daemon (fake loop devices, fake xenstored) that also serves
@@ -33,38 +32,19 @@ type observed struct {
 
 func startObserved(t *testing.T, metricsAddr string) *observed {
 	t.Helper()
-	srv := xenstoretest.NewServer(t, xenstoretest.Options{})
-	ctx := context.Background()
-	xs, err := xenstore.DialUnix(ctx, srv.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { xs.Close() })
-	dir, err := os.MkdirTemp("", "xenblkd-test-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := &env{xs: xs, host: &fakeHost{}, socket: filepath.Join(dir, "api.sock")}
+	e, l := newEnv(t)
 	if metricsAddr == "unix" {
-		metricsAddr = "unix:" + filepath.Join(dir, "metrics.sock")
-	}
-	l, err := Listen(e.socket)
-	if err != nil {
-		t.Fatal(err)
+		metricsAddr = "unix:" + filepath.Join(e.dir, "metrics.sock")
 	}
 	ml, err := ListenMetrics(metricsAddr)
 	if err != nil {
 		l.Close()
 		t.Fatal(err)
 	}
-	d := New(discard, hotplug.ClientStore{Client: xs}, e.host)
-	sctx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 2)
-	go func() { done <- d.Serve(sctx, l) }()
-	go func() { done <- d.ServeMetrics(sctx, ml) }()
-	t.Cleanup(func() { cancel(); <-done; <-done })
-	return &observed{env: e, d: d, addr: ml.Addr().Network() + ":" + ml.Addr().String()}
+	serve(t,
+		func(ctx context.Context) error { return e.d.Serve(ctx, l) },
+		func(ctx context.Context) error { return e.d.ServeMetrics(ctx, ml) })
+	return &observed{env: e, d: e.d, addr: ml.Addr().Network() + ":" + ml.Addr().String()}
 }
 
 // get sends raw to the metrics endpoint and returns the status code, headers

@@ -180,3 +180,13 @@ func (p *peer) rssKiB() int {
 }
 
 var _ = context.Background
+
+// peerInSlot returns the peer in slot, or nil if that peer does not run.
+func peerInSlot(peers []*peer, slot int) *peer {
+	for _, p := range peers {
+		if p.slot == slot {
+			return p
+		}
+	}
+	return nil
+}

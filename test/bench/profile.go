@@ -325,12 +325,7 @@ func (b *bench) straceExecs(r *report) {
 		r.prof.straceErr = "strace not installed"
 		return
 	}
-	var xen *peer
-	for _, p := range b.peers {
-		if p.slot == slotXen {
-			xen = p
-		}
-	}
+	xen := peerInSlot(b.peers, slotXen)
 	if xen == nil {
 		return
 	}

@@ -192,12 +192,7 @@ func scenarios(b *bench, r *report, peers []*peer) error {
 		return err
 	}
 	// The hotplug entry's own cost, and where an add's time goes.
-	var xen *peer
-	for _, p := range peers {
-		if p.slot == slotXen {
-			xen = p
-		}
-	}
+	xen := peerInSlot(peers, slotXen)
 	if err := b.entryCost(r, xen); err != nil {
 		return err
 	}
@@ -497,12 +492,7 @@ func (b *bench) profileOnly(r *report, peers []*peer) error {
 			return err
 		}
 	}
-	var xen *peer
-	for _, p := range peers {
-		if p.slot == slotXen {
-			xen = p
-		}
-	}
+	xen := peerInSlot(peers, slotXen)
 	if err := b.entryCost(r, xen); err != nil {
 		return err
 	}

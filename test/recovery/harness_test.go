@@ -28,6 +28,7 @@ import (
 	"xenblkd/internal/api"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/xenstore"
+	"xenblkd/test/build"
 	"xenblkd/test/libxl"
 	"xenblkd/test/systemd"
 	"xenblkd/test/xenstored"
@@ -60,11 +61,8 @@ func testMain(m *testing.M) int {
 	}
 	defer os.RemoveAll(binDir)
 	os.Chmod(binDir, 0o755)
-	binary = filepath.Join(binDir, "xenblkd")
-	build := exec.Command("go", "build", "-trimpath", "-o", binary, "xenblkd/cmd/xenblkd")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build xenblkd: %v\n%s", err, out)
+	if binary, err = build.Xenblkd(binDir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	d, stop, err := xenstored.StartMain(xenstored.C)
