@@ -34,6 +34,12 @@ log "image ready after $(seconds_since "$t0")s: $(image_dir)"
 ctl=$(mktemp -d)
 trap 'rm -rf "$ctl"' EXIT
 install -m 755 "$TESTBED_DIR/dom0/suite.sh" "$ctl/run-in-dom0.sh"
+mkdir -p "$ctl/tests.d"
+for f in "$TESTBED_DIR"/dom0/tests.d/*.sh; do
+	[[ -e $f ]] && install -m 644 "$f" "$ctl/tests.d/"
+done
+# XENBLKD_E2E_ONLY: an extended regex of test group names to run (all when unset).
+[[ -n ${XENBLKD_E2E_ONLY:-} ]] && printf '%s\n' "$XENBLKD_E2E_ONLY" >"$ctl/only"
 echo "$mode" >"$ctl/mode"
 if [[ -x $repo/bin/xenblkd ]]; then
 	install -m 755 "$repo/bin/xenblkd" "$ctl/xenblkd"
@@ -45,6 +51,15 @@ if [[ -f $repo/dist/xenblkd.service ]]; then
 else
 	log "dist/xenblkd.service missing: using the testbed's fallback unit"
 	install -m 644 "$TESTBED_DIR/xenblkd.service" "$ctl/xenblkd.service"
+fi
+
+# One testbed run at a time on this machine: two QEMU/TCG guests on 2 cores would both miss
+# libxl's 40 s hotplug deadline. A second run waits here.
+mkdir -p "$TESTBED_CACHE"
+exec 8>"$TESTBED_CACHE/.run-lock"
+if ! flock -n 8; then
+	log "another testbed run holds $TESTBED_CACHE/.run-lock; waiting for it"
+	flock -w 5400 8 || cannot_run "another testbed run held $TESTBED_CACHE/.run-lock for 90 min"
 fi
 
 t1=$EPOCHREALTIME

@@ -482,21 +482,53 @@ timing_table() {
 	report "(create = xl create wall time, (failed) = xl create failed; span = first hotplug 'add' fork to last hotplug completion in the xl -vvv log, 1 s resolution; ratio = xenblkd/stock)"
 }
 
-if [[ $MODE == demo ]]; then
-	test_file_disks block 4
-	clean_stock_leftovers
-	test_file_disks xenblkd 4
-else
+# Test groups, run in this order. Each file in tests.d/ on the control disk (copied from
+# test/testbed/dom0/tests.d/ by e2e.sh, sourced in name order) defines its tests with the helpers
+# above and registers them with `group NAME FUNCTION`. The file ./only on the control disk (from
+# XENBLKD_E2E_ONLY on the host) is an extended regex: only the groups whose whole name matches run.
+GROUP_NAMES=()
+declare -A GROUP_FN
+group() { GROUP_NAMES+=("$1"); GROUP_FN[$1]=$2; }
+
+run_file_disks() {
 	for script in block xenblkd; do
 		test_file_disks "$script" 1
 		test_file_disks "$script" 4
 	done
 	clean_stock_leftovers
+}
+run_phy() {
 	for script in block xenblkd; do test_phy "$script"; done
 	clean_stock_leftovers
+}
+run_sharing() {
 	for script in block xenblkd; do test_sharing "$script"; done
 	clean_stock_leftovers
-	test_daemon_restart
+}
+group file-disks run_file_disks
+group phy run_phy
+group sharing run_sharing
+group daemon-restart test_daemon_restart
+for f in ./tests.d/*.sh; do
+	[[ -e $f ]] || continue
+	# shellcheck source=/dev/null
+	. "$f"
+done
+
+if [[ $MODE == demo ]]; then
+	test_file_disks block 4
+	clean_stock_leftovers
+	test_file_disks xenblkd 4
+else
+	ONLY=$(cat ./only 2>/dev/null || true)
+	for g in "${GROUP_NAMES[@]}"; do
+		if [[ -n $ONLY ]] && ! [[ $g =~ ^($ONLY)$ ]]; then
+			report "SKIP group $g (XENBLKD_E2E_ONLY=$ONLY)"
+			continue
+		fi
+		say "group $g"
+		"${GROUP_FN[$g]}"
+	done
 fi
 timing_table
 
