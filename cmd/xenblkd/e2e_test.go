@@ -457,13 +457,13 @@ func TestSharingConflicts(t *testing.T) {
 		phy   bool
 		steps []step
 	}{
-		{"rw vs rw, other domain", false, []step{{201, 1, "w", ""}, {202, 1, "w", "already attached to domain 201 (device 1, mode w"}}},
-		{"rw vs ro, other domain", false, []step{{201, 1, "w", ""}, {202, 1, "r", "already attached to domain 201"}}},
-		{"ro vs rw, other domain", false, []step{{201, 1, "r", ""}, {202, 1, "w", "already attached to domain 201 (device 1, mode r"}}},
+		{"rw vs rw, other domain", false, []step{{201, 1, "w", ""}, {202, 1, "w", "domain 201 device 1 already uses it read-write (mode w"}}},
+		{"rw vs ro, other domain", false, []step{{201, 1, "w", ""}, {202, 1, "r", "domain 201 device 1 already uses it read-write"}}},
+		{"ro vs rw, other domain", false, []step{{201, 1, "r", ""}, {202, 1, "w", "domain 201 device 1 already uses it read-only (mode r"}}},
 		{"ro vs ro, other domain", false, []step{{201, 1, "r", ""}, {202, 1, "r", ""}}},
 		{"same domain", false, []step{{201, 1, "w", ""}, {201, 2, "w", ""}, {201, 3, "r", ""}}},
 		{"w! overrides", false, []step{{201, 1, "w", ""}, {202, 1, "w!", ""}}},
-		{"phy rw vs rw", true, []step{{201, 1, "w", ""}, {202, 1, "w", "already attached to domain 201"}}},
+		{"phy rw vs rw", true, []step{{201, 1, "w", ""}, {202, 1, "w", "domain 201 device 1 already uses it read-write"}}},
 		{"phy same domain", true, []step{{201, 1, "w", ""}, {201, 2, "w", ""}}},
 	}
 	for _, tt := range tests {

@@ -98,7 +98,7 @@ func TestPresetupConflictReportedByExec(t *testing.T) {
 
 	stderr, code := hotplug(t, d, "add", second)
 	herr, _ := read(t, second+"/hotplug-error")
-	want := "already attached to domain 910 (device 51712, mode w"
+	want := "domain 910 device 51712 (xvda) already uses it read-write (mode w"
 	if code == 0 || !strings.Contains(stderr, want) || !strings.Contains(herr, want) {
 		t.Fatalf("exit %d, stderr %q, hotplug-error %q; want a refusal containing %q", code, stderr, herr, want)
 	}

@@ -112,7 +112,11 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 		return nil, withReason(ReasonBadParams, err)
 	}
 	defer backing.Close() // the loop device keeps its own reference
-	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target, Backing: backing})
+	for _, why := range req.Frontend.Ignored {
+		log.Warn("not trusted for the same-VM sharing exception", "node", why)
+	}
+	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target,
+		Domain: domainOf(req.Frontend), Backing: backing})
 	if err != nil {
 		log.Warn("add refused", "params", model.Quote(req.Params, 200), "err", err)
 		return nil, err
@@ -146,6 +150,11 @@ func (d *Daemon) remove(ctx context.Context, b hotplug.Backend) {
 	} else {
 		log.Info("remove: not attached here, nothing to release")
 	}
+}
+
+// domainOf is the model's view of what the toolstack says about a domain.
+func domainOf(fe hotplug.Frontend) model.Domain {
+	return model.Domain{VM: fe.VM, TargetVM: fe.TargetVM}
 }
 
 func toAPI(a model.Attachment) *api.Attachment {

@@ -59,7 +59,7 @@ func (h *fakeHost) devices() int {
 func (h *fakeHost) LoopsOf(model.FileID, func(string) bool) ([]model.Binding, error) {
 	return nil, nil
 }
-func (h *fakeHost) MountPoint(uint64) (string, error) { return "", nil }
+func (h *fakeHost) Mounts([]uint64) ([]model.Mount, error) { return nil, nil }
 
 type env struct {
 	xs     *xenstore.Client
@@ -223,22 +223,23 @@ func TestBadInput(t *testing.T) {
 	}
 }
 
-func TestMountPoint(t *testing.T) {
+func TestMounts(t *testing.T) {
 	mi := filepath.Join(t.TempDir(), "mountinfo")
 	os.WriteFile(mi, []byte("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"+
-		"30 22 7:5 / /mnt/x rw - ext4 /dev/loop5 rw\n"), 0o644)
+		"30 22 7:5 / /mnt/x\\040y ro,noatime - ext4 /dev/loop5 ro\n"+
+		"31 22 7:5 / /srv rw - ext4 /dev/loop5 rw\n"), 0o644)
 	tests := []struct {
-		rdev uint64
+		devs []uint64
 		want string
 	}{
-		{unix.Mkdev(8, 1), "/"},
-		{unix.Mkdev(7, 5), "/mnt/x"},
-		{unix.Mkdev(7, 6), ""},
+		{[]uint64{unix.Mkdev(8, 1)}, "[{2049 /dev/sda1 / false}]"},
+		{[]uint64{unix.Mkdev(7, 5), unix.Mkdev(7, 6)}, "[{1797 /dev/loop5 /mnt/x y true} {1797 /dev/loop5 /srv false}]"},
+		{[]uint64{unix.Mkdev(7, 6)}, "[]"},
 	}
 	for _, tt := range tests {
-		got, err := mountPoint(mi, tt.rdev)
-		if err != nil || got != tt.want {
-			t.Errorf("mountPoint(%x) = %q, %v; want %q", tt.rdev, got, err, tt.want)
+		got, err := mounts(mi, tt.devs)
+		if err != nil || fmt.Sprint(got) != tt.want {
+			t.Errorf("mounts(%x) = %v, %v; want %s", tt.devs, got, err, tt.want)
 		}
 	}
 }

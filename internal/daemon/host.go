@@ -39,4 +39,4 @@ func (h loopHost) LoopsOf(file model.FileID, held func(path string) bool) ([]mod
 	return out, nil
 }
 
-func (h loopHost) MountPoint(rdev uint64) (string, error) { return mountPoint(h.mountinfo, rdev) }
+func (h loopHost) Mounts(devs []uint64) ([]model.Mount, error) { return mounts(h.mountinfo, devs) }

@@ -252,7 +252,7 @@ func TestPresetupFailureReported(t *testing.T) {
 		params, mode string
 		want         string
 	}{
-		{"sharing conflict", e.img, "w", "already attached to domain 3 (device 51712, mode w"},
+		{"sharing conflict", e.img, "w", "domain 3 device 51712 (xvda) already uses it read-write (mode w"},
 		{"nonexistent", "/nonexistent/xenblkd.img", "w", "no such file or device"},
 		{"bad mode", e.img, "x", `unknown mode "x"`},
 		{"no params", "-", "w", "params is missing"},

@@ -281,7 +281,7 @@ func (d *Daemon) restoreBackend(ctx context.Context, b hotplug.Backend, held map
 	}
 	backing.Close()
 	key := model.Key{Domid: b.Domid, Devid: b.Devid}
-	a := model.Attachment{Key: key, Params: req.Params, Mode: mode, Target: target}
+	a := model.Attachment{Key: key, Params: req.Params, Mode: mode, Target: target, Domain: domainOf(req.Frontend)}
 
 	if target.Kind == model.BlockDevice {
 		if target.Rdev != rdev {

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
 )
 
@@ -22,7 +23,13 @@ import (
 func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 	p := params
 	if !filepath.IsAbs(p) {
-		p = "/dev/" + p // as the stock script treats phy:sdb
+		// As the stock script treats phy:sdb, but never out of /dev.
+		for _, elem := range strings.Split(p, "/") {
+			if elem == ".." {
+				return nil, model.Target{}, fmt.Errorf("params %q: a relative params names a node under /dev and may not contain \"..\"; give the absolute path", q(params))
+			}
+		}
+		p = "/dev/" + p
 	}
 	pathFd, err := unix.Open(p, unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -45,6 +52,11 @@ func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 		target.Kind, target.Rdev = model.BlockDevice, st.Rdev
 	case unix.S_IFREG:
 		target.Kind, target.File = model.RegularFile, model.FileID{Dev: st.Dev, Ino: st.Ino}
+		if st.Nlink == 0 {
+			// e.g. /proc/<pid>/fd/<n> of a deleted image: nothing else could
+			// ever find it to check sharing, and its data dies with the last fd.
+			return nil, model.Target{}, fmt.Errorf("params %q: the file has been deleted (no name links to it any more); restore it under a name and use that", q(params))
+		}
 		if writable && st.Mode&0o222 == 0 {
 			return nil, model.Target{}, fmt.Errorf("params %q: the file is read-only (permissions %#o) but mode is w: use mode r, or make the file writable",
 				q(params), st.Mode&0o7777)
@@ -69,7 +81,76 @@ func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 		}
 		return nil, model.Target{}, fmt.Errorf("params %q: cannot open %s for %s: %w%s", q(params), q(p), how, err, hint)
 	}
-	return os.NewFile(uintptr(fd), p), target, nil
+	f := os.NewFile(uintptr(fd), p)
+	if target.Kind == model.BlockDevice {
+		if err := blockFacts(f, &target, "/sys"); err != nil {
+			f.Close()
+			return nil, model.Target{}, fmt.Errorf("params %q: %w", q(params), err)
+		}
+	}
+	return f, target, nil
+}
+
+// blockFacts fills in what the block device open on f stands for: the file
+// bound to it if it is a loop device (refused if nothing is), its whole disk
+// if it is a partition, its partitions if it has any (from sysfs).
+func blockFacts(f *os.File, t *model.Target, sysfs string) error {
+	if unix.Major(t.Rdev) == loopMajor {
+		b, err := loop.BindingOf(f)
+		if errors.Is(err, loop.ErrNotBound) {
+			return fmt.Errorf("loop device %s has no file bound to it, so the guest would get an empty disk; bind one (losetup %s FILE) or name the file itself", t.Path, t.Path)
+		}
+		if err != nil {
+			return err
+		}
+		t.Backing = model.FileID{Dev: b.Backing.Dev, Ino: b.Backing.Ino}
+		dir := fmt.Sprintf("%s/dev/block/%d:%d", sysfs, unix.Major(t.Rdev), unix.Minor(t.Rdev))
+		if name, err := os.ReadFile(dir + "/loop/backing_file"); err == nil {
+			t.BackingPath = strings.TrimSpace(string(name))
+		}
+	}
+	dir := fmt.Sprintf("%s/dev/block/%d:%d", sysfs, unix.Major(t.Rdev), unix.Minor(t.Rdev))
+	if _, err := os.Stat(dir + "/partition"); err == nil {
+		whole, err := readDevNumber(dir + "/../dev")
+		if err != nil {
+			return fmt.Errorf("find the whole disk of partition %s: %w", t.Path, err)
+		}
+		t.Whole = whole
+		return nil
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", dir, err)
+	}
+	for _, e := range entries {
+		if _, err := os.Stat(dir + "/" + e.Name() + "/partition"); err != nil {
+			continue
+		}
+		part, err := readDevNumber(dir + "/" + e.Name() + "/dev")
+		if err != nil {
+			return fmt.Errorf("find the partitions of %s: %w", t.Path, err)
+		}
+		t.Partitions = append(t.Partitions, part)
+	}
+	return nil
+}
+
+// loopMajor is LOOP_MAJOR (include/uapi/linux/major.h).
+const loopMajor = 7
+
+// readDevNumber reads a sysfs dev file ("major:minor").
+func readDevNumber(path string) (uint64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	maj, min, ok := strings.Cut(strings.TrimSpace(string(b)), ":")
+	ma, err1 := strconv.ParseUint(maj, 10, 32)
+	mi, err2 := strconv.ParseUint(min, 10, 32)
+	if !ok || err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("%s: malformed device number %q", path, b)
+	}
+	return unix.Mkdev(uint32(ma), uint32(mi)), nil
 }
 
 func fileType(mode uint32) string {
@@ -90,25 +171,62 @@ func fileType(mode uint32) string {
 
 func q(s string) string { return model.Quote(s, 200) }
 
-// mountPoint returns where rdev is mounted according to mountinfo ("" if it
-// is not). Field 3 is "major:minor" in decimal (proc(5)).
-func mountPoint(mountinfo string, rdev uint64) (string, error) {
+// mounts returns the mounts of the devices devs according to mountinfo
+// (proc(5)): field 3 is "major:minor" in decimal, field 5 the mount point,
+// field 6 the per-mount options (ro or rw first), and after the "-" separator
+// come the filesystem type and the source.
+func mounts(mountinfo string, devs []uint64) ([]model.Mount, error) {
 	f, err := os.Open(mountinfo)
 	if err != nil {
-		return "", fmt.Errorf("read mounts: %w", err)
+		return nil, fmt.Errorf("read mounts: %w", err)
 	}
 	defer f.Close()
-	want := strconv.FormatUint(uint64(unix.Major(rdev)), 10) + ":" + strconv.FormatUint(uint64(unix.Minor(rdev)), 10)
+	want := make(map[string]uint64, len(devs))
+	for _, d := range devs {
+		want[strconv.FormatUint(uint64(unix.Major(d)), 10)+":"+strconv.FormatUint(uint64(unix.Minor(d)), 10)] = d
+	}
+	var out []model.Mount
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) > 4 && fields[2] == want {
-			return fields[4], nil
+		if len(fields) < 6 {
+			continue
 		}
+		d, ok := want[fields[2]]
+		if !ok {
+			continue
+		}
+		mt := model.Mount{Rdev: d, Point: unescapeMount(fields[4]), ReadOnly: strings.HasPrefix(fields[5], "ro")}
+		for i, fl := range fields {
+			if fl == "-" && i+2 < len(fields) {
+				mt.Source = unescapeMount(fields[i+2])
+				break
+			}
+		}
+		out = append(out, mt)
 	}
 	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("read %s: %w", mountinfo, err)
+		return nil, fmt.Errorf("read %s: %w", mountinfo, err)
 	}
-	return "", nil
+	return out, nil
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }

@@ -84,6 +84,7 @@ func (b Backend) String() string { return b.Path() }
 // of one transaction, may be issued concurrently (the client pipelines them).
 type Store interface {
 	Read(ctx context.Context, path string) (string, error)
+	GetPerms(ctx context.Context, path string) ([]xenstore.Perm, error)
 	// Transact runs fn in one transaction, retrying on EAGAIN.
 	Transact(ctx context.Context, fn func(ops xenstore.Ops) error) error
 }
@@ -100,11 +101,13 @@ type Request struct {
 	Params         string
 	Mode           string
 	PhysicalDevice string // already written (by an earlier add): "" if absent
+	Frontend       Frontend
 }
 
-// ReadRequest reads params, mode and physical-device and checks their sizes.
-// The three reads are issued at once: the XenStore client pipelines them, so
-// they cost one round trip instead of three.
+// ReadRequest reads params, mode and physical-device and checks their sizes,
+// and reads what the toolstack says about the frontend domain (Frontend).
+// The reads are issued at once: the XenStore client pipelines them, so they
+// cost one round trip (two for a stub domain) instead of seven.
 func ReadRequest(ctx context.Context, s Store, b Backend) (Request, error) {
 	names := [...]string{"params", "mode", "physical-device"}
 	var vals [len(names)]string
@@ -113,8 +116,10 @@ func ReadRequest(ctx context.Context, s Store, b Backend) (Request, error) {
 	for i, name := range names {
 		wg.Go(func() { vals[i], errs[i] = s.Read(ctx, b.node(name)) })
 	}
+	var fe Frontend
+	wg.Go(func() { fe = readFrontend(ctx, s, b.Domid) })
 	wg.Wait()
-	var r Request
+	r := Request{Frontend: fe}
 	var err error
 	if r.Params, err = checkRequired(b, "params", vals[0], errs[0], MaxParams); err != nil {
 		return Request{}, err
@@ -127,6 +132,104 @@ func ReadRequest(ctx context.Context, s Store, b Backend) (Request, error) {
 		return Request{}, readError(b.node("physical-device"), err)
 	}
 	return r, nil
+}
+
+// ToolstackDomid is the domain whose nodes are trusted to say which VM a
+// domain belongs to: the toolstack (libxl) runs in dom0.
+const ToolstackDomid = 0
+
+// Frontend is what the toolstack says about a frontend domain, for the
+// same-VM and stub-domain sharing exceptions. Each value is read only from a
+// node whose permissions let no one but the toolstack write it; a missing
+// node, an unreadable one or one a guest could write leaves its value "" (and
+// a line in Ignored), so it can never widen sharing.
+type Frontend struct {
+	VM       string   // /local/domain/<domid>/vm
+	Target   int      // a device-model stub domain: the domain it serves (/local/domain/<domid>/target); -1 if none
+	TargetVM string   // /local/domain/<Target>/vm
+	Ignored  []string // nodes that exist but were not trusted, and why
+}
+
+// readFrontend reads domid's vm and target nodes and their permissions, then
+// the target's vm (each value with its permissions, pipelined).
+func readFrontend(ctx context.Context, s Store, domid uint32) Frontend {
+	fe := Frontend{Target: -1}
+	dom := fmt.Sprintf("/local/domain/%d", domid)
+	var vm, target string
+	var wg sync.WaitGroup
+	var vmWhy, targetWhy string
+	wg.Go(func() { vm, vmWhy = readTrusted(ctx, s, dom+"/vm") })
+	wg.Go(func() { target, targetWhy = readTrusted(ctx, s, dom+"/target") })
+	wg.Wait()
+	fe.VM = vm
+	fe.addIgnored(vmWhy)
+	fe.addIgnored(targetWhy)
+	if target == "" {
+		return fe
+	}
+	t, err := parseID(target, 0x7fef)
+	if err != nil || t == uint64(domid) {
+		fe.addIgnored(fmt.Sprintf("%s/target: %q is not another domain's id", dom, quote(target)))
+		return fe
+	}
+	fe.Target = int(t)
+	tvm, why := readTrusted(ctx, s, fmt.Sprintf("/local/domain/%d/vm", t))
+	fe.TargetVM = tvm
+	fe.addIgnored(why)
+	return fe
+}
+
+func (fe *Frontend) addIgnored(why string) {
+	if why != "" {
+		fe.Ignored = append(fe.Ignored, why)
+	}
+}
+
+// readTrusted returns path's value if only the toolstack can write it ("" and
+// why not otherwise; "" and "" if the node is simply missing).
+func readTrusted(ctx context.Context, s Store, path string) (value, why string) {
+	var v string
+	var perms []xenstore.Perm
+	var rerr, perr error
+	var wg sync.WaitGroup
+	wg.Go(func() { v, rerr = s.Read(ctx, path) })
+	wg.Go(func() { perms, perr = s.GetPerms(ctx, path) })
+	wg.Wait()
+	switch {
+	case errors.Is(rerr, unix.ENOENT) || errors.Is(perr, unix.ENOENT):
+		return "", ""
+	case rerr != nil:
+		return "", fmt.Sprintf("%s: %v", path, rerr)
+	case perr != nil:
+		return "", fmt.Sprintf("%s: %v", path, perr)
+	case v == "":
+		return "", fmt.Sprintf("%s: empty", path)
+	}
+	if why := untrusted(perms); why != "" {
+		return "", fmt.Sprintf("%s: %s", path, why)
+	}
+	return v, ""
+}
+
+// untrusted says why a node with permissions perms might have been written by
+// someone other than the toolstack ("" if it cannot). The first entry is the
+// owner (who may always write) and everyone's default access.
+func untrusted(perms []xenstore.Perm) string {
+	if len(perms) == 0 {
+		return "no permissions returned"
+	}
+	if perms[0].Domid != ToolstackDomid {
+		return fmt.Sprintf("owned by domain %d, not the toolstack (domain %d)", perms[0].Domid, ToolstackDomid)
+	}
+	if a := perms[0].Access; a == 'w' || a == 'b' {
+		return fmt.Sprintf("every domain may write it (default access %q)", a)
+	}
+	for _, p := range perms[1:] {
+		if p.Domid != ToolstackDomid && (p.Access == 'w' || p.Access == 'b') {
+			return fmt.Sprintf("domain %d may write it", p.Domid)
+		}
+	}
+	return ""
 }
 
 // checkRequired checks the value v (read with err) of a node add needs.

@@ -3,6 +3,7 @@ package hotplug
 import (
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -33,9 +34,25 @@ func (m mapStore) Rm(ctx context.Context, p string) error {
 	return nil
 }
 func (m mapStore) Directory(ctx context.Context, p string) ([]string, error) { return nil, nil }
+// GetPerms returns the permissions stored under p+permsSuffix ("n0 r5"),
+// else the toolstack's "n0" for every node that exists.
 func (m mapStore) GetPerms(ctx context.Context, p string) ([]xenstore.Perm, error) {
-	return nil, nil
+	if _, ok := m[p]; !ok {
+		return nil, &xenstore.Error{Op: "get-perms", Path: p, Err: unix.ENOENT}
+	}
+	spec, ok := m[p+permsSuffix]
+	if !ok {
+		spec = "n0"
+	}
+	var perms []xenstore.Perm
+	for _, f := range strings.Fields(spec) {
+		n, _ := strconv.ParseUint(f[1:], 10, 32)
+		perms = append(perms, xenstore.Perm{Domid: uint32(n), Access: f[0]})
+	}
+	return perms, nil
 }
+
+const permsSuffix = "\x00perms"
 func (m mapStore) SetPerms(ctx context.Context, p string, perms []xenstore.Perm) error { return nil }
 func (m mapStore) Transact(ctx context.Context, fn func(xenstore.Ops) error) error {
 	tx := mapStore{}

@@ -29,6 +29,15 @@ type Key struct {
 
 func (k Key) String() string { return fmt.Sprintf("domain %d device %d", k.Domid, k.Devid) }
 
+// Describe is String with the device's name when the number encodes one
+// ("domain 3 device 51712 (xvda)").
+func (k Key) Describe() string {
+	if n := VdevName(k.Devid); n != "" {
+		return fmt.Sprintf("%s (%s)", k, n)
+	}
+	return k.String()
+}
+
 // FileID identifies a regular file by st_dev and st_ino.
 type FileID struct {
 	Dev uint64
@@ -53,15 +62,22 @@ func (k Kind) String() string {
 	return "unknown"
 }
 
-// Target is what a backend's params resolved to, as fstat saw the opened fd.
+// Target is what a backend's params resolved to, as fstat (and, for a block
+// device, the loop driver and sysfs) saw the opened fd.
 type Target struct {
 	Kind Kind
 	Path string // the resolved path, for messages and physical-device-path of block devices
 	File FileID // RegularFile: the file's identity
 	Rdev uint64 // BlockDevice: st_rdev
+
+	// BlockDevice only: what the device stands for besides itself.
+	Backing     FileID   // a loop device: the file bound to it (zero if not a loop device)
+	BackingPath string   // a loop device: the backing file's name, for messages
+	Whole       uint64   // a partition: st_rdev of its whole disk (0 if not a partition)
+	Partitions  []uint64 // a whole disk: st_rdev of each of its partitions
 }
 
-// targetID is the per-target lock and sharing key: one per file or block device.
+// targetID identifies a target: one per file or block device.
 type targetID struct {
 	kind Kind
 	a, b uint64
@@ -103,9 +119,17 @@ type Host interface {
 	// the device is opened, so a host with many of our devices need not
 	// inspect them.
 	LoopsOf(file FileID, held func(path string) bool) ([]Binding, error)
-	// MountPoint returns where the block device rdev is mounted in this
-	// mount namespace, or "" if it is not.
-	MountPoint(rdev uint64) (string, error)
+	// Mounts returns the mounts, in this mount namespace, of any of the
+	// block devices devs.
+	Mounts(devs []uint64) ([]Mount, error)
+}
+
+// Mount is one mount of a block device in the daemon's domain.
+type Mount struct {
+	Rdev     uint64 // the mounted device
+	Source   string // as mountinfo names it (e.g. /dev/sdb1)
+	Point    string // where it is mounted
+	ReadOnly bool
 }
 
 // AddRequest asks for target to be attached to backend Key.
@@ -114,6 +138,7 @@ type AddRequest struct {
 	Params  string // BE/params as read, for the record and messages
 	Mode    Mode
 	Target  Target
+	Domain  Domain   // the frontend domain, for the same-VM and stub-domain exceptions
 	Backing *os.File // opened with the access Mode asks for; the caller closes it
 }
 
@@ -123,6 +148,7 @@ type Attachment struct {
 	Params  string
 	Mode    Mode
 	Target  Target
+	Domain  Domain    // the frontend domain as read at attach time
 	DevPath string    // physical-device-path
 	Rdev    uint64    // physical-device
 	DiskSeq uint64    // loop devices only; 0 for block devices
@@ -138,7 +164,7 @@ type ConflictError struct {
 }
 
 func (e *ConflictError) Error() string {
-	return fmt.Sprintf("refusing to attach %s %s to %s: %s", e.Target.Kind, e.Target.Path, e.Key, e.Reason)
+	return fmt.Sprintf("refusing to attach %s %s to %s: %s", e.Target.Kind, e.Target.Path, e.Key.Describe(), e.Reason)
 }
 
 // ErrConflict matches every *ConflictError with errors.Is.
@@ -181,7 +207,7 @@ type Model struct {
 
 	mu          sync.Mutex
 	attachments map[Key]*attachment              // guarded by mu
-	byTarget    map[targetID]map[Key]*attachment // guarded by mu
+	byShare     map[shareKey]map[Key]*attachment // guarded by mu: attachments by what they occupy (sharing.go)
 	readOnly    map[FileID]*loopDevice           // guarded by mu: the read-only cache
 	devices     map[uint64]*loopDevice           // guarded by mu: every held device by rdev
 	devicePaths map[string]*loopDevice           // guarded by mu: the same devices by path
@@ -196,7 +222,7 @@ func New(host Host, log *slog.Logger) *Model {
 		host:        host,
 		log:         log,
 		attachments: map[Key]*attachment{},
-		byTarget:    map[targetID]map[Key]*attachment{},
+		byShare:     map[shareKey]map[Key]*attachment{},
 		readOnly:    map[FileID]*loopDevice{},
 		devices:     map[uint64]*loopDevice{},
 		devicePaths: map[string]*loopDevice{},
@@ -208,7 +234,7 @@ func New(host Host, log *slog.Logger) *Model {
 // with the same mode returns the existing attachment (idempotent).
 func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 	tid := req.Target.id()
-	unlock := m.locks.lock(tid)
+	unlock := m.locks.lock(req.Target.lockID())
 	defer unlock()
 	if err := ctx.Err(); err != nil {
 		return Attachment{}, err
@@ -225,20 +251,20 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 	}
 	var conflict error
 	if !req.Mode.Force {
-		conflict = m.conflictLocked(req, tid)
+		conflict = m.conflictLocked(req)
 	}
 	m.mu.Unlock()
 	if conflict != nil {
 		return Attachment{}, conflict
 	}
-	if !req.Mode.Force && req.Mode.Writable {
+	if !req.Mode.Force {
 		if err := m.checkHost(req); err != nil {
 			return Attachment{}, err
 		}
 	}
 
 	a := &attachment{Attachment: Attachment{
-		Key: req.Key, Params: req.Params, Mode: req.Mode, Target: req.Target, Since: time.Now(),
+		Key: req.Key, Params: req.Params, Mode: req.Mode, Target: req.Target, Domain: req.Domain, Since: time.Now(),
 	}}
 	if req.Target.Kind == BlockDevice {
 		a.DevPath, a.Rdev = req.Target.Path, req.Target.Rdev
@@ -272,59 +298,6 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 	return snap, nil
 }
 
-// conflictLocked applies the sharing rules against our own attachments.
-func (m *Model) conflictLocked(req AddRequest, tid targetID) error {
-	keys := make([]Key, 0, len(m.byTarget[tid]))
-	for k := range m.byTarget[tid] {
-		keys = append(keys, k)
-	}
-	sort.Slice(keys, func(i, j int) bool { return less(keys[i], keys[j]) })
-	for _, k := range keys {
-		other := m.byTarget[tid][k]
-		if other.Key.Domid == req.Key.Domid {
-			continue // the same domain may attach it again
-		}
-		if req.Mode.Writable || other.Mode.Writable {
-			return &ConflictError{Key: req.Key, Target: req.Target, Reason: fmt.Sprintf(
-				"it is already attached to domain %d (device %d, mode %s, %s); use mode w! to override",
-				other.Key.Domid, other.Key.Devid, other.Mode, other.DevPath)}
-		}
-	}
-	return nil
-}
-
-// checkHost applies the rules that need the machine: a loop device we do not
-// own bound to the file, or the block device mounted here.
-func (m *Model) checkHost(req AddRequest) error {
-	switch req.Target.Kind {
-	case RegularFile:
-		bindings, err := m.host.LoopsOf(req.Target.File, m.holds)
-		if err != nil {
-			return fmt.Errorf("check loop devices bound to %s: %w", req.Target.Path, err)
-		}
-		m.mu.Lock()
-		defer m.mu.Unlock()
-		for _, b := range bindings {
-			if ld, ours := m.devices[b.Rdev]; ours && ld.dev.DiskSeq() == b.DiskSeq {
-				continue
-			}
-			return &ConflictError{Key: req.Key, Target: req.Target, Reason: fmt.Sprintf(
-				"loop device %s (not held by xenblkd, tag %q) is bound to this file; detach it (losetup -d %s) or use mode w! to override",
-				b.Path, b.Tag, b.Path)}
-		}
-	case BlockDevice:
-		where, err := m.host.MountPoint(req.Target.Rdev)
-		if err != nil {
-			return fmt.Errorf("check mounts of %s: %w", req.Target.Path, err)
-		}
-		if where != "" {
-			return &ConflictError{Key: req.Key, Target: req.Target, Reason: fmt.Sprintf(
-				"it is mounted on %s in this domain; unmount it or use mode w! to override", where)}
-		}
-	}
-	return nil
-}
-
 // holds reports whether the model holds the loop device at path. A device we
 // hold the fd of stays bound as we bound it (our fd defers AUTOCLEAR and
 // LOOP_CLR_FD), so leaving it out of LoopsOf loses nothing checkHost needs.
@@ -356,12 +329,13 @@ func (m *Model) loopFor(req AddRequest) (ld *loopDevice, fresh bool, err error) 
 
 // insertLocked records a, which must not be recorded yet.
 func (m *Model) insertLocked(a *attachment) {
-	tid := a.Target.id()
 	m.attachments[a.Key] = a
-	if m.byTarget[tid] == nil {
-		m.byTarget[tid] = map[Key]*attachment{}
+	for _, k := range a.Target.shareKeys() {
+		if m.byShare[k] == nil {
+			m.byShare[k] = map[Key]*attachment{}
+		}
+		m.byShare[k][a.Key] = a
 	}
-	m.byTarget[tid][a.Key] = a
 	if ld := a.loop; ld != nil {
 		ld.users[a.Key] = true
 		m.devices[ld.dev.Rdev()] = ld
@@ -422,7 +396,7 @@ func (m *Model) Remove(key Key) (Attachment, bool) {
 	if a == nil {
 		return Attachment{}, false
 	}
-	unlock := m.locks.lock(a.Target.id())
+	unlock := m.locks.lock(a.Target.lockID())
 	defer unlock()
 
 	m.mu.Lock()
@@ -432,10 +406,11 @@ func (m *Model) Remove(key Key) (Attachment, bool) {
 	}
 	snap := a.snapshot()
 	delete(m.attachments, key)
-	tid := a.Target.id()
-	delete(m.byTarget[tid], key)
-	if len(m.byTarget[tid]) == 0 {
-		delete(m.byTarget, tid)
+	for _, k := range a.Target.shareKeys() {
+		delete(m.byShare[k], key)
+		if len(m.byShare[k]) == 0 {
+			delete(m.byShare, k)
+		}
 	}
 	release := m.dropUserLocked(a)
 	m.mu.Unlock()
@@ -449,7 +424,7 @@ func (m *Model) Remove(key Key) (Attachment, bool) {
 // plus the backend's XenStore record). Backends naming the same read-only
 // device share it. dev is nil for block devices.
 func (m *Model) Restore(a Attachment, dev Device) error {
-	unlock := m.locks.lock(a.Target.id())
+	unlock := m.locks.lock(a.Target.lockID())
 	defer unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()

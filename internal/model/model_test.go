@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -34,9 +35,9 @@ func (d *fakeDevice) Close() error {
 type fakeHost struct {
 	mu      sync.Mutex
 	next    int
-	open    int               // devices bound and not closed
-	foreign map[FileID]string // a loop device someone else bound
-	mounted map[uint64]string
+	open    int                  // devices bound and not closed
+	foreign map[FileID][]Binding // loop devices someone else bound
+	mounted map[uint64]Mount
 }
 
 func (h *fakeHost) NewLoop(backing *os.File, readOnly bool) (Device, error) {
@@ -48,26 +49,57 @@ func (h *fakeHost) NewLoop(backing *os.File, readOnly bool) (Device, error) {
 }
 
 func (h *fakeHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
-	if p, ok := h.foreign[file]; ok && !held(p) {
-		return []Binding{{Path: p, Rdev: 7<<8 | 99, DiskSeq: 1}}, nil
+	var out []Binding
+	for _, b := range h.foreign[file] {
+		if !held(b.Path) {
+			out = append(out, b)
+		}
 	}
-	return nil, nil
+	return out, nil
 }
 
-func (h *fakeHost) MountPoint(rdev uint64) (string, error) { return h.mounted[rdev], nil }
+func (h *fakeHost) Mounts(devs []uint64) ([]Mount, error) {
+	var out []Mount
+	for _, d := range devs {
+		if mt, ok := h.mounted[d]; ok {
+			mt.Rdev = d
+			out = append(out, mt)
+		}
+	}
+	return out, nil
+}
 
 var (
 	image  = Target{Kind: RegularFile, Path: "/srv/img", File: FileID{1, 10}}
 	image2 = Target{Kind: RegularFile, Path: "/srv/img2", File: FileID{1, 11}}
-	disk   = Target{Kind: BlockDevice, Path: "/dev/sdb", Rdev: 8<<8 | 16}
+	// ourLoop1 is the first loop device the fake host makes, named by phy:.
+	ourLoop1 = Target{Kind: BlockDevice, Path: "/dev/loop1", Rdev: 7<<8 | 1, Backing: image.File, BackingPath: image.Path}
+	// loop50 and loop51 are someone else's loop devices on image.
+	loop50 = Target{Kind: BlockDevice, Path: "/dev/loop50", Rdev: 7<<8 | 50, Backing: image.File, BackingPath: image.Path}
+	loop51 = Target{Kind: BlockDevice, Path: "/dev/loop51", Rdev: 7<<8 | 51, Backing: image.File, BackingPath: image.Path}
+	disk   = Target{Kind: BlockDevice, Path: "/dev/sdb", Rdev: 8<<8 | 16, Partitions: []uint64{8<<8 | 17, 8<<8 | 18}}
+	sdb1   = Target{Kind: BlockDevice, Path: "/dev/sdb1", Rdev: 8<<8 | 17, Whole: 8<<8 | 16}
+	sdb2   = Target{Kind: BlockDevice, Path: "/dev/sdb2", Rdev: 8<<8 | 18, Whole: 8<<8 | 16}
 	rw     = Mode{Writable: true}
 	ro     = Mode{}
 	force  = Mode{Writable: true, Force: true}
+	forceR = Mode{Force: true}
+
+	vmA     = Domain{VM: "/vm/a"}
+	vmB     = Domain{VM: "/vm/b"}
+	stubOfA = Domain{VM: "/vm/a-dm", TargetVM: "/vm/a"}
+	stubOfB = Domain{VM: "/vm/b-dm", TargetVM: "/vm/b"}
+	noVM    = Domain{}
 )
 
 func add(t *testing.T, m *Model, domid, devid uint32, tg Target, mode Mode) (Attachment, error) {
 	t.Helper()
-	return m.Add(context.Background(), AddRequest{Key: Key{domid, devid}, Params: tg.Path, Mode: mode, Target: tg})
+	return addAs(t, m, domid, devid, tg, mode, Domain{})
+}
+
+func addAs(t *testing.T, m *Model, domid, devid uint32, tg Target, mode Mode, dom Domain) (Attachment, error) {
+	t.Helper()
+	return m.Add(context.Background(), AddRequest{Key: Key{domid, devid}, Params: tg.Path, Mode: mode, Target: tg, Domain: dom})
 }
 
 func TestSharingRules(t *testing.T) {
@@ -75,6 +107,7 @@ func TestSharingRules(t *testing.T) {
 		domid  uint32
 		target Target
 		mode   Mode
+		dom    Domain
 	}
 	tests := []struct {
 		name    string
@@ -82,27 +115,53 @@ func TestSharingRules(t *testing.T) {
 		then    step
 		wantErr bool
 	}{
-		{"rw vs rw other domain", []step{{1, image, rw}}, step{2, image, rw}, true},
-		{"rw vs ro other domain", []step{{1, image, ro}}, step{2, image, rw}, true},
-		{"ro vs rw other domain", []step{{1, image, rw}}, step{2, image, ro}, true},
-		{"ro vs ro other domain", []step{{1, image, ro}}, step{2, image, ro}, false},
-		{"rw same domain", []step{{1, image, rw}}, step{1, image, rw}, false},
-		{"ro same domain as rw", []step{{1, image, rw}}, step{1, image, ro}, false},
-		{"w! overrides", []step{{1, image, rw}}, step{2, image, force}, false},
-		{"different files", []step{{1, image, rw}}, step{2, image2, rw}, false},
-		{"block rw vs rw", []step{{1, disk, rw}}, step{2, disk, rw}, true},
-		{"block ro vs ro", []step{{1, disk, ro}}, step{2, disk, ro}, false},
-		{"block same domain", []step{{1, disk, rw}}, step{1, disk, rw}, false},
+		{"rw vs rw other domain", []step{{1, image, rw, vmA}}, step{2, image, rw, vmB}, true},
+		{"rw vs ro other domain", []step{{1, image, ro, vmA}}, step{2, image, rw, vmB}, true},
+		{"ro vs rw other domain", []step{{1, image, rw, vmA}}, step{2, image, ro, vmB}, true},
+		{"ro vs ro other domain", []step{{1, image, ro, vmA}}, step{2, image, ro, vmB}, false},
+		{"rw same domain", []step{{1, image, rw, vmA}}, step{1, image, rw, vmA}, false},
+		{"ro same domain as rw", []step{{1, image, rw, vmA}}, step{1, image, ro, vmA}, false},
+		{"w! overrides", []step{{1, image, rw, vmA}}, step{2, image, force, vmB}, false},
+		{"r! overrides", []step{{1, image, rw, vmA}}, step{2, image, forceR, vmB}, false},
+		{"different files", []step{{1, image, rw, vmA}}, step{2, image2, rw, vmB}, false},
+
+		{"same VM rw file (migrate to localhost)", []step{{1, image, rw, vmA}}, step{2, image, rw, vmA}, false},
+		{"same VM rw phy (migrate to localhost)", []step{{1, loop50, rw, vmA}}, step{2, loop50, rw, vmA}, false},
+		{"same VM rw block device", []step{{1, disk, rw, vmA}}, step{2, disk, rw, vmA}, false},
+		{"unknown VMs never match", []step{{1, image, rw, noVM}}, step{2, image, rw, noVM}, true},
+		{"unknown VM vs known", []step{{1, image, rw, vmA}}, step{2, image, rw, noVM}, true},
+		{"stub domain asks for its guest's disk", []step{{1, image, rw, vmA}}, step{2, image, rw, stubOfA}, false},
+		{"guest asks for its stub domain's disk", []step{{2, image, rw, stubOfA}}, step{1, image, rw, vmA}, false},
+		{"stub domain of another VM", []step{{1, image, rw, vmA}}, step{2, image, rw, stubOfB}, true},
+		{"two stub domains do not vouch for each other", []step{{1, image, rw, stubOfA}}, step{2, image, rw, Domain{VM: "/vm/x", TargetVM: "/vm/a"}}, true},
+		{"same VM, third domain of another VM", []step{{1, image, rw, vmA}, {2, image, rw, vmA}}, step{3, image, ro, vmB}, true},
+
+		{"phy: our rw device for another domain", []step{{1, image, rw, vmA}}, step{2, ourLoop1, rw, vmB}, true},
+		{"phy: our rw device, read-only", []step{{1, image, rw, vmA}}, step{2, ourLoop1, ro, vmB}, true},
+		{"phy: our shared ro device asked w", []step{{1, image, ro, vmA}}, step{2, ourLoop1, rw, vmB}, true},
+		{"phy: our shared ro device asked r", []step{{1, image, ro, vmA}}, step{2, ourLoop1, ro, vmB}, false},
+		{"phy: someone's loop on a file we have rw", []step{{1, image, rw, vmA}}, step{2, loop50, rw, vmB}, true},
+		{"file whose loop device a guest has rw by phy:", []step{{1, loop50, rw, vmA}}, step{2, image, ro, vmB}, true},
+		{"two loop devices on one file", []step{{1, loop50, rw, vmA}}, step{2, loop51, rw, vmB}, true},
+		{"two loop devices on one file, read-only", []step{{1, loop50, ro, vmA}}, step{2, loop51, ro, vmB}, false},
+
+		{"block rw vs rw", []step{{1, disk, rw, vmA}}, step{2, disk, rw, vmB}, true},
+		{"block ro vs ro", []step{{1, disk, ro, vmA}}, step{2, disk, ro, vmB}, false},
+		{"block same domain", []step{{1, disk, rw, vmA}}, step{1, disk, rw, vmA}, false},
+		{"whole disk while a partition is rw", []step{{1, sdb1, rw, vmA}}, step{2, disk, ro, vmB}, true},
+		{"partition while the whole disk is rw", []step{{1, disk, rw, vmA}}, step{2, sdb1, rw, vmB}, true},
+		{"partition while the whole disk is ro", []step{{1, disk, ro, vmA}}, step{2, sdb1, ro, vmB}, false},
+		{"sibling partitions", []step{{1, sdb1, rw, vmA}}, step{2, sdb2, rw, vmB}, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			m := New(&fakeHost{}, nil)
 			for i, s := range tt.first {
-				if _, err := add(t, m, s.domid, uint32(51712+i), s.target, s.mode); err != nil {
+				if _, err := addAs(t, m, s.domid, uint32(51712+i), s.target, s.mode, s.dom); err != nil {
 					t.Fatalf("setup add: %v", err)
 				}
 			}
-			_, err := add(t, m, tt.then.domid, 51800, tt.then.target, tt.then.mode)
+			_, err := addAs(t, m, tt.then.domid, 51800, tt.then.target, tt.then.mode, tt.then.dom)
 			if got := err != nil; got != tt.wantErr {
 				t.Fatalf("add: got err %v, want error %v", err, tt.wantErr)
 			}
@@ -113,37 +172,108 @@ func TestSharingRules(t *testing.T) {
 	}
 }
 
-func TestConflictMessageNamesDomainAndDevice(t *testing.T) {
-	m := New(&fakeHost{}, nil)
-	if _, err := add(t, m, 3, 51712, image, rw); err != nil {
-		t.Fatal(err)
+func TestConflictMessages(t *testing.T) {
+	tests := []struct {
+		name  string
+		first []AddRequest
+		then  AddRequest
+		want  string
+	}{
+		{"rw file", []AddRequest{{Key: Key{3, 51712}, Mode: rw, Target: image}}, AddRequest{Key: Key{4, 51712}, Mode: rw, Target: image},
+			"refusing to attach file /srv/img to domain 4 device 51712 (xvda): domain 3 device 51712 (xvda) already uses it read-write (mode w, /dev/loop1); detach it there first (xl block-detach 3 51712) or give this domain its own copy; mode w! overrides"},
+		{"ro file asked w", []AddRequest{{Key: Key{3, 51728}, Mode: ro, Target: image}}, AddRequest{Key: Key{4, 51712}, Mode: rw, Target: image},
+			"refusing to attach file /srv/img to domain 4 device 51712 (xvda): domain 3 device 51728 (xvdb) already uses it read-only (mode r, /dev/loop1); it can only be shared read-only: use access=ro here, detach it there first (xl block-detach 3 51728), or use mode w! to override"},
+		{"phy of our device", []AddRequest{{Key: Key{3, 51712}, Mode: rw, Target: image}}, AddRequest{Key: Key{4, 51712}, Mode: rw, Target: ourLoop1},
+			"refusing to attach block device /dev/loop1 to domain 4 device 51712 (xvda): domain 3 device 51712 (xvda) already uses the file /srv/img bound to this loop device read-write (mode w, /dev/loop1); detach it there first (xl block-detach 3 51712) or give this domain its own copy; mode w! overrides"},
+		{"file of a phy loop", []AddRequest{{Key: Key{3, 51712}, Mode: rw, Target: loop50}}, AddRequest{Key: Key{4, 268439552}, Mode: rw, Target: image},
+			"refusing to attach file /srv/img to domain 4 device 268439552 (xvdq): domain 3 device 51712 (xvda) already uses loop device /dev/loop50 bound to this file read-write (mode w, /dev/loop50); detach it there first (xl block-detach 3 51712) or give this domain its own copy; mode w! overrides"},
+		{"partition of a disk", []AddRequest{{Key: Key{3, 51713}, Mode: rw, Target: sdb1}}, AddRequest{Key: Key{4, 51712}, Mode: rw, Target: disk},
+			"refusing to attach block device /dev/sdb to domain 4 device 51712 (xvda): domain 3 device 51713 (xvda1) already uses its partition /dev/sdb1 read-write (mode w, /dev/sdb1); detach it there first (xl block-detach 3 51713) or give this domain its own copy; mode w! overrides"},
 	}
-	_, err := add(t, m, 4, 51712, image, rw)
-	want := "refusing to attach file /srv/img to domain 4 device 51712: it is already attached to domain 3 (device 51712, mode w, /dev/loop1); use mode w! to override"
-	if err == nil || err.Error() != want {
-		t.Errorf("got %v\nwant %s", err, want)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := New(&fakeHost{}, nil)
+			for _, r := range tt.first {
+				if _, err := m.Add(context.Background(), r); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, err := m.Add(context.Background(), tt.then)
+			if err == nil || err.Error() != tt.want {
+				t.Errorf("got  %v\nwant %s", err, tt.want)
+			}
+		})
 	}
 }
 
 func TestHostChecks(t *testing.T) {
-	h := &fakeHost{foreign: map[FileID]string{image.File: "/dev/loop99"}, mounted: map[uint64]string{disk.Rdev: "/mnt"}}
-	m := New(h, nil)
+	other := Binding{Path: "/dev/loop50", Rdev: loop50.Rdev, DiskSeq: 1, Tag: "/srv/img"}
+	other2 := Binding{Path: "/dev/loop51", Rdev: loop51.Rdev, DiskSeq: 2, Tag: "/srv/img"}
 	tests := []struct {
+		name    string
+		foreign []Binding
+		mounted map[uint64]Mount
 		target  Target
 		mode    Mode
-		wantErr bool
+		want    string // "" for no error, else a substring of it
 	}{
-		{image, rw, true},
-		{image, ro, false},
-		{image, force, false},
-		{disk, rw, true},
-		{disk, ro, false},
-		{disk, force, false},
+		{"foreign loop on file, rw", []Binding{other}, nil, image, rw, "loop device /dev/loop50 (not made by xenblkd, tag \"/srv/img\") is bound to the same file; detach it (losetup -d /dev/loop50)"},
+		{"foreign loop on file, ro", []Binding{other}, nil, image, ro, ""},
+		{"foreign loop on file, w!", []Binding{other}, nil, image, force, ""},
+		{"foreign loop mounted rw, ro", []Binding{other}, map[uint64]Mount{loop50.Rdev: {Source: "/dev/loop50", Point: "/mnt"}}, image, ro,
+			"loop device /dev/loop50, bound to the same file, is mounted read-write on /mnt in this domain"},
+		{"foreign loop mounted ro, ro", []Binding{other}, map[uint64]Mount{loop50.Rdev: {Source: "/dev/loop50", Point: "/mnt", ReadOnly: true}}, image, ro, ""},
+		{"phy: loop, itself only", []Binding{other}, nil, loop50, rw, ""},
+		{"phy: loop, a second loop on its file", []Binding{other, other2}, nil, loop50, rw, "loop device /dev/loop51 (not made by xenblkd"},
+		{"disk mounted, rw", nil, map[uint64]Mount{disk.Rdev: {Source: "/dev/sdb", Point: "/mnt"}}, disk, rw, "it is mounted on /mnt in this domain; unmount it, or use mode w! to override"},
+		{"disk mounted rw, ro", nil, map[uint64]Mount{disk.Rdev: {Source: "/dev/sdb", Point: "/mnt"}}, disk, ro, "it is mounted read-write on /mnt"},
+		{"disk mounted ro, ro", nil, map[uint64]Mount{disk.Rdev: {Source: "/dev/sdb", Point: "/mnt", ReadOnly: true}}, disk, ro, ""},
+		{"disk mounted, w!", nil, map[uint64]Mount{disk.Rdev: {Source: "/dev/sdb", Point: "/mnt"}}, disk, force, ""},
+		{"disk whose partition is mounted", nil, map[uint64]Mount{sdb1.Rdev: {Source: "/dev/sdb1", Point: "/boot"}}, disk, rw, "its partition /dev/sdb1 is mounted on /boot"},
+		{"partition whose disk is mounted", nil, map[uint64]Mount{disk.Rdev: {Source: "/dev/sdb", Point: "/mnt"}}, sdb1, rw, "its whole disk /dev/sdb is mounted on /mnt"},
+		{"partition whose sibling is mounted", nil, map[uint64]Mount{sdb1.Rdev: {Source: "/dev/sdb1", Point: "/boot"}}, sdb2, rw, ""},
 	}
-	for i, tt := range tests {
-		_, err := add(t, m, uint32(i+1), 51712, tt.target, tt.mode)
-		if got := err != nil; got != tt.wantErr {
-			t.Errorf("%s %s: got err %v, want error %v", tt.target.Path, tt.mode, err, tt.wantErr)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := &fakeHost{foreign: map[FileID][]Binding{image.File: tt.foreign}, mounted: tt.mounted}
+			m := New(h, nil)
+			_, err := add(t, m, 1, 51712, tt.target, tt.mode)
+			switch {
+			case tt.want == "" && err != nil:
+				t.Fatalf("got %v, want no error", err)
+			case tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)):
+				t.Fatalf("got %v, want an error containing %q", err, tt.want)
+			case err != nil && !errors.Is(err, ErrConflict):
+				t.Errorf("err %v does not match ErrConflict", err)
+			}
+			if err != nil && h.open != 0 {
+				t.Errorf("refused, yet %d devices left open", h.open)
+			}
+		})
+	}
+}
+
+// A loop device of ours or one attached by phy: to a domain of the same VM
+// is not someone else's.
+func TestHostCheckKnownLoops(t *testing.T) {
+	other := Binding{Path: "/dev/loop50", Rdev: loop50.Rdev, DiskSeq: 1}
+	h := &fakeHost{foreign: map[FileID][]Binding{image.File: {other}}}
+	m := New(h, nil)
+	if _, err := addAs(t, m, 1, 51712, loop50, rw, vmA); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := addAs(t, m, 2, 51712, image, rw, vmA); err != nil {
+		t.Fatalf("same VM, file of its phy: loop device: %v", err)
+	}
+}
+
+func TestVdevName(t *testing.T) {
+	for devid, want := range map[uint32]string{
+		51712: "xvda", 51713: "xvda1", 51728: "xvdb", 51967: "xvdp15", 268439552: "xvdq",
+		268442112: "xvdaa", 2048: "sda", 2066: "sdb2", 768: "", 5: "",
+	} {
+		if got := VdevName(devid); got != want {
+			t.Errorf("VdevName(%d) = %q, want %q", devid, got, want)
 		}
 	}
 }
@@ -185,7 +315,7 @@ func TestHostCheckSkipsHeldDevices(t *testing.T) {
 
 	h.bound = append(h.bound, Binding{Path: "/dev/loop99", Rdev: 7<<8 | 99, DiskSeq: 1, Tag: "other"})
 	_, err = add(t, m, 2, 51728, image, rw) // same domain: only the host check applies
-	want := `refusing to attach file /srv/img to domain 2 device 51728: loop device /dev/loop99 (not held by xenblkd, tag "other") is bound to this file; detach it (losetup -d /dev/loop99) or use mode w! to override`
+	want := `refusing to attach file /srv/img to domain 2 device 51728 (xvdb): loop device /dev/loop99 (not made by xenblkd, tag "other") is bound to the same file; detach it (losetup -d /dev/loop99) if nothing uses it, or use mode w! to override`
 	if err == nil || err.Error() != want {
 		t.Errorf("got %v\nwant %s", err, want)
 	}

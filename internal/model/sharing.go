@@ -1,0 +1,290 @@
+package model
+
+// The sharing rules (docs/sharing.md has the table of cases).
+//
+// What a target occupies: a file is occupied by every backend that uses it,
+// directly or through a loop device bound to it (ours or not); a block device
+// by every backend that uses it, and a whole disk and its partitions occupy
+// each other. Two backends of different domains may occupy the same thing
+// only if both are read-only, or if both domains belong to the same VM (a
+// migration to localhost, a restore overlapping the old domain) or one is the
+// device-model stub domain of the other. Mode w! skips every check.
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+)
+
+// Domain is what the toolstack says about a frontend domain, read from nodes
+// only the toolstack can write. A field is "" when its node is missing or a
+// guest could have written it: such a domain never matches another.
+type Domain struct {
+	VM       string // /local/domain/<id>/vm
+	TargetVM string // a stub domain: the vm of the domain it serves (/local/domain/<target>/vm)
+}
+
+// sameVM says why domains a and b may share a writable target ("" if not),
+// as the stock script's same_vm: the same VM, or one is the stub domain of a
+// domain of the other's VM. Unknown identities never match.
+func sameVM(a, b Domain) string {
+	switch {
+	case a.VM != "" && a.VM == b.VM:
+		return "same VM"
+	case a.TargetVM != "" && a.TargetVM == b.VM:
+		return "stub domain of that VM"
+	case b.TargetVM != "" && b.TargetVM == a.VM:
+		return "that domain is this VM's stub domain"
+	}
+	return ""
+}
+
+// file returns the file t stands for: the file itself, or the file bound to
+// a loop device (zero if none).
+func (t Target) file() FileID {
+	if t.Kind == RegularFile {
+		return t.File
+	}
+	return t.Backing
+}
+
+// shareKey is one thing a target occupies.
+type shareKey struct {
+	kind byte // 'f' a file, 'b' a block device, 'p' the partitions of a whole disk
+	a, b uint64
+}
+
+// shareKeys are what an attachment of t is indexed under.
+func (t Target) shareKeys() []shareKey {
+	var keys []shareKey
+	if f := t.file(); f != (FileID{}) {
+		keys = append(keys, shareKey{'f', f.Dev, f.Ino})
+	}
+	if t.Kind == BlockDevice {
+		keys = append(keys, shareKey{'b', t.Rdev, 0})
+		if t.Whole != 0 {
+			keys = append(keys, shareKey{'p', t.Whole, 0})
+		}
+	}
+	return keys
+}
+
+// probeKeys are what a request for t looks up: its file, itself, its whole
+// disk, and the partitions of itself.
+func (t Target) probeKeys() []shareKey {
+	var keys []shareKey
+	if f := t.file(); f != (FileID{}) {
+		keys = append(keys, shareKey{'f', f.Dev, f.Ino})
+	}
+	if t.Kind == BlockDevice {
+		keys = append(keys, shareKey{'b', t.Rdev, 0}, shareKey{'p', t.Rdev, 0})
+		if t.Whole != 0 {
+			keys = append(keys, shareKey{'b', t.Whole, 0})
+		}
+	}
+	return keys
+}
+
+// lockID is the per-target lock. Targets that may conflict share it, so their
+// checks and setups serialise: everything standing for one file, and a whole
+// disk with its partitions.
+func (t Target) lockID() targetID {
+	if f := t.file(); f != (FileID{}) {
+		return targetID{RegularFile, f.Dev, f.Ino}
+	}
+	if t.Whole != 0 {
+		return targetID{BlockDevice, t.Whole, 0}
+	}
+	return targetID{BlockDevice, t.Rdev, 0}
+}
+
+// conflictLocked applies the sharing rules against our own attachments.
+func (m *Model) conflictLocked(req AddRequest) error {
+	seen := map[Key]bool{}
+	var others []*attachment
+	for _, k := range req.Target.probeKeys() {
+		for key, a := range m.byShare[k] {
+			if !seen[key] {
+				seen[key] = true
+				others = append(others, a)
+			}
+		}
+	}
+	sort.Slice(others, func(i, j int) bool { return less(others[i].Key, others[j].Key) })
+	for _, other := range others {
+		if other.Key.Domid == req.Key.Domid {
+			continue // the same domain may attach it again
+		}
+		if !req.Mode.Writable && !other.Mode.Writable {
+			continue // read-only everywhere
+		}
+		if why := sameVM(req.Domain, other.Domain); why != "" {
+			m.log.Info("sharing allowed", "domid", req.Key.Domid, "devid", req.Key.Devid, "why", why,
+				"other_domid", other.Key.Domid, "other_devid", other.Key.Devid, "other_mode", other.Mode.String(),
+				"vm", req.Domain.VM, "target_vm", req.Domain.TargetVM, "other_vm", other.Domain.VM)
+			continue
+		}
+		return &ConflictError{Key: req.Key, Target: req.Target, Reason: conflictReason(req, other)}
+	}
+	return nil
+}
+
+// conflictReason says who uses the target, how, and what to do.
+func conflictReason(req AddRequest, other *attachment) string {
+	what := "it"
+	if rel := relation(req.Target, other.Target); rel != "" {
+		what = rel
+	}
+	how := "read-only"
+	if other.Mode.Writable {
+		how = "read-write"
+	}
+	dev := other.DevPath
+	if dev == "" {
+		dev = other.Target.Path
+	}
+	var advice string
+	if other.Mode.Writable {
+		advice = fmt.Sprintf("detach it there first (xl block-detach %d %d) or give this domain its own copy; mode w! overrides",
+			other.Key.Domid, other.Key.Devid)
+	} else {
+		advice = fmt.Sprintf("it can only be shared read-only: use access=ro here, detach it there first (xl block-detach %d %d), or use mode w! to override",
+			other.Key.Domid, other.Key.Devid)
+	}
+	return fmt.Sprintf("%s already uses %s %s (mode %s, %s); %s", other.Key.Describe(), what, how, other.Mode, dev, advice)
+}
+
+// relation names other's target as seen from t, "" if it is t itself.
+func relation(t, other Target) string {
+	switch {
+	case t.id() == other.id():
+		return ""
+	case t.Kind == RegularFile && other.Kind == BlockDevice:
+		return "loop device " + other.Path + " bound to this file"
+	case t.Kind == BlockDevice && other.Kind == RegularFile:
+		return "the file " + other.Path + " bound to this loop device"
+	case t.Backing != (FileID{}) && t.Backing == other.Backing:
+		return "loop device " + other.Path + ", bound to the same file"
+	case t.Whole != 0 && t.Whole == other.Rdev:
+		return "its whole disk " + other.Path
+	case other.Whole != 0 && other.Whole == t.Rdev:
+		return "its partition " + other.Path
+	}
+	return other.Path
+}
+
+// checkHost applies the rules that need the machine: loop devices we do not
+// hold bound to the file, and mounts of the device (or of its partitions or
+// whole disk) in this domain. A read-only request is refused only by what
+// is mounted read-write.
+func (m *Model) checkHost(req AddRequest) error {
+	t := req.Target
+	// mountsOf: each device whose mounts count, with how to name it.
+	mountsOf := map[uint64]string{}
+	if t.Kind == BlockDevice {
+		mountsOf[t.Rdev] = "it"
+		for _, p := range t.Partitions {
+			mountsOf[p] = "its partition %s"
+		}
+		if t.Whole != 0 {
+			mountsOf[t.Whole] = "its whole disk %s"
+		}
+	}
+	if f := t.file(); f != (FileID{}) {
+		bindings, err := m.host.LoopsOf(f, m.holds)
+		if err != nil {
+			return fmt.Errorf("check loop devices bound to %s: %w", t.Path, err)
+		}
+		for _, b := range bindings {
+			if t.Kind == BlockDevice && b.Rdev == t.Rdev {
+				continue // the device asked for
+			}
+			if m.knownLoop(b) {
+				continue
+			}
+			if req.Mode.Writable {
+				return &ConflictError{Key: req.Key, Target: t, Reason: fmt.Sprintf(
+					"loop device %s (not made by xenblkd, tag %q) is bound to the same file; detach it (losetup -d %s) if nothing uses it, or use mode w! to override",
+					b.Path, b.Tag, b.Path)}
+			}
+			mountsOf[b.Rdev] = "loop device %s, bound to the same file," // read-only: only a read-write mount refuses
+		}
+	}
+	if len(mountsOf) == 0 {
+		return nil
+	}
+	devs := make([]uint64, 0, len(mountsOf))
+	for d := range mountsOf {
+		devs = append(devs, d)
+	}
+	sort.Slice(devs, func(i, j int) bool { return devs[i] < devs[j] })
+	mounts, err := m.host.Mounts(devs)
+	if err != nil {
+		return fmt.Errorf("check mounts of %s: %w", t.Path, err)
+	}
+	for _, mt := range mounts {
+		if !req.Mode.Writable && mt.ReadOnly {
+			continue
+		}
+		what := mountsOf[mt.Rdev]
+		if what == "" {
+			what = "device %s"
+		}
+		if what != "it" {
+			what = fmt.Sprintf(what, mt.Source)
+		}
+		if req.Mode.Writable {
+			return &ConflictError{Key: req.Key, Target: t, Reason: fmt.Sprintf(
+				"%s is mounted on %s in this domain; unmount it, or use mode w! to override", what, mt.Point)}
+		}
+		return &ConflictError{Key: req.Key, Target: t, Reason: fmt.Sprintf(
+			"%s is mounted read-write on %s in this domain, so the guest would read it while it changes; unmount it or remount it read-only, or use mode r! to override",
+			what, mt.Point)}
+	}
+	return nil
+}
+
+// knownLoop reports whether b is a loop device the model holds, or one an
+// attachment of ours uses as a block device (conflictLocked judged that one).
+func (m *Model) knownLoop(b Binding) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if ld, ours := m.devices[b.Rdev]; ours && ld.dev.DiskSeq() == b.DiskSeq {
+		return true
+	}
+	return len(m.byShare[shareKey{'b', b.Rdev, 0}]) > 0
+}
+
+// VdevName returns the guest-visible name the virtual device number devid
+// encodes (xvda, xvdb3, sdc), or "" if it encodes none (Xen's vbd
+// numbering: 202<<8 | disk<<4 | partition for xvd a-p, 1<<28 | disk<<8 |
+// partition beyond, 8<<8 | disk<<4 | partition for sd).
+func VdevName(devid uint32) string {
+	var prefix string
+	var disk, part uint32
+	switch {
+	case devid&(1<<28) != 0 && devid < 1<<29:
+		prefix, disk, part = "xvd", (devid>>8)&0xfffff, devid&0xff
+	case devid>>8 == 202:
+		prefix, disk, part = "xvd", (devid>>4)&15, devid&15
+	case devid>>8 == 8:
+		prefix, disk, part = "sd", (devid>>4)&15, devid&15
+	default:
+		return ""
+	}
+	name := prefix + diskLetters(disk)
+	if part != 0 {
+		name += strconv.FormatUint(uint64(part), 10)
+	}
+	return name
+}
+
+// diskLetters is a, b, ... z, aa, ab, ... as Linux names disks.
+func diskLetters(n uint32) string {
+	s := string(rune('a' + n%26))
+	for n >= 26 {
+		n = n/26 - 1
+		s = string(rune('a'+n%26)) + s
+	}
+	return s
+}
