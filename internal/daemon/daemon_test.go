@@ -243,3 +243,37 @@ func TestMounts(t *testing.T) {
 		}
 	}
 }
+
+// TestBlockFacts reads partitions and whole disks from a sysfs laid out as
+// the kernel does: /sys/dev/block/M:m links to the device's directory, a
+// partition's directory sits inside its disk's and has a "partition" file.
+func TestBlockFacts(t *testing.T) {
+	sys := t.TempDir()
+	disk := filepath.Join(sys, "devices/pci0/block/sdb")
+	for _, p := range []struct{ dir, dev string }{{disk, "8:16"}, {disk + "/sdb1", "8:17"}, {disk + "/sdb2", "8:18"}, {disk + "/holders", ""}} {
+		os.MkdirAll(p.dir, 0o755)
+		if p.dev != "" {
+			os.WriteFile(p.dir+"/dev", []byte(p.dev+"\n"), 0o644)
+		}
+	}
+	os.WriteFile(disk+"/sdb1/partition", []byte("1\n"), 0o644)
+	os.WriteFile(disk+"/sdb2/partition", []byte("2\n"), 0o644)
+	os.MkdirAll(sys+"/dev/block", 0o755)
+	os.Symlink(disk, sys+"/dev/block/8:16")
+	os.Symlink(disk+"/sdb1", sys+"/dev/block/8:17")
+
+	whole := model.Target{Kind: model.BlockDevice, Path: "/dev/sdb", Rdev: unix.Mkdev(8, 16)}
+	if err := blockFacts(nil, &whole, sys); err != nil {
+		t.Fatal(err)
+	}
+	if want := []uint64{unix.Mkdev(8, 17), unix.Mkdev(8, 18)}; fmt.Sprint(whole.Partitions) != fmt.Sprint(want) || whole.Whole != 0 {
+		t.Errorf("whole disk: partitions %v, whole %x; want %v, 0", whole.Partitions, whole.Whole, want)
+	}
+	part := model.Target{Kind: model.BlockDevice, Path: "/dev/sdb1", Rdev: unix.Mkdev(8, 17)}
+	if err := blockFacts(nil, &part, sys); err != nil {
+		t.Fatal(err)
+	}
+	if part.Whole != unix.Mkdev(8, 16) || part.Partitions != nil {
+		t.Errorf("partition: whole %x, partitions %v; want %x, none", part.Whole, part.Partitions, unix.Mkdev(8, 16))
+	}
+}

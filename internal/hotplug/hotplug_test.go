@@ -34,6 +34,7 @@ func (m mapStore) Rm(ctx context.Context, p string) error {
 	return nil
 }
 func (m mapStore) Directory(ctx context.Context, p string) ([]string, error) { return nil, nil }
+
 // GetPerms returns the permissions stored under p+permsSuffix ("n0 r5"),
 // else the toolstack's "n0" for every node that exists.
 func (m mapStore) GetPerms(ctx context.Context, p string) ([]xenstore.Perm, error) {
@@ -53,6 +54,7 @@ func (m mapStore) GetPerms(ctx context.Context, p string) ([]xenstore.Perm, erro
 }
 
 const permsSuffix = "\x00perms"
+
 func (m mapStore) SetPerms(ctx context.Context, p string, perms []xenstore.Perm) error { return nil }
 func (m mapStore) Transact(ctx context.Context, fn func(xenstore.Ops) error) error {
 	tx := mapStore{}
@@ -247,5 +249,58 @@ func TestConnectFailDisconnect(t *testing.T) {
 	}
 	if err := Disconnect(ctx, gone, be); err != nil || len(gone) != 0 {
 		t.Fatalf("disconnect a removed backend: %v, wrote %v", err, gone)
+	}
+}
+
+func TestReadFrontend(t *testing.T) {
+	ctx := context.Background()
+	const vm1, vm5 = "/vm/11111111-1111-1111-1111-111111111111", "/vm/55555555-5555-5555-5555-555555555555"
+	tests := []struct {
+		name    string
+		nodes   map[string]string // besides the backend's; path+permsSuffix sets perms
+		want    Frontend
+		ignored string // substring of the one Ignored line, "" for none
+	}{
+		{"no nodes", nil, Frontend{Target: -1}, ""},
+		{"vm owned by the toolstack", map[string]string{"/local/domain/1/vm": vm1, "/local/domain/1/vm" + permsSuffix: "n0 r1"},
+			Frontend{VM: vm1, Target: -1}, ""},
+		{"vm owned by the guest", map[string]string{"/local/domain/1/vm": vm1, "/local/domain/1/vm" + permsSuffix: "n1"},
+			Frontend{Target: -1}, "/local/domain/1/vm: owned by domain 1, not the toolstack"},
+		{"vm the guest may write", map[string]string{"/local/domain/1/vm": vm1, "/local/domain/1/vm" + permsSuffix: "n0 b1"},
+			Frontend{Target: -1}, "domain 1 may write it"},
+		{"vm everyone may write", map[string]string{"/local/domain/1/vm": vm1, "/local/domain/1/vm" + permsSuffix: "w0"},
+			Frontend{Target: -1}, "every domain may write it"},
+		{"empty vm", map[string]string{"/local/domain/1/vm": ""}, Frontend{Target: -1}, "empty"},
+		{"stub domain", map[string]string{"/local/domain/1/vm": vm1, "/local/domain/1/target": "5", "/local/domain/5/vm": vm5},
+			Frontend{VM: vm1, Target: 5, TargetVM: vm5}, ""},
+		{"stub domain, target written by the guest", map[string]string{"/local/domain/1/vm": vm1, "/local/domain/1/target": "5",
+			"/local/domain/1/target" + permsSuffix: "n1", "/local/domain/5/vm": vm5},
+			Frontend{VM: vm1, Target: -1}, "/local/domain/1/target: owned by domain 1"},
+		{"stub domain, target's vm written by the target", map[string]string{"/local/domain/1/target": "5",
+			"/local/domain/5/vm": vm5, "/local/domain/5/vm" + permsSuffix: "n5"},
+			Frontend{Target: 5}, "/local/domain/5/vm: owned by domain 5"},
+		{"target is itself", map[string]string{"/local/domain/1/target": "1"}, Frontend{Target: -1}, "is not another domain's id"},
+		{"target is not a number", map[string]string{"/local/domain/1/target": "x"}, Frontend{Target: -1}, "is not another domain's id"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := backendStore("/srv/img", "w")
+			for k, v := range tt.nodes {
+				s[k] = v
+			}
+			r, err := ReadRequest(ctx, s, be)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := r.Frontend
+			ignored := strings.Join(got.Ignored, "; ")
+			got.Ignored = nil
+			if got.VM != tt.want.VM || got.Target != tt.want.Target || got.TargetVM != tt.want.TargetVM {
+				t.Errorf("got %+v, want %+v", got, tt.want)
+			}
+			if (tt.ignored == "") != (ignored == "") || !strings.Contains(ignored, tt.ignored) {
+				t.Errorf("ignored %q, want %q", ignored, tt.ignored)
+			}
+		})
 	}
 }

@@ -160,11 +160,11 @@ func relation(t, other Target) string {
 	case t.id() == other.id():
 		return ""
 	case t.Kind == RegularFile && other.Kind == BlockDevice:
-		return "loop device " + other.Path + " bound to this file"
+		return "loop device " + other.Path + " (bound to this file)"
 	case t.Kind == BlockDevice && other.Kind == RegularFile:
-		return "the file " + other.Path + " bound to this loop device"
+		return "the file " + other.Path + " (bound to this loop device)"
 	case t.Backing != (FileID{}) && t.Backing == other.Backing:
-		return "loop device " + other.Path + ", bound to the same file"
+		return "loop device " + other.Path + " (bound to the same file)"
 	case t.Whole != 0 && t.Whole == other.Rdev:
 		return "its whole disk " + other.Path
 	case other.Whole != 0 && other.Whole == t.Rdev:
@@ -207,7 +207,7 @@ func (m *Model) checkHost(req AddRequest) error {
 					"loop device %s (not made by xenblkd, tag %q) is bound to the same file; detach it (losetup -d %s) if nothing uses it, or use mode w! to override",
 					b.Path, b.Tag, b.Path)}
 			}
-			mountsOf[b.Rdev] = "loop device %s, bound to the same file," // read-only: only a read-write mount refuses
+			mountsOf[b.Rdev] = "loop device %s (bound to the same file)" // read-only: only a read-write mount refuses
 		}
 	}
 	if len(mountsOf) == 0 {

@@ -27,6 +27,10 @@ type Disk struct {
 	// blkback's probe then 2 (InitWait), which libxl waits for before it
 	// execs the script. Harnesses without blkback write 2 themselves. 0 means 1.
 	State int
+	// VM is the domain's vm node (libxl: /vm/<uuid>, the same for the
+	// domains of one VM, e.g. both ends of a migration to localhost). ""
+	// means a VM of its own: /vm/00000000-0000-0000-0000-<domid>.
+	VM string
 }
 
 // Backend is the backend's path relative to the backend domain, i.e. the
@@ -52,8 +56,12 @@ func (d Disk) Nodes() [][2]string {
 	if state == 0 {
 		state = 1
 	}
+	vm := d.VM
+	if vm == "" {
+		vm = fmt.Sprintf("/vm/00000000-0000-0000-0000-%012d", d.Domid)
+	}
 	nodes := [][2]string{
-		{dom + "/vm", fmt.Sprintf("/vm/00000000-0000-0000-0000-%012d", d.Domid)},
+		{dom + "/vm", vm},
 		{dom + "/name", fmt.Sprintf("guest%d", d.Domid)},
 		{be + "/frontend", fe}, {be + "/script", d.Script},
 		{be + "/frontend-id", strconv.Itoa(d.Domid)}, {be + "/online", "1"},
