@@ -133,7 +133,8 @@ func TestSharingRules(t *testing.T) {
 		{"stub domain asks for its guest's disk", []step{{1, image, rw, vmA}}, step{2, image, rw, stubOfA}, false},
 		{"guest asks for its stub domain's disk", []step{{2, image, rw, stubOfA}}, step{1, image, rw, vmA}, false},
 		{"stub domain of another VM", []step{{1, image, rw, vmA}}, step{2, image, rw, stubOfB}, true},
-		{"two stub domains do not vouch for each other", []step{{1, image, rw, stubOfA}}, step{2, image, rw, Domain{VM: "/vm/x", TargetVM: "/vm/a"}}, true},
+		{"two stub domains of one VM", []step{{1, image, rw, stubOfA}}, step{2, image, rw, Domain{VM: "/vm/x", TargetVM: "/vm/a"}}, false},
+		{"stub domains of two VMs", []step{{1, image, rw, stubOfA}}, step{2, image, rw, stubOfB}, true},
 		{"same VM, third domain of another VM", []step{{1, image, rw, vmA}, {2, image, rw, vmA}}, step{3, image, ro, vmB}, true},
 
 		{"phy: our rw device for another domain", []step{{1, image, rw, vmA}}, step{2, ourLoop1, rw, vmB}, true},

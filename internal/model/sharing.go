@@ -25,8 +25,9 @@ type Domain struct {
 }
 
 // sameVM says why domains a and b may share a writable target ("" if not),
-// as the stock script's same_vm: the same VM, or one is the stub domain of a
-// domain of the other's VM. Unknown identities never match.
+// as the stock script's same_vm: the same VM, one is the stub domain of a
+// domain of the other's VM, or both are stub domains of one VM (an HVM
+// guest's stub domain migrating to localhost). Unknown identities never match.
 func sameVM(a, b Domain) string {
 	switch {
 	case a.VM != "" && a.VM == b.VM:
@@ -35,6 +36,8 @@ func sameVM(a, b Domain) string {
 		return "stub domain of that VM"
 	case b.TargetVM != "" && b.TargetVM == a.VM:
 		return "that domain is this VM's stub domain"
+	case a.TargetVM != "" && a.TargetVM == b.TargetVM:
+		return "stub domains of the same VM"
 	}
 	return ""
 }
