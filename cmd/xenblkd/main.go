@@ -142,7 +142,9 @@ DESCRIPTION
 
     add reads params and mode from the backend, opens the target (a block
     device is used as is, a regular file gets a loop device; a relative params
-    names a node under /dev), applies the sharing rules (mode w! skips them)
+    names a node under /dev, without ".."; an unbound loop device or a deleted
+    file is refused), applies the sharing rules (docs/sharing.md; mode w!
+    skips them)
     and writes physical-device, physical-device-path, diskseq and
     hotplug-status=connected in one transaction.
 
