@@ -227,7 +227,7 @@ func TestPartitionsAndWholeDisk(t *testing.T) {
 	d := startDaemon(t, xsd.Socket)
 	whole := losetup(t, mbrImage(t), "-P")
 	part := whole + "p1"
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(3 * time.Second)
 	for {
 		if fi, err := os.Stat(part); err == nil && fi.Mode()&os.ModeDevice != 0 {
 			break

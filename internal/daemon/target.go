@@ -122,7 +122,17 @@ func blockFacts(f *os.File, t *model.Target, sysfs string) error {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", dir, err)
 	}
+	// A partition's directory is named after its disk (sdb1, loop0p1,
+	// nvme0n1p1): only those are worth a stat.
+	link, err := os.Readlink(dir)
+	if err != nil {
+		return fmt.Errorf("read %s: %w", dir, err)
+	}
+	disk := filepath.Base(link)
 	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), disk) {
+			continue
+		}
 		if _, err := os.Stat(dir + "/" + e.Name() + "/partition"); err != nil {
 			continue
 		}
