@@ -164,7 +164,11 @@ type ConflictError struct {
 }
 
 func (e *ConflictError) Error() string {
-	return fmt.Sprintf("refusing to attach %s %s to %s: %s", e.Target.Kind, e.Target.Path, e.Key.Describe(), e.Reason)
+	what := e.Target.Path
+	if e.Target.BackingPath != "" {
+		what += " (a loop device bound to " + e.Target.BackingPath + ")"
+	}
+	return fmt.Sprintf("refusing to attach %s %s to %s: %s", e.Target.Kind, what, e.Key.Describe(), e.Reason)
 }
 
 // ErrConflict matches every *ConflictError with errors.Is.
