@@ -73,7 +73,11 @@ test_migrate() {
 		say "$name: loop device on d1.img: before [${oldloop% }], after [${newloop% }]"
 		check "$name: phy: device still bound to its image" "$(losetup -nO BACK-FILE "$dev")" \
 			test "$(losetup -nO BACK-FILE "$dev" 2>/dev/null)" = "$WORK/xenblkd-phy.img"
-		grep -a 'sharing allowed' <(journalctl -b -u xenblkd --no-pager 2>/dev/null) | tail -2 | sed 's/^/   /'
+		# Both disks were attached while the sender still had them: by the same-VM rule.
+		local allowed
+		allowed=$(journalctl -b -u xenblkd --no-pager 2>/dev/null | grep -ac "sharing allowed.* domid=$newdomid .*why=\"same VM\" other_domid=$domid ")
+		check "$name: xenblkd let the receiver share both disks as the same VM" "$allowed 'sharing allowed' lines, want 2" \
+			test "$allowed" = 2
 	fi
 
 	# xl save stops the domain after writing its state; xl restore starts a new domain from it.
