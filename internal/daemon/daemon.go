@@ -115,6 +115,9 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 	for _, why := range req.Frontend.Ignored {
 		log.Warn("not trusted for the same-VM sharing exception", "node", why)
 	}
+	for _, why := range req.Frontend.Unreadable { // the rule in a driver domain: at debug level
+		log.Debug("not trusted for the same-VM sharing exception: unreadable", "node", why)
+	}
 	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target,
 		Domain: domainOf(req.Frontend), Backing: backing})
 	if err != nil {

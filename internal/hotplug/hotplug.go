@@ -142,12 +142,13 @@ const ToolstackDomid = 0
 // same-VM and stub-domain sharing exceptions. Each value is read only from a
 // node whose permissions let no one but the toolstack write it; a missing
 // node, an unreadable one or one a guest could write leaves its value "" (and
-// a line in Ignored), so it can never widen sharing.
+// a line in Ignored or Unreadable), so it can never widen sharing.
 type Frontend struct {
-	VM       string   // /local/domain/<domid>/vm
-	Target   int      // a device-model stub domain: the domain it serves (/local/domain/<domid>/target); -1 if none
-	TargetVM string   // /local/domain/<Target>/vm
-	Ignored  []string // nodes that exist but were not trusted, and why
+	VM         string   // /local/domain/<domid>/vm
+	Target     int      // a device-model stub domain: the domain it serves (/local/domain/<domid>/target); -1 if none
+	TargetVM   string   // /local/domain/<Target>/vm
+	Ignored    []string // nodes that exist but were not trusted, and why
+	Unreadable []string // nodes that could not be read (e.g. EACCES in a driver domain), and why
 }
 
 // readFrontend reads domid's vm and target nodes and their permissions, then
@@ -158,12 +159,13 @@ func readFrontend(ctx context.Context, s Store, domid uint32) Frontend {
 	var vm, target string
 	var wg sync.WaitGroup
 	var vmWhy, targetWhy string
-	wg.Go(func() { vm, vmWhy = readTrusted(ctx, s, dom+"/vm") })
-	wg.Go(func() { target, targetWhy = readTrusted(ctx, s, dom+"/target") })
+	var vmErr, targetErr bool
+	wg.Go(func() { vm, vmWhy, vmErr = readTrusted(ctx, s, dom+"/vm") })
+	wg.Go(func() { target, targetWhy, targetErr = readTrusted(ctx, s, dom+"/target") })
 	wg.Wait()
 	fe.VM = vm
-	fe.addIgnored(vmWhy)
-	fe.addIgnored(targetWhy)
+	fe.note(vmWhy, vmErr)
+	fe.note(targetWhy, targetErr)
 	if target == "" {
 		return fe
 	}
@@ -173,21 +175,28 @@ func readFrontend(ctx context.Context, s Store, domid uint32) Frontend {
 		return fe
 	}
 	fe.Target = int(t)
-	tvm, why := readTrusted(ctx, s, fmt.Sprintf("/local/domain/%d/vm", t))
+	tvm, why, readErr := readTrusted(ctx, s, fmt.Sprintf("/local/domain/%d/vm", t))
 	fe.TargetVM = tvm
-	fe.addIgnored(why)
+	fe.note(why, readErr)
 	return fe
 }
 
-func (fe *Frontend) addIgnored(why string) {
-	if why != "" {
+func (fe *Frontend) addIgnored(why string) { fe.note(why, false) }
+
+func (fe *Frontend) note(why string, readErr bool) {
+	switch {
+	case why == "":
+	case readErr:
+		fe.Unreadable = append(fe.Unreadable, why)
+	default:
 		fe.Ignored = append(fe.Ignored, why)
 	}
 }
 
 // readTrusted returns path's value if only the toolstack can write it ("" and
-// why not otherwise; "" and "" if the node is simply missing).
-func readTrusted(ctx context.Context, s Store, path string) (value, why string) {
+// why not otherwise, readErr if the node could not be read; "" and "" if the
+// node is simply missing).
+func readTrusted(ctx context.Context, s Store, path string) (value, why string, readErr bool) {
 	var v string
 	var perms []xenstore.Perm
 	var rerr, perr error
@@ -197,18 +206,18 @@ func readTrusted(ctx context.Context, s Store, path string) (value, why string) 
 	wg.Wait()
 	switch {
 	case errors.Is(rerr, unix.ENOENT) || errors.Is(perr, unix.ENOENT):
-		return "", ""
+		return "", "", false
 	case rerr != nil:
-		return "", fmt.Sprintf("%s: %v", path, rerr)
+		return "", fmt.Sprintf("%s: %v", path, rerr), true
 	case perr != nil:
-		return "", fmt.Sprintf("%s: %v", path, perr)
+		return "", fmt.Sprintf("%s: %v", path, perr), true
 	case v == "":
-		return "", fmt.Sprintf("%s: empty", path)
+		return "", fmt.Sprintf("%s: empty", path), false
 	}
 	if why := untrusted(perms); why != "" {
-		return "", fmt.Sprintf("%s: %s", path, why)
+		return "", fmt.Sprintf("%s: %s", path, why), false
 	}
-	return v, ""
+	return v, "", false
 }
 
 // untrusted says why a node with permissions perms might have been written by

@@ -45,6 +45,9 @@ func (m mapStore) GetPerms(ctx context.Context, p string) ([]xenstore.Perm, erro
 	if !ok {
 		spec = "n0"
 	}
+	if spec == "EACCES" {
+		return nil, &xenstore.Error{Op: "get-perms", Path: p, Err: unix.EACCES}
+	}
 	var perms []xenstore.Perm
 	for _, f := range strings.Fields(spec) {
 		n, _ := strconv.ParseUint(f[1:], 10, 32)
@@ -279,6 +282,8 @@ func TestReadFrontend(t *testing.T) {
 		{"stub domain, target's vm written by the target", map[string]string{"/local/domain/1/target": "5",
 			"/local/domain/5/vm": vm5, "/local/domain/5/vm" + permsSuffix: "n5"},
 			Frontend{Target: 5}, "/local/domain/5/vm: owned by domain 5"},
+		{"vm unreadable (a driver domain)", map[string]string{"/local/domain/1/vm": vm1, "/local/domain/1/vm" + permsSuffix: "EACCES"},
+			Frontend{Target: -1}, "unreadable: /local/domain/1/vm: xenstore get-perms /local/domain/1/vm: permission denied"},
 		{"target is itself", map[string]string{"/local/domain/1/target": "1"}, Frontend{Target: -1}, "is not another domain's id"},
 		{"target is not a number", map[string]string{"/local/domain/1/target": "x"}, Frontend{Target: -1}, "is not another domain's id"},
 	}
@@ -294,7 +299,9 @@ func TestReadFrontend(t *testing.T) {
 			}
 			got := r.Frontend
 			ignored := strings.Join(got.Ignored, "; ")
-			got.Ignored = nil
+			if len(got.Unreadable) > 0 {
+				ignored += "unreadable: " + strings.Join(got.Unreadable, "; ")
+			}
 			if got.VM != tt.want.VM || got.Target != tt.want.Target || got.TargetVM != tt.want.TargetVM {
 				t.Errorf("got %+v, want %+v", got, tt.want)
 			}
