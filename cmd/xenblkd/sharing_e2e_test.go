@@ -155,7 +155,7 @@ func TestSameVMSharing(t *testing.T) {
 		mustHotplug(t, d, "add", beStub)
 		mustHotplug(t, d, "add", beGuest)
 	})
-	if !strings.Contains(d.log.String(), "owned by domain 1102, not the toolstack") {
+	if !strings.Contains(logText(d), "owned by domain 1102, not the toolstack") {
 		t.Errorf("daemon log does not say why a guest-owned node was ignored")
 	}
 }
@@ -286,9 +286,16 @@ func TestRefusedTargets(t *testing.T) {
 	if after := ourDevices(t); len(after) != len(before) {
 		t.Errorf("loop devices before %v, after %v", before, after)
 	}
-	if n := strings.Count(d.log.String(), "add refused"); n < len(tests) {
+	if n := strings.Count(logText(d), "add refused"); n < len(tests) {
 		t.Errorf("daemon log has %d refusals, want %d", n, len(tests))
 	}
+}
+
+// logText is the daemon's log so far (it may still be writing).
+func logText(d *daemon) string {
+	d.logw.mu.Lock()
+	defer d.logw.mu.Unlock()
+	return d.log.String()
 }
 
 // holdFreeLoop returns a free loop device, opened O_EXCL under the
