@@ -200,10 +200,11 @@ func (a *attachment) snapshot() Attachment {
 
 // Model is the set of attachments. The zero value is not usable: use New.
 //
-// Locking: a per-target lock (locks) is held across the slow work of one add
-// or remove (sharing checks against the host, loop setup) so two requests
-// for the same file serialise, and requests for different files never wait on
-// each other. mu guards the maps below and is never held across slow work.
+// Locking: per-target locks (locks, Target.lockIDs) are held across the slow
+// work of one add or remove (sharing checks against the host, loop setup) so
+// two requests for targets that may conflict serialise, and requests for
+// unrelated targets never wait on each other. mu guards the maps below and is
+// never held across slow work.
 type Model struct {
 	host  Host
 	log   *slog.Logger
@@ -238,7 +239,7 @@ func New(host Host, log *slog.Logger) *Model {
 // with the same mode returns the existing attachment (idempotent).
 func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 	tid := req.Target.id()
-	unlock := m.locks.lock(req.Target.lockID())
+	unlock := m.locks.lockAll(req.Target.lockIDs())
 	defer unlock()
 	if err := ctx.Err(); err != nil {
 		return Attachment{}, err
@@ -400,7 +401,7 @@ func (m *Model) Remove(key Key) (Attachment, bool) {
 	if a == nil {
 		return Attachment{}, false
 	}
-	unlock := m.locks.lock(a.Target.lockID())
+	unlock := m.locks.lockAll(a.Target.lockIDs())
 	defer unlock()
 
 	m.mu.Lock()
@@ -428,7 +429,7 @@ func (m *Model) Remove(key Key) (Attachment, bool) {
 // plus the backend's XenStore record). Backends naming the same read-only
 // device share it. dev is nil for block devices.
 func (m *Model) Restore(a Attachment, dev Device) error {
-	unlock := m.locks.lock(a.Target.lockID())
+	unlock := m.locks.lockAll(a.Target.lockIDs())
 	defer unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -497,6 +498,20 @@ type keyedMutex struct {
 type keyedLock struct {
 	mu   sync.Mutex
 	refs int // guarded by keyedMutex.mu
+}
+
+// lockAll locks each of ids, which must be in lessID order (so that two
+// callers sharing some never wait on each other crosswise).
+func (k *keyedMutex) lockAll(ids []targetID) (unlock func()) {
+	unlocks := make([]func(), len(ids))
+	for i, id := range ids {
+		unlocks[i] = k.lock(id)
+	}
+	return func() {
+		for i := len(unlocks) - 1; i >= 0; i-- {
+			unlocks[i]()
+		}
+	}
 }
 
 func (k *keyedMutex) lock(id targetID) (unlock func()) {

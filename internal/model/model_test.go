@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 type fakeDevice struct {
@@ -478,5 +479,47 @@ func TestParseMode(t *testing.T) {
 		if (err != nil) != tt.wantErr || (err == nil && got != tt.want) {
 			t.Errorf("ParseMode(%q) = %+v, %v; want %+v, error %v", tt.in, got, err, tt.want, tt.wantErr)
 		}
+	}
+}
+
+// slowHost widens the window between the sharing check and the record.
+type slowHost struct{ fakeHost }
+
+func (h *slowHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
+	time.Sleep(time.Millisecond)
+	return nil, nil
+}
+
+func (h *slowHost) Mounts(devs []uint64) ([]Mount, error) {
+	time.Sleep(time.Millisecond)
+	return nil, nil
+}
+
+// Two requests naming the same thing differently never both win.
+func TestConcurrentConflictingAdds(t *testing.T) {
+	pairs := []struct {
+		name string
+		a, b Target
+	}{
+		{"file and a loop device on it", image, loop50},
+		{"two loop devices on one file", loop50, loop51},
+		{"whole disk and partition", disk, sdb1},
+		{"loop device and its partition", loop50, Target{Kind: BlockDevice, Path: "/dev/loop50p1", Rdev: 259 << 8, Whole: loop50.Rdev}},
+	}
+	for _, p := range pairs {
+		t.Run(p.name, func(t *testing.T) {
+			for round := 0; round < 20; round++ {
+				m := New(&slowHost{}, nil)
+				var wg sync.WaitGroup
+				errs := make([]error, 2)
+				for i, tg := range []Target{p.a, p.b} {
+					wg.Go(func() { _, errs[i] = addAs(t, m, uint32(i+1), 51712, tg, rw, Domain{VM: fmt.Sprint("/vm/", i)}) })
+				}
+				wg.Wait()
+				if (errs[0] == nil) == (errs[1] == nil) {
+					t.Fatalf("round %d: got %v and %v; want exactly one refused", round, errs[0], errs[1])
+				}
+			}
+		})
 	}
 }

@@ -88,17 +88,35 @@ func (t Target) probeKeys() []shareKey {
 	return keys
 }
 
-// lockID is the per-target lock. Targets that may conflict share it, so their
-// checks and setups serialise: everything standing for one file, and a whole
-// disk with its partitions.
-func (t Target) lockID() targetID {
+// lockIDs are the per-target locks an add or remove of t takes, in order.
+// Targets that may conflict share at least one, so their checks and setups
+// serialise: everything standing for one file shares the file's, a whole disk
+// and its partitions share the whole disk's (a partition of a loop device
+// takes the loop device's, which its loop device shares with its file's).
+func (t Target) lockIDs() []targetID {
+	var ids []targetID
 	if f := t.file(); f != (FileID{}) {
-		return targetID{RegularFile, f.Dev, f.Ino}
+		ids = append(ids, targetID{RegularFile, f.Dev, f.Ino})
 	}
-	if t.Whole != 0 {
-		return targetID{BlockDevice, t.Whole, 0}
+	if t.Kind == BlockDevice {
+		disk := t.Rdev
+		if t.Whole != 0 {
+			disk = t.Whole
+		}
+		ids = append(ids, targetID{BlockDevice, disk, 0})
 	}
-	return targetID{BlockDevice, t.Rdev, 0}
+	sort.Slice(ids, func(i, j int) bool { return lessID(ids[i], ids[j]) })
+	return ids
+}
+
+func lessID(a, b targetID) bool {
+	if a.kind != b.kind {
+		return a.kind < b.kind
+	}
+	if a.a != b.a {
+		return a.a < b.a
+	}
+	return a.b < b.b
 }
 
 // conflictLocked applies the sharing rules against our own attachments.
