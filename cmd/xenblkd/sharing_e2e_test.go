@@ -322,3 +322,24 @@ func holdFreeLoop(t *testing.T) string {
 	t.Cleanup(sync.OnceFunc(func() { unix.Close(fd) }))
 	return dev
 }
+
+// With pre-setup (the default) the receiver of a migration is attached as
+// soon as libxl's transaction (the domain's vm node with its backends) commits.
+func TestSameVMSharingPresetup(t *testing.T) {
+	d := startDaemon(t, xsd.Socket)
+	const vm = "/vm/cccccccc-0000-0000-0000-000000000003"
+	img, sig := image(t, "migrate.img")
+	beOld := vbdSetupVM(t, 1151, 51712, img, "w", vm)
+	t.Cleanup(func() { hotplug(t, d, "remove", beOld) })
+	mustHotplug(t, d, "add", beOld)
+	vmOld, _ := standIn(t, beOld, sig, true)
+	vmOld.Close()
+	beNew := vbdSetupVM(t, 1152, 51712, img, "w", vm)
+	t.Cleanup(func() { hotplug(t, d, "remove", beNew) })
+	mustHotplug(t, d, "add", beNew)
+	standIn(t, beNew, sig, true)
+	mustHotplug(t, d, "remove", beOld)
+	if !strings.Contains(logText(d), `msg="pre-setup: attached before the script ran" presetup=true domid=1152`) {
+		t.Errorf("the receiver was not attached by pre-setup:\n%s", logText(d))
+	}
+}
