@@ -16,6 +16,8 @@ pkgs=(
 	man-db
 	# benchmarks
 	hyperfine strace
+	# promtool: the metrics tests lint the real /metrics output with it
+	prometheus
 )
 if [[ ${1:-} == testbed || ${1:-} == all ]]; then
 	pkgs+=(qemu-system-x86 qemu-utils debootstrap cpio gzip socat perl python3 xz-utils)
@@ -37,5 +39,15 @@ fi
 echo "setup.sh: installing ${missing[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get -o DPkg::Lock::Timeout=600 update -qq
-# --no-install-recommends keeps the hypervisor, grub-xen and qemu-system-xen out.
+# Debian's prometheus package starts a Prometheus server (on every interface)
+# from its postinst; we only want its promtool. Where nothing stops services
+# from starting at install (containers ship a policy-rc.d), forbid it for the
+# duration of this install.
+if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+	printf '#!/bin/sh\n# scripts/setup.sh: no service starts during its install\nexit 101\n' >/usr/sbin/policy-rc.d
+	chmod 755 /usr/sbin/policy-rc.d
+	trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+# --no-install-recommends keeps the hypervisor, grub-xen and qemu-system-xen
+# out (and prometheus-node-exporter).
 apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >&2

@@ -294,6 +294,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag))
+	d.Metrics().RegisterBuildInfo(version)
 	if *metricsListen != "" {
 		ml, err := daemon.ListenMetrics(*metricsListen)
 		if err != nil {

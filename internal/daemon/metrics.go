@@ -3,12 +3,18 @@ package daemon
 import (
 	"errors"
 	"io/fs"
+	"net/http"
+	"runtime"
+	"runtime/debug"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/loop"
-	"xenblkd/internal/metrics"
 	"xenblkd/internal/model"
 	"xenblkd/internal/xenstore"
 )
@@ -36,37 +42,42 @@ const (
 
 var recoveryResults = []string{RecoveryRestored, RecoveryDropped, RecoveryFailed}
 
-// latencyBounds are the histogram buckets of add and remove, in seconds:
-// from the sub-millisecond block-device path to libxl's 40 s hotplug timeout.
+// latencyBounds are the histogram buckets of add, remove and pre-setup, in
+// seconds: from the sub-millisecond block-device path to libxl's 40 s
+// hotplug timeout.
 var latencyBounds = []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}
 
-// Metrics are the daemon's Prometheus metrics (docs/metrics.md).
+// Metrics are the daemon's Prometheus metrics (docs/metrics.md), on
+// prometheus/client_golang. A new metric is a field here, created and
+// registered in newMetrics (with every label value it can take, so each
+// series exists from the start at 0), set where the daemon decides, and a row
+// in docs/metrics.md.
 type Metrics struct {
-	Registry   metrics.Registry
-	duration   *metrics.HistogramVec // op
-	errs       *metrics.CounterVec   // op, reason
-	cacheHits  *metrics.CounterVec
-	recoveries *metrics.CounterVec // result
+	// Registry holds xenblkd's metrics and the Go runtime and process
+	// collectors; the metrics endpoint serves it.
+	Registry *prometheus.Registry
+
+	duration   *prometheus.HistogramVec // op: the API's add and remove
+	presetup   prometheus.Histogram     // pre-setup's own attaches
+	errs       *prometheus.CounterVec   // op, reason
+	cacheHits  prometheus.Counter
+	recoveries *prometheus.CounterVec // result
+	handler    http.Handler           // GET /metrics (metricshttp.go)
 }
 
 func newMetrics(m *model.Model) *Metrics {
-	x := &Metrics{}
-	r := &x.Registry
-	r.NewGaugeVecFunc("xenblkd_attachments", "Backends attached, by target kind (file, block) and mode (r, w, r!, w!).",
-		[]string{"kind", "mode"}, func(emit func(float64, ...string)) {
-			for _, kind := range []string{"file", "block"} {
-				for _, mode := range []string{"r", "w", "r!", "w!"} {
-					emit(0, kind, mode) // every series exists, also at 0
-				}
-			}
-			for _, a := range m.List() {
-				emit(1, kindLabel(a.Target.Kind), a.Mode.String())
-			}
-		})
-	r.NewGaugeFunc("xenblkd_loop_devices_held", "Loop devices whose fd the daemon holds.",
-		func() float64 { return float64(len(m.Held())) })
-	r.NewGaugeFunc("xenblkd_loop_devices_unused", "Loop devices the daemon holds for no backend (normally 0).",
-		func() float64 {
+	r := prometheus.NewRegistry()
+	x := &Metrics{Registry: r}
+	r.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		attachmentsCollector{m},
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "xenblkd_loop_devices_held", Help: "Loop devices whose fd the daemon holds.",
+		}, func() float64 { return float64(len(m.Held())) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "xenblkd_loop_devices_unused", Help: "Loop devices the daemon holds for no backend (normally 0).",
+		}, func() float64 {
 			n := 0
 			for _, h := range m.Held() {
 				if h.Users == 0 {
@@ -74,21 +85,80 @@ func newMetrics(m *model.Model) *Metrics {
 				}
 			}
 			return float64(n)
-		})
-	x.cacheHits = r.NewCounterVec("xenblkd_readonly_cache_hits_total", "Read-only adds that reused the loop device of another backend.")
-	x.cacheHits.Add(0)
-	x.duration = r.NewHistogramVec("xenblkd_request_duration_seconds", "Time to answer an add or remove request.", latencyBounds, "op")
-	x.errs = r.NewCounterVec("xenblkd_errors_total", "Failed add or remove requests, by operation and reason.", "op", "reason")
+		}),
+	)
+	x.cacheHits = promauto.With(r).NewCounter(prometheus.CounterOpts{
+		Name: "xenblkd_readonly_cache_hits_total", Help: "Read-only adds that reused the loop device of another backend.",
+	})
+	x.duration = promauto.With(r).NewHistogramVec(prometheus.HistogramOpts{
+		Name: "xenblkd_request_duration_seconds", Help: "Time to answer an add or remove request.", Buckets: latencyBounds,
+	}, []string{"op"})
+	x.presetup = promauto.With(r).NewHistogram(prometheus.HistogramOpts{
+		Name:    "xenblkd_presetup_duration_seconds",
+		Help:    "Time pre-setup took to attach a backend before its script ran, from reading its nodes to physical-device written.",
+		Buckets: latencyBounds,
+	})
+	x.errs = promauto.With(r).NewCounterVec(prometheus.CounterOpts{
+		Name: "xenblkd_errors_total", Help: "Failed add or remove requests, by operation and reason.",
+	}, []string{"op", "reason"})
 	for _, op := range []string{api.OpAdd, api.OpRemove} {
+		x.duration.WithLabelValues(op)
 		for _, reason := range Reasons {
-			x.errs.Add(0, op, reason)
+			x.errs.WithLabelValues(op, reason)
 		}
 	}
-	x.recoveries = r.NewCounterVec("xenblkd_recoveries_total", "Attachments handled by recovery after a restart, by result.", "result")
+	x.recoveries = promauto.With(r).NewCounterVec(prometheus.CounterOpts{
+		Name: "xenblkd_recoveries_total", Help: "Attachments handled by recovery after a restart, by result.",
+	}, []string{"result"})
 	for _, res := range recoveryResults {
-		x.recoveries.Add(0, res)
+		x.recoveries.WithLabelValues(res)
 	}
+	x.handler = newMetricsHandler(r) // metricshttp.go
 	return x
+}
+
+// RegisterBuildInfo adds xenblkd_build_info, constant 1, labelled with the
+// binary's version (main.version), its VCS revision if the build recorded
+// one, and the Go version. Call it once, at start.
+func (x *Metrics) RegisterBuildInfo(version string) {
+	revision := "unknown"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				revision = s.Value
+			}
+		}
+	}
+	x.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name:        "xenblkd_build_info",
+		Help:        "Constant 1, labelled with the running binary's version, VCS revision and Go version.",
+		ConstLabels: prometheus.Labels{"version": version, "revision": revision, "goversion": runtime.Version()},
+	}, func() float64 { return 1 }))
+}
+
+// attachmentsCollector counts the model's attachments by kind and mode at
+// scrape time, every kind and mode also at 0.
+type attachmentsCollector struct{ m *model.Model }
+
+var attachmentsDesc = prometheus.NewDesc("xenblkd_attachments",
+	"Backends attached, by target kind (file, block) and mode (r, w, r!, w!).", []string{"kind", "mode"}, nil)
+
+func (c attachmentsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- attachmentsDesc }
+
+func (c attachmentsCollector) Collect(ch chan<- prometheus.Metric) {
+	type series struct{ kind, mode string }
+	counts := map[series]int{}
+	for _, kind := range []string{"file", "block"} {
+		for _, mode := range []string{"r", "w", "r!", "w!"} {
+			counts[series{kind, mode}] = 0
+		}
+	}
+	for _, a := range c.m.List() {
+		counts[series{kindLabel(a.Target.Kind), a.Mode.String()}]++
+	}
+	for s, n := range counts {
+		ch <- prometheus.MustNewConstMetric(attachmentsDesc, prometheus.GaugeValue, float64(n), s.kind, s.mode)
+	}
 }
 
 func kindLabel(k model.Kind) string {
@@ -103,9 +173,9 @@ func (d *Daemon) Metrics() *Metrics { return d.metrics }
 
 // countRecoveries counts what one start-up recovery did.
 func (x *Metrics) countRecoveries(s RecoverySummary) {
-	x.recoveries.Add(uint64(s.Restored), RecoveryRestored)
-	x.recoveries.Add(uint64(s.Closed), RecoveryDropped)
-	x.recoveries.Add(uint64(s.Rejected+s.Mismatched), RecoveryFailed)
+	x.recoveries.WithLabelValues(RecoveryRestored).Add(float64(s.Restored))
+	x.recoveries.WithLabelValues(RecoveryDropped).Add(float64(s.Closed))
+	x.recoveries.WithLabelValues(RecoveryFailed).Add(float64(s.Rejected + s.Mismatched))
 }
 
 // CountRecovery counts one attachment handled by recovery; result is
@@ -117,7 +187,7 @@ func (x *Metrics) CountRecovery(result string) {
 	default:
 		result = RecoveryFailed
 	}
-	x.recoveries.Inc(result)
+	x.recoveries.WithLabelValues(result).Inc()
 }
 
 // timeRequest starts timing an add or remove; call the result when done.
@@ -126,8 +196,11 @@ func (x *Metrics) timeRequest(op string) (done func()) {
 		return func() {}
 	}
 	start := time.Now()
-	return func() { x.duration.Observe(time.Since(start).Seconds(), op) }
+	return func() { x.duration.WithLabelValues(op).Observe(time.Since(start).Seconds()) }
 }
+
+// presetupAttached records how long one pre-setup attach took, from start.
+func (x *Metrics) presetupAttached(start time.Time) { x.presetup.Observe(time.Since(start).Seconds()) }
 
 // attached counts a cache hit when a read-only file attachment shares its
 // loop device with another backend.
@@ -141,7 +214,7 @@ func (x *Metrics) countError(op string, err error) {
 	if op != api.OpAdd && op != api.OpRemove {
 		return
 	}
-	x.errs.Inc(op, Reason(err))
+	x.errs.WithLabelValues(op, Reason(err)).Inc()
 }
 
 // reasonError tags err with the reason it counts as, unless its cause says

@@ -8,16 +8,22 @@ import (
 	"io"
 	"io/fs"
 	"net"
+	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strconv"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	prommodel "github.com/prometheus/common/model"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
-	"xenblkd/internal/metrics"
 	"xenblkd/internal/model"
 	"xenblkd/internal/xenstore"
 )
@@ -47,9 +53,8 @@ func startObserved(t *testing.T, metricsAddr string) *observed {
 	return &observed{env: e, d: e.d, addr: ml.Addr().Network() + ":" + ml.Addr().String()}
 }
 
-// get sends raw to the metrics endpoint and returns the status code, headers
-// and body of the reply.
-func (o *observed) get(t *testing.T, raw string) (int, map[string]string, string) {
+// get sends raw to the metrics endpoint and returns the reply, its body read.
+func (o *observed) get(t *testing.T, raw string) (*http.Response, string) {
 	t.Helper()
 	network, addr, _ := strings.Cut(o.addr, ":")
 	c, err := net.Dial(network, addr)
@@ -60,36 +65,17 @@ func (o *observed) get(t *testing.T, raw string) (int, map[string]string, string
 	if _, err := io.WriteString(c, raw); err != nil {
 		t.Fatal(err)
 	}
-	r := bufio.NewReader(c)
-	status, err := r.ReadString('\n')
+	method, _, _ := strings.Cut(raw, " ")
+	resp, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: method})
 	if err != nil {
-		t.Fatalf("read status line: %v", err)
+		t.Fatalf("read reply to %q: %v", raw, err)
 	}
-	f := strings.Fields(status)
-	if len(f) < 2 || f[0] != "HTTP/1.1" {
-		t.Fatalf("status line %q", status)
-	}
-	code, _ := strconv.Atoi(f[1])
-	headers := map[string]string{}
-	for {
-		line, err := r.ReadString('\n')
-		if err != nil {
-			t.Fatalf("read headers: %v", err)
-		}
-		if line == "\r\n" {
-			break
-		}
-		k, v, _ := strings.Cut(strings.TrimSuffix(line, "\r\n"), ": ")
-		headers[k] = v
-	}
-	body, err := io.ReadAll(r)
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n, _ := strconv.Atoi(headers["Content-Length"]); !strings.HasPrefix(raw, "HEAD") && n != len(body) {
-		t.Errorf("Content-Length %d, body %d bytes", n, len(body))
-	}
-	return code, headers, string(body)
+	return resp, string(body)
 }
 
 func (o *observed) call(t *testing.T, op, be string) api.Response {
@@ -135,9 +121,9 @@ func TestMetricsEndpoint(t *testing.T) {
 		t.Fatal("add of a malformed path succeeded")
 	}
 
-	code, h, body := o.get(t, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n")
-	if code != 200 || h["Content-Type"] != metrics.ContentType {
-		t.Fatalf("GET /metrics: %d %q\n%s", code, h["Content-Type"], body)
+	resp, body := o.get(t, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nUser-Agent: test\r\n\r\n")
+	if ct := resp.Header.Get("Content-Type"); resp.StatusCode != 200 || !strings.HasPrefix(ct, textFormat) {
+		t.Fatalf("GET /metrics: %d %q\n%s", resp.StatusCode, ct, body)
 	}
 	checkExposition(t, body)
 	for _, want := range []string{
@@ -153,7 +139,10 @@ func TestMetricsEndpoint(t *testing.T) {
 		`xenblkd_errors_total{op="add",reason="other"} 0`,
 		`xenblkd_errors_total{op="remove",reason="xenstore"} 0`,
 		`xenblkd_request_duration_seconds_count{op="add"} 7`,
+		`xenblkd_request_duration_seconds_count{op="remove"} 0`,
+		`xenblkd_presetup_duration_seconds_count 0`, // no pre-setup in this daemon
 		`xenblkd_recoveries_total{result="restored"} 0`,
+		`promhttp_metric_handler_requests_total{code="200"} 0`, // counted after the reply
 	} {
 		if !containsLine(body, want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
@@ -165,7 +154,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	for _, dom := range []int{1, 2, 3} {
 		o.call(t, "remove", fmt.Sprintf("backend/vbd/%d/51712", dom))
 	}
-	_, _, body = o.get(t, "GET /metrics?name[]=x HTTP/1.0\r\n\r\n")
+	_, body = o.get(t, "GET /metrics?from=test HTTP/1.0\r\n\r\n")
 	checkExposition(t, body)
 	for _, want := range []string{
 		`xenblkd_attachments{kind="file",mode="r"} 0`,
@@ -173,6 +162,7 @@ func TestMetricsEndpoint(t *testing.T) {
 		`xenblkd_request_duration_seconds_count{op="remove"} 3`,
 		`xenblkd_recoveries_total{result="restored"} 1`,
 		`xenblkd_recoveries_total{result="failed"} 1`,
+		`promhttp_metric_handler_requests_total{code="200"} 1`,
 	} {
 		if !containsLine(body, want) {
 			t.Errorf("metrics lack %q:\n%s", want, body)
@@ -187,22 +177,101 @@ func TestMetricsHTTP(t *testing.T) {
 		want      int
 		body      bool
 	}{
-		{"get", "GET /metrics HTTP/1.1\r\n\r\n", 200, true},
-		{"bare newlines", "GET /metrics HTTP/1.0\n\n", 200, true},
-		{"head", "HEAD /metrics HTTP/1.1\r\n\r\n", 200, false},
-		{"root", "GET / HTTP/1.1\r\n\r\n", 404, true},
-		{"other path", "GET /metricsx HTTP/1.1\r\n\r\n", 404, true},
-		{"post", "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, true},
+		{"get", "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 200, true},
+		{"http/1.0 with bare newlines", "GET /metrics HTTP/1.0\n\n", 200, true},
+		{"head", "HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 200, false},
+		{"root", "GET / HTTP/1.1\r\nHost: x\r\n\r\n", 404, true},
+		{"other path", "GET /metricsx HTTP/1.1\r\nHost: x\r\n\r\n", 404, true},
+		{"post", "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, true},
+		{"no host", "GET /metrics HTTP/1.1\r\n\r\n", 400, true},
 		{"garbage", "hello\r\n\r\n", 400, true},
-		{"http/2 preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, true},
-		{"headers too long", "GET /metrics HTTP/1.1\r\nX: " + strings.Repeat("a", maxMetricsHead) + "\r\n\r\n", 400, true},
+		{"headers too long", "GET /metrics HTTP/1.1\r\nHost: x\r\nX: " + strings.Repeat("a", 2*maxMetricsHeader) + "\r\n\r\n", 431, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			code, _, body := o.get(t, tc.raw)
-			if code != tc.want || (body != "") != tc.body {
-				t.Errorf("got %d with %d bytes of body, want %d (body %v)", code, len(body), tc.want, tc.body)
+			resp, body := o.get(t, tc.raw)
+			if resp.StatusCode != tc.want || (body != "") != tc.body {
+				t.Errorf("got %d with %d bytes of body, want %d (body %v)", resp.StatusCode, len(body), tc.want, tc.body)
 			}
 		})
+	}
+}
+
+// TestMetricsScrapeConcurrent: scrapes in parallel with adds and removes, as
+// Prometheus and an operator's curl may overlap with VM starts (-race).
+func TestMetricsScrapeConcurrent(t *testing.T) {
+	o := startObserved(t, "127.0.0.1:0")
+	img := writeImage(t, "shared.img")
+	client := &http.Client{Timeout: 10 * time.Second}
+	url := "http://" + strings.TrimPrefix(o.addr, "tcp:") + MetricsPath
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for range 20 {
+				resp, err := client.Get(url)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 && resp.StatusCode != 503 { // 503: more than maxMetricsInFlight at once
+					t.Errorf("scraper %d: %s", w, resp.Status)
+				}
+			}
+		})
+	}
+	for dom := range 10 {
+		be := o.backend(t, 100+dom, 51712, img, "r")
+		if resp := o.call(t, "add", be); !resp.OK {
+			t.Fatalf("add: %+v", resp)
+		}
+		o.call(t, "remove", be)
+	}
+	wg.Wait()
+	resp, err := client.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	checkExposition(t, string(body))
+	for _, want := range []string{`xenblkd_request_duration_seconds_count{op="add"} 10`, `xenblkd_loop_devices_held 0`} {
+		if !containsLine(string(body), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}
+
+// TestServeMetricsStops: ServeMetrics returns once its context ends, and
+// the endpoint is gone.
+func TestServeMetricsStops(t *testing.T) {
+	e, l := newEnv(t)
+	l.Close()
+	ml, err := ListenMetrics("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.d.ServeMetrics(ctx, ml) }()
+	addr := ml.Addr().String()
+	resp, err := http.Get("http://" + addr + MetricsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("ServeMetrics: %v", err)
+		}
+	case <-time.After(2 * metricsTimeout):
+		t.Fatal("ServeMetrics did not return after its context ended")
+	}
+	if c, err := net.Dial("tcp", addr); err == nil {
+		c.Close()
+		t.Error("the metrics endpoint still accepts connections")
 	}
 }
 
@@ -258,19 +327,32 @@ func TestReason(t *testing.T) {
 	}
 }
 
-func FuzzParseRequestHead(f *testing.F) {
-	for _, s := range []string{"GET /metrics HTTP/1.1\r\nHost: x", "GET / HTTP/1.0", "", " ", "GET  HTTP/1.1", "get /metrics HTTP/1.1"} {
-		f.Add([]byte(s))
+// sampleCount returns how many values histogram name recorded in the series
+// with these label name/value pairs, gathered from d's registry.
+func sampleCount(t *testing.T, d *Daemon, name string, labelPairs ...string) uint64 {
+	t.Helper()
+	families, err := d.Metrics().Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
 	}
-	f.Fuzz(func(t *testing.T, head []byte) {
-		method, path, err := ParseRequestHead(head)
-		if err != nil {
-			return
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
 		}
-		if method == "" || !strings.HasPrefix(path, "/") || strings.Contains(path, "?") || strings.ContainsAny(path, " \n") {
-			t.Errorf("ParseRequestHead(%q) = %q, %q", head, method, path)
+	series:
+		for _, m := range f.GetMetric() {
+			for i := 0; i+1 < len(labelPairs); i += 2 {
+				if !slices.ContainsFunc(m.GetLabel(), func(l *dto.LabelPair) bool {
+					return l.GetName() == labelPairs[i] && l.GetValue() == labelPairs[i+1]
+				}) {
+					continue series
+				}
+			}
+			return m.GetHistogram().GetSampleCount()
 		}
-	})
+	}
+	t.Fatalf("no histogram %s%v", name, labelPairs)
+	return 0
 }
 
 func containsLine(body, line string) bool {
@@ -282,80 +364,47 @@ func containsLine(body, line string) bool {
 	return false
 }
 
-var (
-	sampleRE = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\})? (\S+)$`)
-	helpRE   = regexp.MustCompile(`^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) .+$`)
-	typeRE   = regexp.MustCompile(`^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram)$`)
-)
+// textFormat is the Content-Type of the text exposition format, before its
+// optional parameters (charset, escaping).
+const textFormat = "text/plain; version=0.0.4"
 
-// checkExposition checks body against the text exposition format 0.0.4:
-// every sample belongs to the family whose HELP and TYPE precede it, each
-// family appears once, values parse, histogram buckets are cumulative and
-// end with +Inf equal to _count.
+// checkExposition parses body as the text exposition format (the Prometheus
+// server's own parser), checks every histogram's buckets are cumulative and
+// end at _count, and, when promtool is installed (scripts/setup.sh installs
+// it), runs `promtool check metrics` on it: no lint problem may be reported.
 func checkExposition(t *testing.T, body string) {
 	t.Helper()
-	if !strings.HasSuffix(body, "\n") {
-		t.Fatal("exposition does not end with a newline")
+	parser := expfmt.NewTextParser(prommodel.LegacyValidation)
+	families, err := parser.TextToMetricFamilies(strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("exposition does not parse: %v\n%s", err, body)
 	}
-	seen := map[string]bool{}
-	family, typ := "", ""
-	var lastBucket float64
-	buckets := map[string]float64{} // series without le → +Inf bucket
-	for i, line := range strings.Split(strings.TrimSuffix(body, "\n"), "\n") {
-		if m := helpRE.FindStringSubmatch(line); m != nil {
-			if seen[m[1]] {
-				t.Errorf("line %d: family %s twice", i+1, m[1])
-			}
-			seen[m[1]], family, typ = true, m[1], ""
+	for name, f := range families {
+		if f.GetType() != dto.MetricType_HISTOGRAM {
 			continue
 		}
-		if m := typeRE.FindStringSubmatch(line); m != nil {
-			if m[1] != family {
-				t.Errorf("line %d: TYPE of %s after HELP of %s", i+1, m[1], family)
-			}
-			typ = m[2]
-			continue
-		}
-		m := sampleRE.FindStringSubmatch(line)
-		if m == nil {
-			t.Errorf("line %d: not a sample: %q", i+1, line)
-			continue
-		}
-		name, labels, value := m[1], m[2], m[4]
-		v, err := strconv.ParseFloat(value, 64)
-		if err != nil && value != "+Inf" {
-			t.Errorf("line %d: value %q", i+1, value)
-		}
-		switch typ {
-		case "histogram":
-			switch name {
-			case family + "_bucket":
-				series := regexp.MustCompile(`,?le="[^"]*"`).ReplaceAllString(labels, "")
-				if _, ok := buckets[series]; !ok {
-					lastBucket = 0
+		for _, m := range f.GetMetric() {
+			h := m.GetHistogram()
+			last := uint64(0)
+			for _, b := range h.GetBucket() {
+				if b.GetCumulativeCount() < last {
+					t.Errorf("%s: bucket le=%v not cumulative", name, b.GetUpperBound())
 				}
-				if v < lastBucket {
-					t.Errorf("line %d: bucket not cumulative", i+1)
-				}
-				lastBucket = v
-				buckets[series] = v
-			case family + "_sum":
-			case family + "_count":
-				if buckets[labels] != v {
-					t.Errorf("line %d: _count %v, +Inf bucket %v", i+1, v, buckets[labels])
-				}
-			default:
-				t.Errorf("line %d: sample %s in histogram %s", i+1, name, family)
+				last = b.GetCumulativeCount()
 			}
-		case "counter", "gauge":
-			if name != family {
-				t.Errorf("line %d: sample %s in family %s", i+1, name, family)
+			if last > h.GetSampleCount() {
+				t.Errorf("%s: buckets count %d, _count %d", name, last, h.GetSampleCount())
 			}
-			if typ == "counter" && (v < 0 || !strings.HasSuffix(name, "_total")) {
-				t.Errorf("line %d: counter %s = %v", i+1, name, v)
-			}
-		default:
-			t.Errorf("line %d: sample before HELP/TYPE", i+1)
 		}
+	}
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Log("no promtool: exposition lint skipped")
+		return
+	}
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = strings.NewReader(body)
+	if out, err := cmd.CombinedOutput(); err != nil || len(out) > 0 {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }

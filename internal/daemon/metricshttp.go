@@ -1,30 +1,30 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
-	"io"
+	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"time"
 
-	"xenblkd/internal/metrics"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// The metrics endpoint is a minimal HTTP/1.1 responder on package net: one
-// GET /metrics per connection, then close. net/http is not linked into the
-// binary (docs/architecture.md: it costs every hotplug exec ~1 ms of init).
+// The metrics endpoint: net/http and promhttp. The daemon is no longer exec'd
+// per disk (the hotplug entry libxl execs is the small C program), so their
+// start-up cost is paid once (docs/architecture.md).
 const (
-	maxMetricsHead  = 8 << 10         // request line + headers
-	metricsTimeout  = 5 * time.Second // a whole exchange
-	maxMetricsConns = 8               // served at once; more are closed at once
-	MetricsPath     = "/metrics"
+	MetricsPath        = "/metrics"
+	maxMetricsHeader   = 8 << 10         // request line + headers
+	metricsTimeout     = 5 * time.Second // reading a request; gathering one scrape
+	maxMetricsInFlight = 8               // scrapes gathered at once; more get 503
 )
 
 // ListenMetrics opens the metrics endpoint at addr: "unix:/path/to/socket",
@@ -63,128 +63,47 @@ func ListenMetrics(addr string) (net.Listener, error) {
 	return l, nil
 }
 
-// ServeMetrics answers GET /metrics on l until ctx is done, then waits for
-// the exchanges in flight.
+// newMetricsHandler serves GET (and HEAD) /metrics from r; other paths get
+// 404, other methods 405. It also counts its own scrapes
+// (promhttp_metric_handler_requests_total).
+func newMetricsHandler(r *prometheus.Registry) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET "+MetricsPath, promhttp.InstrumentMetricHandler(r, promhttp.HandlerFor(r, promhttp.HandlerOpts{
+		Registry:            r, // counts promhttp_metric_handler_errors_total
+		MaxRequestsInFlight: maxMetricsInFlight,
+		Timeout:             metricsTimeout,
+	})))
+	return mux
+}
+
+// ServeMetrics serves the metrics endpoint on l until ctx is done, then
+// waits (at most metricsTimeout) for the scrapes in flight.
 func (d *Daemon) ServeMetrics(ctx context.Context, l net.Listener) error {
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	stop := context.AfterFunc(ctx, func() { l.Close() })
-	defer stop()
-	slots := make(chan struct{}, maxMetricsConns)
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			d.log.Error("metrics: accept", "err", err)
-			time.Sleep(10 * time.Millisecond) // e.g. EMFILE: do not spin
-			continue
+	srv := &http.Server{
+		Handler:           d.metrics.handler,
+		ReadHeaderTimeout: metricsTimeout,
+		ReadTimeout:       metricsTimeout,
+		WriteTimeout:      2 * metricsTimeout,
+		IdleTimeout:       time.Minute,
+		MaxHeaderBytes:    maxMetricsHeader,
+		ErrorLog:          slog.NewLogLogger(d.log.With("metrics", true).Handler(), slog.LevelWarn),
+	}
+	shutDown := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		defer close(shutDown)
+		sctx, cancel := context.WithTimeout(context.Background(), metricsTimeout)
+		defer cancel()
+		if err := srv.Shutdown(sctx); err != nil {
+			srv.Close()
 		}
-		select {
-		case slots <- struct{}{}:
-		default:
-			c.Close() // busy: a scraper retries
-			continue
+	})
+	err := srv.Serve(l)
+	if !errors.Is(err, http.ErrServerClosed) {
+		if stop() {
+			l.Close()
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-slots }()
-			serveMetricsConn(c, &d.metrics.Registry)
-		}()
+		return fmt.Errorf("serve metrics: %w", err)
 	}
-}
-
-func serveMetricsConn(c net.Conn, reg *metrics.Registry) {
-	defer lingeringClose(c)
-	c.SetDeadline(time.Now().Add(metricsTimeout))
-	head, err := readHead(c)
-	if err != nil {
-		writeHTTP(c, "400 Bad Request", "text/plain; charset=utf-8", []byte(err.Error()+"\n"), true)
-		return
-	}
-	method, path, err := ParseRequestHead(head)
-	switch {
-	case err != nil:
-		writeHTTP(c, "400 Bad Request", "text/plain; charset=utf-8", []byte(err.Error()+"\n"), true)
-	case path != MetricsPath:
-		writeHTTP(c, "404 Not Found", "text/plain; charset=utf-8", []byte("404 not found: xenblkd serves "+MetricsPath+"\n"), method != "HEAD")
-	case method != "GET" && method != "HEAD":
-		writeHTTP(c, "405 Method Not Allowed", "text/plain; charset=utf-8", []byte("405 method not allowed: use GET\n"), true)
-	default:
-		var body bytes.Buffer
-		if err := reg.WriteText(&body); err != nil {
-			writeHTTP(c, "500 Internal Server Error", "text/plain; charset=utf-8", []byte(err.Error()+"\n"), true)
-			return
-		}
-		writeHTTP(c, "200 OK", metrics.ContentType, body.Bytes(), method == "GET")
-	}
-}
-
-// readHead reads up to the blank line that ends the request headers.
-func readHead(r io.Reader) ([]byte, error) {
-	buf := make([]byte, 0, 1024)
-	chunk := make([]byte, 1024)
-	for {
-		if i := bytes.Index(buf, []byte("\r\n\r\n")); i >= 0 {
-			return buf[:i], nil
-		}
-		if i := bytes.Index(buf, []byte("\n\n")); i >= 0 {
-			return buf[:i], nil
-		}
-		if len(buf) >= maxMetricsHead {
-			return nil, fmt.Errorf("request headers exceed %d bytes", maxMetricsHead)
-		}
-		n, err := r.Read(chunk[:min(len(chunk), maxMetricsHead-len(buf))])
-		buf = append(buf, chunk[:n]...)
-		if err != nil {
-			if n > 0 {
-				continue
-			}
-			return nil, fmt.Errorf("incomplete request: %w", err)
-		}
-	}
-}
-
-// ParseRequestHead returns the method and path (without query) of an HTTP/1.x
-// request head: the request line, then headers, which are ignored.
-func ParseRequestHead(head []byte) (method, path string, err error) {
-	line, _, _ := bytes.Cut(head, []byte("\n"))
-	line = bytes.TrimSuffix(line, []byte("\r"))
-	parts := strings.Split(string(line), " ")
-	if len(parts) != 3 || parts[0] == "" || !strings.HasPrefix(parts[1], "/") || !strings.HasPrefix(parts[2], "HTTP/1.") {
-		return "", "", errors.New("malformed request line: want METHOD /path HTTP/1.x")
-	}
-	for _, r := range parts[0] {
-		if r < 'A' || r > 'Z' {
-			return "", "", errors.New("malformed request line: bad method")
-		}
-	}
-	path, _, _ = strings.Cut(parts[1], "?")
-	return parts[0], path, nil
-}
-
-func writeHTTP(w io.Writer, status, contentType string, body []byte, withBody bool) {
-	var b bytes.Buffer
-	fmt.Fprintf(&b, "HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n", status, contentType, len(body))
-	if strings.HasPrefix(status, "405") {
-		b.WriteString("Allow: GET, HEAD\r\n")
-	}
-	b.WriteString("\r\n")
-	if withBody {
-		b.Write(body)
-	}
-	w.Write(b.Bytes())
-}
-
-// lingeringClose closes c after the client has read the reply: closing with
-// unread input (an over-long request) would reset the connection and lose
-// the reply. The drain is bounded in size and by c's deadline.
-func lingeringClose(c net.Conn) {
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-		io.Copy(io.Discard, io.LimitReader(c, 4*maxMetricsHead))
-	}
-	c.Close()
+	<-shutDown
+	return nil
 }

@@ -21,6 +21,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -468,6 +469,7 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 	}
 
 	// The nodes that decide, read in parallel (the client pipelines them).
+	start := time.Now()
 	names := [...]string{"script", "state", "physical-device", "params", "mode", "hotplug-error"}
 	var vals [len(names)]string
 	var errs [len(names)]error
@@ -515,6 +517,7 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 	a, err := d.add(ctx, b)
 	switch {
 	case err == nil && a != nil:
+		d.metrics.presetupAttached(start)
 		d.backends.set(key, backendState{presetup: true})
 		log.Info("pre-setup: attached before the script ran", "dev", a.Device, "diskseq", a.DiskSeq)
 	case err == nil:

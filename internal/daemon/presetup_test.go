@@ -152,9 +152,16 @@ func TestPresetupAttachesBeforeExec(t *testing.T) {
 	}
 	// Recorded just after the add's transaction, which the test may see first.
 	waitFor(t, "pre-setup state", func() bool { return e.d.backends.get(keyOf(b)).presetup })
+	if got := sampleCount(t, e.d, "xenblkd_presetup_duration_seconds"); got != 1 {
+		t.Errorf("pre-setup attaches timed: %d, want 1", got)
+	}
 	resp := e.exec(t, "add", b)
 	if !resp.OK || resp.Attachment == nil || resp.Attachment.PhysicalDevice != pd {
 		t.Fatalf("exec'd add: %+v; want OK confirming %s", resp, pd)
+	}
+	// The exec'd confirm is timed as a request; the attach stays pre-setup's.
+	if pre, add := sampleCount(t, e.d, "xenblkd_presetup_duration_seconds"), sampleCount(t, e.d, "xenblkd_request_duration_seconds", "op", "add"); pre != 1 || add != 1 {
+		t.Errorf("timed: %d pre-setup attaches, %d adds; want 1, 1", pre, add)
 	}
 	if host.devices() != 1 || host.made() != 1 {
 		t.Fatalf("after exec: %d devices open, %d made; want 1, 1", host.devices(), host.made())
