@@ -293,7 +293,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 		log.Error("cannot serve the API", "err", err)
 		return 1
 	}
-	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag))
+	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag, log))
 	d.Metrics().RegisterBuildInfo(version)
 	if *metricsListen != "" {
 		ml, err := daemon.ListenMetrics(*metricsListen)

@@ -17,6 +17,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
 )
 
@@ -44,9 +45,18 @@ func New(log *slog.Logger, store hotplug.Store, host model.Host) *Daemon {
 }
 
 // NewHost returns the real machine: loop devices tagged with tag, mounts
-// from /proc/self/mountinfo.
-func NewHost(tag string) model.Host {
-	return loopHost{tag: tag, mountinfo: "/proc/self/mountinfo"}
+// from /proc/self/mountinfo, and the sharing check on an index of loop
+// devices by backing file (loop.Index; a scan of every device if the uevent
+// socket cannot be opened). It lives as long as the process.
+func NewHost(tag string, log *slog.Logger) model.Host {
+	h := &loopHost{tag: tag, mountinfo: "/proc/self/mountinfo", log: log}
+	ix, err := loop.NewIndex()
+	if err != nil {
+		log.Warn("sharing check: no loop device index; every add scans all loop devices", "err", err)
+	} else {
+		h.index = ix
+	}
+	return h
 }
 
 // Handle answers one API request.

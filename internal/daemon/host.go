@@ -2,7 +2,9 @@ package daemon
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
+	"sync/atomic"
 
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
@@ -10,14 +12,21 @@ import (
 
 // loopHost is model.Host on the real machine.
 type loopHost struct {
-	tag       string // lo_file_name of every device we make
-	mountinfo string // /proc/self/mountinfo
+	tag       string      // lo_file_name of every device we make
+	mountinfo string      // /proc/self/mountinfo
+	index     *loop.Index // loop devices by backing file; nil: scan every device
+	log       *slog.Logger
+	indexed   atomic.Bool // the index answers from memory (logged once)
 }
 
-func (h loopHost) NewLoop(backing *os.File, readOnly bool) (model.Device, error) {
+func (h *loopHost) NewLoop(backing *os.File, readOnly bool) (model.Device, error) {
 	dev, err := loop.Attach(backing, loop.Options{ReadOnly: readOnly, Tag: h.tag})
 	if err != nil {
 		return nil, err
+	}
+	// The index trusts its uevents once it has seen the one of a bind of ours.
+	if h.index != nil && !h.indexed.Load() && h.index.SawAttach(dev) && !h.indexed.Swap(true) {
+		h.log.Info("sharing check: loop devices indexed by backing file from the kernel's uevents", "dev", dev.Path(), "diskseq", dev.DiskSeq())
 	}
 	stored, err := storeLoop(dev) // before physical-device is written (recovery.go)
 	if err != nil {
@@ -27,8 +36,15 @@ func (h loopHost) NewLoop(backing *os.File, readOnly bool) (model.Device, error)
 	return stored, nil
 }
 
-func (h loopHost) LoopsOf(file model.FileID, held func(path string) bool) ([]model.Binding, error) {
-	bs, err := loop.FindByBackingSkipping(loop.FileID{Dev: file.Dev, Ino: file.Ino}, held)
+func (h *loopHost) LoopsOf(file model.FileID, held func(path string) bool) ([]model.Binding, error) {
+	id := loop.FileID{Dev: file.Dev, Ino: file.Ino}
+	var bs []loop.Binding
+	var err error
+	if h.index != nil {
+		bs, err = h.index.FindByBacking(id, held)
+	} else {
+		bs, err = loop.FindByBackingSkipping(id, held)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("list loop devices: %w", err)
 	}
@@ -39,4 +55,4 @@ func (h loopHost) LoopsOf(file model.FileID, held func(path string) bool) ([]mod
 	return out, nil
 }
 
-func (h loopHost) Mounts(devs []uint64) ([]model.Mount, error) { return mounts(h.mountinfo, devs) }
+func (h *loopHost) Mounts(devs []uint64) ([]model.Mount, error) { return mounts(h.mountinfo, devs) }
