@@ -36,8 +36,9 @@ import (
 // completed before it: the same guarantee as a scan. Older kernels
 // suppressed uevents while configuring (5.9's loop_configure), so the index
 // answers from memory only once it has seen the event of a bind this process
-// made (SawAttach); until then, after the socket overflowed (ENOBUFS: it
-// rescans) or failed, and after Close, FindByBacking scans every device.
+// made (SawAttach; never on kernels without DISKSEQ, < 5.15); until then,
+// when the socket failed, and after Close, FindByBacking scans every device.
+// An overflow (ENOBUFS: events were dropped) costs one rescan.
 type Index struct {
 	sock *os.File // the uevent socket, non-blocking, on the runtime poller
 	raw  syscall.RawConn
@@ -62,8 +63,9 @@ var indexRcvBuf = 4 << 20
 
 // NewIndex opens the uevent socket, then scans every loop device (in that
 // order, so no change between the two is missed) and keeps the index current
-// until Close. Needs CAP_NET_ADMIN for the large receive buffer; without it
-// the default buffer is used (overflow only costs a rescan).
+// until Close. The large receive buffer needs CAP_NET_ADMIN (SO_RCVBUFFORCE);
+// without it the buffer is capped by net.core.rmem_max (a few hundred
+// events), and an overflow costs one rescan.
 func NewIndex() (*Index, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_KOBJECT_UEVENT)
 	if err != nil {

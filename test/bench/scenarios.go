@@ -126,6 +126,9 @@ func scenarios(b *bench, r *report, peers []*peer) error {
 	for i := range cells {
 		r.rows = append(r.rows, adds[i], rms[i])
 	}
+	if err := b.loopScaling(r, peers); err != nil { // loops.go
+		return err
+	}
 
 	// 4: K disks of one guest added at once, as libxl does.
 	var imgs []string
