@@ -17,9 +17,11 @@ import (
 // devices bound to a file costs the same with 0 or 2,000 loop devices on the
 // host, where FindByBacking opens every bound one.
 //
-// A uevent is only a hint that loopN changed: the index then reads loopN's
-// binding from the device itself (LOOP_GET_STATUS64), so a forged, repeated
-// or reordered event costs one read and cannot hide a device. What the
+// A uevent is only a hint that loopN changed: the next lookup reads loopN's
+// binding from the device itself (LOOP_GET_STATUS64), once however many
+// events named it, so a forged, repeated or reordered event costs at most one
+// read and cannot hide a device. Devices are opened only by lookups, never as
+// events come (see drainLocked). What the
 // kernel sends, verified on Linux 6.18 (and, for the configure, on 6.1: the
 // testbed's Debian dom0, where the daemon saw the uevent of its own bind):
 //
@@ -53,7 +55,7 @@ type Index struct {
 	rescan  bool                        // events were lost: rescan before answering
 	failed  error                       // the socket failed or was closed: scan
 	buf     []byte                      // one uevent (the kernel's UEVENT_BUFFER_SIZE is 2 KiB)
-	dirty   []int                       // devices named by the events drained so far
+	dirty   map[int]struct{}            // devices named by events since they were last read
 	rescans int                         // full scans since start, for tests and logs
 }
 
@@ -95,7 +97,7 @@ func NewIndex() (*Index, error) {
 	return ix, nil
 }
 
-// read applies events as they come, so the socket does not overflow while
+// read drains events as they come, so the socket does not overflow while
 // nobody looks things up. It returns when the socket is closed.
 func (ix *Index) read() {
 	defer close(ix.done)
@@ -137,6 +139,9 @@ func (ix *Index) FindByBacking(id FileID, skip func(path string) bool) ([]Bindin
 	}
 	if ix.failed != nil || !ix.trusted {
 		return FindByBackingSkipping(id, skip)
+	}
+	if err := ix.catchUpLocked(); err != nil {
+		return nil, err
 	}
 	var found []Binding
 	for n := range ix.byFile[id] {
@@ -185,8 +190,12 @@ func (ix *Index) Rescans() int {
 	return ix.rescans
 }
 
-// drainLocked reads every queued event, then reads the binding of each loop
-// device they named, once. ENOBUFS (events were dropped) means a rescan.
+// drainLocked reads every queued event and notes the loop devices they name;
+// it opens no device. (Reading devices here, as events come, would make this
+// process a brief opener of every device that changes on the host, and a
+// device released meanwhile by its owner would stay bound, AUTOCLEAR
+// deferred, until that open ends.) ENOBUFS (events were dropped) means a
+// rescan.
 func (ix *Index) drainLocked(fd int) {
 	for {
 		n, from, err := unix.Recvfrom(fd, ix.buf, unix.MSG_DONTWAIT)
@@ -201,31 +210,34 @@ func (ix *Index) drainLocked(fd int) {
 			if err != unix.EAGAIN {
 				ix.failed = &OpError{Op: "index: read uevents", Err: err}
 			}
-			break
+			return
 		}
 		if nl, ok := from.(*unix.SockaddrNetlink); !ok || nl.Pid != 0 {
 			continue // not from the kernel
 		}
 		if number, seq, ok := parseLoopUevent(ix.buf[:n]); ok {
-			ix.dirty = append(ix.dirty, number)
+			ix.dirty[number] = struct{}{}
 			ix.lastSeq[number] = seq
 		}
 	}
+}
+
+// catchUpLocked reads again each device an event named since it was last
+// read (once, however many events), or every device after an overflow.
+func (ix *Index) catchUpLocked() error {
 	if !ix.rescan {
-		slices.Sort(ix.dirty)
-		for _, n := range slices.Compact(ix.dirty) {
+		for n := range ix.dirty {
 			if _, _, err := ix.refreshLocked(n); err != nil {
 				ix.rescan = true // unexpected (e.g. EACCES): start from scratch
 				break
 			}
+			delete(ix.dirty, n)
 		}
-		ix.dirty = ix.dirty[:0]
 	}
 	if ix.rescan {
-		if err := ix.scanLocked(); err != nil {
-			ix.failed = err
-		}
+		return ix.scanLocked()
 	}
+	return nil
 }
 
 // refreshLocked reads loopN's binding and records it (or its absence).
@@ -277,7 +289,7 @@ func (ix *Index) scanLocked() error {
 		}
 		ix.byFile[b.Backing][b.Number] = struct{}{}
 	}
-	ix.rescan, ix.dirty = false, ix.dirty[:0]
+	ix.rescan, ix.dirty = false, map[int]struct{}{}
 	ix.rescans++
 	return nil
 }
