@@ -217,8 +217,12 @@ func socketPath() string {
 	return api.DefaultSocket
 }
 
-// hotplugEntry is what libxl execs: read env, one request to the daemon,
-// exit. XenStore is dialled only to record an error the daemon could not.
+// hotplugEntry is the Go half of the entry libxl execs: the C entry
+// (cmd/xenblkd-hotplug) does the success path and hands its error and slow
+// paths over to this, with the same argv and environment. It reports the
+// daemon's answer the C entry passed on (XENBLKD_ENTRY_REPLY or
+// XENBLKD_ENTRY_ERROR), or else asks the daemon itself, waiting for one to
+// start. XenStore is dialled only to record an error the daemon could not.
 func hotplugEntry(action string, stderr io.Writer) int {
 	b, err := hotplug.ParseBackendPath(os.Getenv("XENBUS_PATH"))
 	if err != nil {
@@ -230,7 +234,7 @@ func hotplugEntry(action string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "xenblkd %s: %s\n", action, msg)
 		return 2
 	}
-	resp, err := api.CallBrief(context.Background(), socketPath(), api.Request{Op: action, Path: b.Path()})
+	resp, err := daemonAnswer(action, b)
 	if err == nil && resp.OK {
 		return 0
 	}
@@ -243,6 +247,28 @@ func hotplugEntry(action string, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "xenblkd %s %s: %s\n", action, b, msg)
 	return 1
+}
+
+// DefaultConnectWait is how long the entry waits for a daemon to listen
+// (without systemd's socket, a daemon restarting is briefly not there).
+const DefaultConnectWait = 10 * time.Second
+
+// daemonAnswer is the daemon's answer to action on b: the one the C entry
+// got (the request is never sent twice), or a new request's.
+func daemonAnswer(action string, b hotplug.Backend) (api.Response, error) {
+	if msg, ok := os.LookupEnv("XENBLKD_ENTRY_ERROR"); ok {
+		return api.Response{}, errors.New(msg)
+	}
+	if reply, ok := os.LookupEnv("XENBLKD_ENTRY_REPLY"); ok {
+		return api.DecodeReply(socketPath(), []byte(reply))
+	}
+	wait := DefaultConnectWait
+	if v := os.Getenv("XENBLKD_CONNECT_TIMEOUT"); v != "" {
+		if d, err := time.ParseDuration(v); err == nil && d >= 0 && d < wait {
+			wait = d
+		}
+	}
+	return api.CallHotplug(context.Background(), socketPath(), api.Request{Op: action, Path: b.Path()}, api.HotplugOptions{ConnectWait: wait})
 }
 
 // recordError writes msg to the backend's hotplug-error and returns msg,
