@@ -58,7 +58,7 @@ func testMain(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	if entry, err = build.Entry(dir, "xenblkd-hotplug", binary, build.EntryCFlags); err != nil {
+	if entry, err = build.TestEntry(dir, binary); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}

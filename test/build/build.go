@@ -59,3 +59,18 @@ func moduleRoot() (string, error) {
 	}
 	return filepath.Dir(strings.TrimSpace(string(out))), nil
 }
+
+// TestEntry builds the C hotplug entry for a test suite that execs it as
+// libxl does: with EntryCFlags, or with SanitizerCFlags when
+// $XENBLKD_TEST_ENTRY is "sanitize" (make test-unit runs the end-to-end
+// tests both ways).
+func TestEntry(dir, goBinary string) (string, error) {
+	switch v := os.Getenv("XENBLKD_TEST_ENTRY"); v {
+	case "":
+		return Entry(dir, "xenblkd-hotplug", goBinary, EntryCFlags)
+	case "sanitize":
+		return Entry(dir, "xenblkd-hotplug", goBinary, SanitizerCFlags)
+	default:
+		return "", fmt.Errorf("XENBLKD_TEST_ENTRY=%q: want unset or sanitize", v)
+	}
+}

@@ -37,6 +37,7 @@ import (
 var (
 	binDir string            // holds the built xenblkd (bound read-only into sandboxes)
 	binary string            // binDir/xenblkd
+	entry  string            // binDir/xenblkd-hotplug: the C entry, handing over to binary
 	xsd    *xenstored.Daemon // one private C xenstored for the package
 	xs     *xenstore.Client  // the test's own connection (libxl's and blkback's role)
 	tag    string            // lo_file_name of every device this run's daemons make
@@ -62,6 +63,10 @@ func testMain(m *testing.M) int {
 	defer os.RemoveAll(binDir)
 	os.Chmod(binDir, 0o755)
 	if binary, err = build.Xenblkd(binDir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if entry, err = build.TestEntry(binDir, binary); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
@@ -358,19 +363,21 @@ func readNode(t testing.TB, path string) (string, bool) {
 	return v, true
 }
 
-// hotplug execs the entry point as libxl does; it returns stderr and the exit code.
+// hotplug execs the entry point (the C entry, as installed) as libxl does;
+// it returns stderr and the exit code. A daemon that is down is waited for
+// 1 s (not the default 10 s), so adds while it is down still fail.
 func hotplug(t testing.TB, d daemonCtl, action string, k key) (string, int) {
 	t.Helper()
-	cmd := exec.Command(binary, action)
+	cmd := exec.Command(entry, action)
 	cmd.Env = append(libxl.ScriptEnv("/etc/xen/scripts/xenblkd", k.be()), "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-		"XENBLKD_SOCKET="+d.Socket(), "XENSTORED_PATH="+xsd.Socket)
+		"XENBLKD_SOCKET="+d.Socket(), "XENSTORED_PATH="+xsd.Socket, "XENBLKD_CONNECT_TIMEOUT=1s")
 	out, err := cmd.CombinedOutput()
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		return string(out), ee.ExitCode()
 	}
 	if err != nil {
-		t.Fatalf("exec %s %s: %v", binary, action, err)
+		t.Fatalf("exec %s %s: %v", entry, action, err)
 	}
 	return string(out), 0
 }

@@ -4,7 +4,7 @@
 #   test/testbed/e2e.sh           build/reuse the image, boot it once, run dom0/suite.sh
 #   test/testbed/e2e.sh --demo    the same boot, one 4-disk guest: stock script, then xenblkd
 #
-# Puts bin/xenblkd (if built) and its unit (dist/xenblkd.service, else the testbed's fallback
+# Puts bin/xenblkd and bin/xenblkd-hotplug (if built) and the unit (dist/xenblkd.service, else the testbed's fallback
 # unit) on the control disk with dom0/suite.sh, boots with run.sh, prints dom0's report. The last
 # line is always `N passed, N failed` (CI reads it); exit status non-zero on any failure.
 # Results: $XENBLKD_TESTBED_RESULTS (default build/testbed/<timestamp>) in the checkout.
@@ -45,6 +45,11 @@ if [[ -x $repo/bin/xenblkd ]]; then
 	install -m 755 "$repo/bin/xenblkd" "$ctl/xenblkd"
 else
 	log "bin/xenblkd missing (make build): its checks will fail"
+fi
+if [[ -x $repo/bin/xenblkd-hotplug ]]; then
+	install -m 755 "$repo/bin/xenblkd-hotplug" "$ctl/xenblkd-hotplug"
+else
+	log "bin/xenblkd-hotplug missing (make build): its checks will fail"
 fi
 if [[ -f $repo/dist/xenblkd.service ]]; then
 	install -m 644 "$repo/dist/xenblkd.service" "$ctl/xenblkd.service"

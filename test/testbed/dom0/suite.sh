@@ -100,12 +100,12 @@ done) &
 WATCHDOG=$!
 trap 'kill $WATCHDOG 2>/dev/null' EXIT
 
-# install_xenblkd: the binary and unit come from the control disk (never baked into the image).
+# install_xenblkd: the binaries and unit come from the control disk (never baked into the image).
 # Sets XENBLKD_MISSING to the reason when xenblkd cannot be used.
 XENBLKD_MISSING=""
 install_xenblkd() {
-	if [[ ! -x ./xenblkd ]]; then
-		XENBLKD_MISSING="bin/xenblkd was not built (make build)"
+	if [[ ! -x ./xenblkd || ! -x ./xenblkd-hotplug ]]; then
+		XENBLKD_MISSING="bin/xenblkd or bin/xenblkd-hotplug was not built (make build)"
 		return
 	fi
 	if ! timeout 30 ./xenblkd --help >"$OUT/xenblkd-help.txt" 2>&1; then
@@ -113,7 +113,9 @@ install_xenblkd() {
 		return
 	fi
 	install -m 755 ./xenblkd /usr/sbin/xenblkd
-	ln -sf /usr/sbin/xenblkd /etc/xen/scripts/xenblkd
+	# The script libxl execs: the C entry (hands its errors over to /usr/sbin/xenblkd).
+	rm -f /etc/xen/scripts/xenblkd
+	install -m 755 ./xenblkd-hotplug /etc/xen/scripts/xenblkd
 	install -m 644 ./xenblkd.service /etc/systemd/system/xenblkd.service
 	systemctl daemon-reload
 	systemctl enable xenblkd.service >/dev/null 2>&1
