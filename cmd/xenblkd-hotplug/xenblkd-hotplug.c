@@ -166,7 +166,9 @@ int main(int argc, char **argv)
 
 	size_t want = (size_t)(end - request);
 	for (size_t off = 0; off < want;) {
-		ssize_t n = write(fd, request + off, want - off);
+		/* send, not write: a daemon that closed the connection must not
+		 * kill us with SIGPIPE before the error is reported. */
+		ssize_t n = send(fd, request + off, want - off, MSG_NOSIGNAL);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0) {
