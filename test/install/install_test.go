@@ -125,9 +125,9 @@ func checkLayout(t *testing.T, destdir, sbindir string) {
 	root := repoRoot(t)
 	bin := strings.TrimPrefix(sbindir, "/") + "/xenblkd"
 	want := map[string]fs.FileMode{
-		bin: 0o755,
-		"etc/xen/scripts/xenblkd":                                                       0o755,
-		"lib/systemd/system/xenblkd.service":                                            0o644,
+		bin:                                  0o755,
+		"etc/xen/scripts/xenblkd":            0o755,
+		"lib/systemd/system/xenblkd.service": 0o644,
 		strings.TrimPrefix(filepath.Dir(sbindir), "/") + "/share/man/man8/xenblkd.8.gz": 0o644,
 	}
 	got := tree(t, destdir)
