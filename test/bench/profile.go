@@ -342,9 +342,11 @@ func (b *bench) straceExecs(r *report) {
 		argv []string
 		env  []string
 	}{
-		{"empty Go program (static)", []string{b.dir + "/empty/empty"}, nil},
-		{"xenblkd version", []string{xen.script, "version"}, nil},
-		{"xenblkd add, daemon answers at once", []string{xen.script, "add"}, env},
+		{execFloor, []string{b.dir + "/floor/floor"}, nil},
+		{emptyGo, []string{b.dir + "/empty/empty"}, nil},
+		{"xenblkd version", []string{xen.bin, "version"}, nil},
+		{entryAdd, []string{xen.script, "add"}, env},
+		{goEntryAdd, []string{xen.bin, "add"}, env},
 	} {
 		out := b.dir + "/strace-exec.txt"
 		cmd := exec.Command("strace", append([]string{"-f", "-c", "-o", out}, c.argv...)...)
