@@ -108,6 +108,7 @@ XENSCRIPTDIR ?= /etc/xen/scripts
 UNITDIR      ?= /lib/systemd/system
 BUILDDIR     ?= build
 UNIT         := dist/xenblkd.service
+SOCKETUNIT   := dist/xenblkd.socket
 MANPAGE      := docs/xenblkd.8
 
 # VERSION file if there is one, else git describe. A Debian version must start
@@ -138,17 +139,19 @@ install: check-unit build man
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's|/usr/sbin/xenblkd|$(SBINDIR)/xenblkd|g' $(UNIT) > $(DESTDIR)$(UNITDIR)/xenblkd.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/xenblkd.service
+	# socket activation: the API socket systemd holds across daemon restarts
+	install -m 0644 $(SOCKETUNIT) $(DESTDIR)$(UNITDIR)/xenblkd.socket
 	install -D -m 0644 $(BUILDDIR)/xenblkd.8.gz $(DESTDIR)$(MANDIR)/man8/xenblkd.8.gz
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemctl daemon-reload; \
-		echo "installed; now: systemctl enable --now xenblkd, then use script=xenblkd (docs/install.md)"; \
+		echo "installed; now: systemctl enable --now xenblkd.socket xenblkd, then use script=xenblkd (docs/install.md)"; \
 	fi
 
 # uninstall: removes exactly what install put there. With DESTDIR it also
 # removes the directories install made that are left empty.
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/xenblkd $(DESTDIR)$(XENSCRIPTDIR)/xenblkd \
-		$(DESTDIR)$(UNITDIR)/xenblkd.service $(DESTDIR)$(MANDIR)/man8/xenblkd.8.gz
+		$(DESTDIR)$(UNITDIR)/xenblkd.service $(DESTDIR)$(UNITDIR)/xenblkd.socket $(DESTDIR)$(MANDIR)/man8/xenblkd.8.gz
 	@if [ -n "$(DESTDIR)" ]; then \
 		for d in $(SBINDIR) $(XENSCRIPTDIR) $(UNITDIR) $(MANDIR)/man8; do \
 			rmdir -p --ignore-fail-on-non-empty $(DESTDIR)$$d 2>/dev/null || true; \

@@ -9,10 +9,13 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/daemon"
@@ -305,6 +308,13 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	log := newLogger(stderr) // log.go
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// What systemd passed: the API socket (xenblkd.socket, by name) and the
+	// fd store's loop devices, which recovery verifies and adopts.
+	passed, err := fdstore.Listen()
+	if err != nil {
+		log.Error("cannot read the fds systemd passed; none are used", "err", err)
+	}
+	sockets, stored := fdstore.Take(passed, api.SocketFDName)
 
 	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	xs, err := xenstore.Dial(dialCtx)
@@ -314,7 +324,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	defer xs.Close()
-	l, err := daemon.Listen(*socket)
+	l, activated, err := listenAPI(*socket, sockets)
 	if err != nil {
 		log.Error("cannot serve the API", "err", err)
 		return 1
@@ -336,7 +346,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	// Recovery before READY=1 and before serving: adopt the fd store's devices,
 	// rebuild attachments from XenStore, release what no backend uses.
 	ourScripts := splitList(*scripts)
-	sum, err := d.Recover(ctx, daemon.RecoverOptions{Tag: *tag, Scripts: ourScripts})
+	sum, err := d.Recover(ctx, daemon.RecoverOptions{Tag: *tag, Scripts: ourScripts, Stored: stored})
 	if err != nil {
 		log.Error("recovery failed; exiting (the fd store, if any, keeps the devices)", "err", err)
 		return 1
@@ -352,12 +362,28 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	if err := fdstore.Notify("READY=1\nSTATUS=recovered: " + sum.String()); err != nil {
 		log.Warn("could not notify systemd", "err", err)
 	}
-	log.Info("serving", "socket", *socket, "version", version, "pid", os.Getpid())
+	log.Info("serving", "socket", l.Addr().String(), "socket_activated", activated, "version", version, "pid", os.Getpid())
 	if err := d.Serve(ctx, l); err != nil {
 		log.Error("serve", "err", err)
 		return 1
 	}
-	os.Remove(*socket)
+	if !activated {
+		os.Remove(*socket) // systemd's socket stays: the next daemon's callers queue on it
+	}
 	log.Info("stopped; held loop devices are released as the process exits (devices opened by xen-blkback stay bound)")
 	return 0
+}
+
+// listenAPI is the API listener: the socket systemd passed (socket
+// activation, xenblkd.socket), else a new one at path.
+func listenAPI(path string, passed []fdstore.File) (l *net.UnixListener, activated bool, err error) {
+	if len(passed) == 0 {
+		l, err = daemon.Listen(path)
+		return l, false, err
+	}
+	for _, extra := range passed[1:] {
+		unix.Close(extra.Fd) // xenblkd.socket has one ListenStream=
+	}
+	l, err = daemon.ListenFD(passed[0].Fd)
+	return l, true, err
 }

@@ -19,6 +19,12 @@ import (
 // $XENBLKD_SOCKET say otherwise.
 const DefaultSocket = "/run/xenblkd/api.sock"
 
+// SocketFDName is the FileDescriptorName= of the API socket in
+// dist/xenblkd.socket: under socket activation the daemon finds the
+// listening socket among the fds systemd passes (the fd store's loop devices
+// come with it) by this name.
+const SocketFDName = "api"
+
 // MaxMessage bounds one request or reply line.
 const MaxMessage = 1 << 20
 

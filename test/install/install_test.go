@@ -53,6 +53,7 @@ func runMake(t *testing.T, scratch string, args ...string) (string, error) {
 	root := repoRoot(t)
 	args = append([]string{"-C", root, "--no-print-directory",
 		"BIN=" + filepath.Join(scratch, "bin/xenblkd"),
+		"ENTRY=" + filepath.Join(scratch, "bin/xenblkd-hotplug"),
 		"BUILDDIR=" + filepath.Join(scratch, "build"),
 		"UNIT=" + unitFile(t, root),
 	}, args...)
@@ -128,6 +129,7 @@ func checkLayout(t *testing.T, destdir, sbindir string) {
 		bin:                                  0o755,
 		"etc/xen/scripts/xenblkd":            0o755,
 		"lib/systemd/system/xenblkd.service": 0o644,
+		"lib/systemd/system/xenblkd.socket":  0o644,
 		strings.TrimPrefix(filepath.Dir(sbindir), "/") + "/share/man/man8/xenblkd.8.gz": 0o644,
 	}
 	got := tree(t, destdir)
@@ -302,6 +304,7 @@ func TestDeb(t *testing.T) {
 		regexp.MustCompile(`(?m)^-rwxr-xr-x root/root .* \./usr/sbin/xenblkd$`),
 		regexp.MustCompile(`(?m)^-rwxr-xr-x root/root .* \./etc/xen/scripts/xenblkd$`),
 		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./lib/systemd/system/xenblkd\.service$`),
+		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./lib/systemd/system/xenblkd\.socket$`),
 		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./usr/share/man/man8/xenblkd\.8\.gz$`),
 	} {
 		if !want.MatchString(listing) {

@@ -51,6 +51,9 @@ if [[ -x $repo/bin/xenblkd-hotplug ]]; then
 else
 	log "bin/xenblkd-hotplug missing (make build): its checks will fail"
 fi
+if [[ -f $repo/dist/xenblkd.socket ]]; then
+	install -m 644 "$repo/dist/xenblkd.socket" "$ctl/xenblkd.socket"
+fi
 if [[ -f $repo/dist/xenblkd.service ]]; then
 	install -m 644 "$repo/dist/xenblkd.service" "$ctl/xenblkd.service"
 else

@@ -117,6 +117,10 @@ install_xenblkd() {
 	rm -f /etc/xen/scripts/xenblkd
 	install -m 755 ./xenblkd-hotplug /etc/xen/scripts/xenblkd
 	install -m 644 ./xenblkd.service /etc/systemd/system/xenblkd.service
+	# socket activation: the API socket systemd holds across daemon restarts.
+	if [[ -f ./xenblkd.socket ]]; then
+		install -m 644 ./xenblkd.socket /etc/systemd/system/xenblkd.socket
+	fi
 	systemctl daemon-reload
 	systemctl enable xenblkd.service >/dev/null 2>&1
 	if ! timeout 120 systemctl start xenblkd.service; then
