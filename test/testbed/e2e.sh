@@ -34,6 +34,11 @@ log "image ready after $(seconds_since "$t0")s: $(image_dir)"
 ctl=$(mktemp -d)
 trap 'rm -rf "$ctl"' EXIT
 install -m 755 "$TESTBED_DIR/dom0/suite.sh" "$ctl/run-in-dom0.sh"
+# xbd-ts timestamps xl's log lines in microseconds (xl -T has whole seconds): the hotplug span
+# and per-disk add latency in the timing table. Without gcc the table falls back to seconds.
+if ! gcc -static -O2 -Wall -Wextra -Werror -std=c11 -o "$ctl/xbd-ts" "$TESTBED_DIR/dom0/xbd-ts.c"; then
+	log "gcc could not build dom0/xbd-ts.c: hotplug timings in whole seconds only"
+fi
 mkdir -p "$ctl/tests.d"
 for f in "$TESTBED_DIR"/dom0/tests.d/*.sh; do
 	[[ -e $f ]] && install -m 644 "$f" "$ctl/tests.d/"
