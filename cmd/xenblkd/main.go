@@ -44,11 +44,13 @@ DESCRIPTION
     xenblkd replaces Xen's "block" hotplug script. The daemon owns every loop
     device it makes for a VM disk and writes the backend's physical-device in
     XenStore; the hotplug entry point, installed as the disk's script=, is a
-    thin client that forwards libxl's add/remove to the daemon.
+    small static C program (xenblkd-hotplug) that forwards libxl's add/remove
+    to the daemon and hands its error paths over to "xenblkd add|remove".
 
-    Install the binary as /usr/sbin/xenblkd, link /etc/xen/scripts/xenblkd to
-    it, run "xenblkd daemon" (normally as a systemd service), and use
-    script=xenblkd in a disk specification. See docs/usage.md.
+    Install the binary as /usr/sbin/xenblkd and xenblkd-hotplug as
+    /etc/xen/scripts/xenblkd (make install), run "xenblkd daemon" (normally
+    as a systemd service, with xenblkd.socket), and use script=xenblkd in a
+    disk specification. See docs/usage.md.
 
 COMMANDS
     daemon    run the daemon (foreground; logs to stderr)
@@ -125,8 +127,9 @@ ENVIRONMENT
                     debug, info (default), warn or error
     NOTIFY_SOCKET   set by systemd: READY=1, STATUS= and the fd store
     LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES
-                    set by systemd: the loop device fds handed back from the
-                    fd store after a restart
+                    set by systemd: the API socket of xenblkd.socket (fd
+                    name "api"; then --socket is not created) and the loop
+                    device fds handed back from the fd store after a restart
     JOURNAL_STREAM  set by systemd: log lines then leave out the timestamp
 `
 
@@ -142,6 +145,13 @@ DESCRIPTION
     environment XENBUS_PATH (relative to the backend domain), XENBUS_TYPE=vbd,
     XENBUS_BASE_PATH=backend and script. This forwards the request to the
     daemon and exits 0 on success.
+
+    The script libxl execs is the C entry (xenblkd-hotplug, installed as
+    /etc/xen/scripts/xenblkd): it does the success path itself and execs
+    "xenblkd add|remove" with the same argv and environment for everything
+    else. Without a daemon listening, the socket is retried for up to 10 s
+    (under systemd, xenblkd.socket holds it across restarts, so a request
+    waits there instead). A daemon that does not run as root is refused.
 
     add reads params and mode from the backend, opens the target (a block
     device is used as is, a regular file gets a loop device; a relative params
@@ -164,6 +174,15 @@ ENVIRONMENT
     XENBUS_TYPE       must be vbd if set
     XENBLKD_SOCKET    the daemon's API socket (default /run/xenblkd/api.sock)
     XENSTORED_PATH    used only to record an error when the daemon is down
+    XENBLKD_CONNECT_TIMEOUT
+                      how long a missing or refused socket is retried before
+                      the add fails (default and maximum 10s; e.g. 2s)
+    XENBLKD_BIN       read by the C entry: the binary it hands error paths
+                      over to (default /usr/sbin/xenblkd)
+    XENBLKD_ENTRY_REPLY, XENBLKD_ENTRY_ERROR
+                      set by the C entry when it hands over after sending the
+                      request: the daemon's reply, or why none came; reported
+                      without asking the daemon again
 `
 
 func main() {
