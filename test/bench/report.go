@@ -266,15 +266,16 @@ func (r *report) profileMarkdown(w *strings.Builder) {
 		"between the daemon and xenstored (a *round trip* starts when a request is sent while none is outstanding, so pipelined "+
 		"requests count once); the daemon's CPU from `/proc/<pid>/task/*/schedstat` (the add's window: backend write, exec, pre-setup's work); "+
 		"the entry's CPU from its rusage. The latency column goes through the proxy (one extra hop per round trip).\n\n")
-	fmt.Fprintf(w, "| daemon | n | XenStore requests / round trips per add | per remove | requests per add by type | daemon CPU per add | entry CPU per add | add exec→exit via proxy |\n|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(w, "| daemon | n | XenStore requests / round trips per add | per remove | requests per add by type | daemon CPU per add | entry CPU per add | add exec→exit via proxy | daemon CPU per remove | remove exec→exit via proxy |\n|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, pp := range p.peers {
 		var types []string
 		for t, n := range pp.addByType {
 			types = append(types, fmt.Sprintf("%s %.1f", t, n))
 		}
 		sort.Strings(types)
-		fmt.Fprintf(w, "| %s | %d | %.1f / %.1f | %.1f / %.1f | %s | %s ms | %s ms | %s |\n", pp.name, pp.n, pp.addReqs, pp.addRounds,
-			pp.rmReqs, pp.rmRounds, strings.Join(types, ", "), ms2(pp.daemonCPUAdd), ms2(pp.entryCPU.median()), cell(pp.addLatency))
+		fmt.Fprintf(w, "| %s | %d | %.1f / %.1f | %.1f / %.1f | %s | %s ms | %s ms | %s | %s ms | %s |\n", pp.name, pp.n, pp.addReqs, pp.addRounds,
+			pp.rmReqs, pp.rmRounds, strings.Join(types, ", "), ms2(pp.daemonCPUAdd), ms2(pp.entryCPU.median()), cell(pp.addLatency),
+			ms2(pp.daemonCPURm), cell(pp.rmLatency))
 	}
 	if f, ok := r.floor16(entryAdd); ok {
 		fe, _ := r.floor16(emptyGo)
