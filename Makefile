@@ -46,11 +46,12 @@ test-unit: setup check build
 
 ## --- benchmarks -----------------------------------------------------------
 
-# bench: the stock block script vs xenblkd, driven as libxl drives them, against
+# bench: the stock block script vs xenblkd (its C entry as the script) beside the
+# exec floor (an empty static C program), driven as libxl drives them, against
 # one private real xenstored (issue 6). Writes docs/benchmarks.md and
 # docs/bench-scaling.png; root. `go run ./test/bench -quick` for a smoke run.
 bench: setup build
-	$(GO) run ./test/bench -bin $(BIN) -out docs/benchmarks.md -plot docs/bench-scaling.png
+	$(GO) run ./test/bench -bin $(BIN) -entry $(ENTRY) -out docs/benchmarks.md -plot docs/bench-scaling.png
 
 bench-loop: setup
 	CGO_ENABLED=1 $(GO) test -run '^$$' -bench . -skip SharingCheck -benchtime 300x -count 1 ./internal/loop/
