@@ -682,10 +682,11 @@ func TestXenStoreUnreachable(t *testing.T) {
 // assertion: speed is for benchmarks).
 func TestLatency(t *testing.T) {
 	d := startDaemon(t, xsd.Socket)
-	img, _ := image(t, "lat.img")
 	const n = 30
 	var adds, removes []time.Duration
 	for i := range n {
+		// A fresh image each time (see TestPresetupLatency).
+		img, _ := image(t, fmt.Sprintf("lat-%d.img", i))
 		be := vbdSetup(t, 800+i, 51712, img, "w")
 		t0 := time.Now()
 		mustHotplug(t, d, "add", be)
