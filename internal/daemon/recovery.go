@@ -128,9 +128,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 			continue
 		}
 		d.log.Info("recovery: no backend uses loop device; releasing it", "dev", dev.Path(), "diskseq", dev.DiskSeq())
-		if err := dev.Close(); err != nil {
-			d.log.Error("recovery: release loop device", "dev", dev.Path(), "diskseq", dev.DiskSeq(), "err", err)
-		}
+		d.model.Release(dev) // an add of its file right after waits for it to be freed
 		sum.Closed++
 	}
 	d.log.Info("recovery done", "adopted", sum.Adopted, "reopened", sum.Reopened, "restored", sum.Restored,
