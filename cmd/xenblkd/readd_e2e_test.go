@@ -35,7 +35,7 @@ func TestReAddWhileReleasedDeviceHeld(t *testing.T) {
 			vm, rdev := standIn(t, be, sig, true)
 			seq := diskseqOf(t, be)
 			dev, _ := read(t, be+"/physical-device-path")
-			probe, err := os.Open(dev) // as udev's blkid on the change uevent of blkback's close
+			probe, err := os.Open(dev) // as udev's blkid after a writer closes the device
 			if err != nil {
 				t.Fatal(err)
 			}
