@@ -141,11 +141,15 @@ func attachOnce(config *unix.LoopConfig, opts Options, want FileID, fresh, legac
 	if err == nil {
 		err = checkConfigured(b, want, opts)
 	}
+	var io ioMode
+	if err == nil {
+		b, io, err = settleIO(fd, b, opts) // dio_linux.go
+	}
 	if err != nil {
 		release(fd)
 		return nil, index, &OpError{Op: "verify", Dev: path, Err: err}
 	}
-	return &Device{fd: fd, binding: b}, index, nil
+	return &Device{fd: fd, binding: b, io: io}, index, nil
 }
 
 // bindFree takes the allocation lock, picks a free device, opens and
@@ -259,16 +263,20 @@ func configureLegacy(fd, index int, config *unix.LoopConfig) error {
 		clearFd(fd)
 		return &OpError{Op: "set status", Dev: path, Err: err}
 	}
-	if config.Info.Flags&unix.LO_FLAGS_DIRECT_IO != 0 {
-		// Like LOOP_CONFIGURE, fall back to buffered I/O when the backing
-		// file system has no O_DIRECT; Flags() then shows it off.
-		_ = unix.IoctlSetInt(fd, unix.LOOP_SET_DIRECT_IO, 1)
-	}
+	// Block size before direct I/O: the kernel allows direct I/O only when
+	// the loop's logical block size is at least the backing file's DIO
+	// alignment, so a 4096-byte device must have its size first.
 	if config.Size != 512 { // LOOP_SET_BLOCK_SIZE: Linux 4.14
 		if err := unix.IoctlSetInt(fd, unix.LOOP_SET_BLOCK_SIZE, int(config.Size)); err != nil {
 			clearFd(fd)
 			return &OpError{Op: "set block size", Dev: path, Err: err}
 		}
+	}
+	if config.Info.Flags&unix.LO_FLAGS_DIRECT_IO != 0 {
+		// LOOP_SET_DIRECT_IO (4.10) fails with EINVAL where LOOP_CONFIGURE
+		// silently falls back: either way the device stays buffered, and
+		// settleIO reports it.
+		_ = unix.IoctlSetInt(fd, unix.LOOP_SET_DIRECT_IO, 1)
 	}
 	return nil
 }
@@ -290,8 +298,8 @@ func setStatusLegacy(fd int, info *unix.LoopInfo64) error {
 // checkConfigured fails unless the freshly configured device is bound to the
 // backing file asked for, with AUTOCLEAR and the read-only mode asked for.
 // Vanilla 5.8 silently ignored some LOOP_CONFIGURE fields (systemd's
-// loop_configure_verify); DIRECT_IO is not checked: the kernel turns it off
-// when the file system cannot do it, and Flags reports what is in effect.
+// loop_configure_verify). Direct I/O and the block size are settled next,
+// by settleIO: the kernel may legitimately refuse direct I/O.
 func checkConfigured(b Binding, want FileID, opts Options) error {
 	switch {
 	case b.Backing != want:

@@ -92,7 +92,11 @@ func openChecked(fd int, path string, want uint64) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Device{fd: fd, binding: b}, nil
+	io, err := readIOMode(fd, b)
+	if err != nil {
+		return nil, err
+	}
+	return &Device{fd: fd, binding: b, io: io}, nil
 }
 
 // adopt implements Adopt.
@@ -110,7 +114,11 @@ func adopt(fd int) (*Device, error) {
 		return nil, &OpError{Op: "adopt", Dev: name, Err: err}
 	}
 	b.Path = devPath(b.Number)
-	return &Device{fd: fd, binding: b}, nil
+	io, err := readIOMode(fd, b)
+	if err != nil {
+		return nil, &OpError{Op: "adopt", Dev: b.Path, Err: err}
+	}
+	return &Device{fd: fd, binding: b, io: io}, nil
 }
 
 // verify implements Device.Verify on the held fd.

@@ -19,6 +19,11 @@
 //     held fd, and verify: backing st_dev/st_ino as fstat'ed before, AUTOCLEAR
 //     set, READ_ONLY as asked, tag as given. On mismatch LOOP_CLR_FD + close
 //     (the device is ours and may lack AUTOCLEAR) and try again.
+//  7. Settle the I/O mode (dio_linux.go): the logical block size (BLKSSZGET)
+//     must be the one asked for; direct I/O is in effect only if lo_flags and
+//     /sys/block/loopN/loop/dio agree; a device doing direct I/O it was not
+//     asked for is switched off with LOOP_SET_DIRECT_IO(0). Device.DirectIO
+//     and Device.BlockSize report the result.
 //
 // Failures of a per-device step with EBUSY (an allocator outside our lock,
 // e.g. losetup, configured the device first, or someone holds it O_EXCL),
@@ -44,8 +49,23 @@
 //     from a path that may name a newer binding by now. Older kernels report
 //     DiskSeq 0 and Open fails with ENOTTY.
 //   - LOOP_CONFIGURE forces READ_ONLY when either the backing fd or the loop
-//     fd is not writable; DIRECT_IO is silently dropped when the file system
-//     cannot do it (Flags reports what is in effect).
+//     fd is not writable.
+//   - DIRECT_IO is silently dropped (LOOP_CONFIGURE still returns 0) when the
+//     backing file cannot do O_DIRECT at the device's logical block size:
+//     __loop_update_dio since 4.4 (commit 2e5ab5f379f9), lo_can_use_dio since
+//     6.12. Seen on 6.18 with 512-byte sectors on ext4 or XFS on a 4096-byte
+//     disk. The legacy LOOP_SET_DIRECT_IO fails with EINVAL instead, and must
+//     come after LOOP_SET_BLOCK_SIZE. InspectBacking tells the caller the
+//     alignment beforehand, so a policy can choose instead of being surprised.
+//   - With block_size 0 and DIRECT_IO, Linux 6.15+ (commit f4774e92aab8, and
+//     "loop: check in LO_FLAGS_DIRECT_IO in loop_default_blocksize") gives
+//     the device the backing file's DIO alignment as its sector size: a guest
+//     on a 4Kn disk or 4096-byte dm-crypt would see 4096-byte sectors. We
+//     always pass the size (512 unless asked).
+//   - The kernel turns direct I/O on by itself for an O_DIRECT backing fd
+//     (6.15+, loop_assign_backing_file; earlier via loop_update_dio).
+//   - tmpfs has O_DIRECT only since 6.6 (commit e88e0d366f9c); before, direct
+//     I/O on a tmpfs image is dropped as above.
 //   - /sys/block/loopN/loop/ exists only while bound: List uses it to skip
 //     unbound devices without opening them.
 //

@@ -58,5 +58,16 @@ func AttachAt(index int, backing *os.File, opts Options) (*Device, error) {
 		release(fd)
 		return nil, err
 	}
-	return &Device{fd: fd, binding: b}, nil
+	io, err := readIOMode(fd, b)
+	if err != nil {
+		release(fd)
+		return nil, err
+	}
+	return &Device{fd: fd, binding: b, io: io}, nil
+}
+
+// AttachLegacy is Attach forced down the pre-5.8 path (LOOP_SET_FD +
+// LOOP_SET_STATUS64 + LOOP_SET_BLOCK_SIZE + LOOP_SET_DIRECT_IO).
+func AttachLegacy(backing *os.File, opts Options) (*Device, error) {
+	return attach(backing, opts, true)
 }

@@ -7,9 +7,11 @@ import (
 
 // Options says how Attach configures a loop device.
 type Options struct {
-	ReadOnly  bool   // LO_FLAGS_READ_ONLY; the backing file may be opened O_RDONLY
-	DirectIO  bool   // LO_FLAGS_DIRECT_IO (off by default)
-	BlockSize uint32 // logical block size; 0 means 512
+	ReadOnly bool // LO_FLAGS_READ_ONLY; the backing file may be opened O_RDONLY
+	// DirectIO asks for LO_FLAGS_DIRECT_IO. The kernel may silently refuse
+	// it (see the package doc); Device.DirectIO says what is in effect.
+	DirectIO  bool
+	BlockSize uint32 // logical block size; 0 means 512 (never the kernel's own choice)
 	Tag       string // stored in lo_file_name (at most 63 bytes) to mark the device as ours
 }
 
@@ -39,6 +41,14 @@ type Device struct {
 	mu      sync.RWMutex // guards fd: Close takes it exclusively, users of fd shared
 	fd      int          // -1 once closed
 	binding Binding      // set at construction, never changed
+	io      ioMode       // set at construction, never changed
+}
+
+// ioMode is how the device reads and writes its backing file, as read back
+// from the kernel once the device is configured.
+type ioMode struct {
+	directIO  bool   // /sys/block/loopN/loop/dio is 1 (and lo_flags agree)
+	blockSize uint32 // the logical block size it presents (BLKSSZGET)
 }
 
 // Attach binds a new loop device to backing (see the package doc for the
@@ -101,6 +111,14 @@ func (d *Device) Flags() uint32    { return d.binding.Flags }
 func (d *Device) Tag() string      { return d.binding.Tag }
 func (d *Device) Binding() Binding { return d.binding }
 func (d *Device) ReadOnly() bool   { return d.binding.Flags&1 != 0 }
+
+// DirectIO reports whether the device does direct I/O to its backing file
+// (no dom0 page cache), as verified after configuring.
+func (d *Device) DirectIO() bool { return d.io.directIO }
+
+// BlockSize is the logical block size the device presents, i.e. the sector
+// size a guest sees through xen-blkback.
+func (d *Device) BlockSize() uint32 { return d.io.blockSize }
 
 // Fd returns the device's open fd, or -1 after Close. The Device still owns
 // it: dup it to keep it beyond Close (e.g. to hand it to systemd's fd store).
