@@ -43,7 +43,7 @@ func TestStatusCommand(t *testing.T) {
 			t.Errorf("status lacks %q:\n%s", want, text)
 		}
 	}
-	if !regexp.MustCompile(`(?m)^301 +guest301 +xvda +\S+ +r +/dev/loop\d+ +\d+ +2 +\d{4}-\d\d-\d\d `).MatchString(text) {
+	if !regexp.MustCompile(`(?m)^301 +guest301 +xvda +\S+ +r +/dev/loop\d+ +\d+ +(direct|buffered)/512 +2 +\d{4}-\d\d-\d\d `).MatchString(text) {
 		t.Errorf("no row for domain 301 with 2 users:\n%s", text)
 	}
 
@@ -59,7 +59,7 @@ func TestStatusCommand(t *testing.T) {
 		t.Fatalf("status --json:\n%s", out)
 	}
 	// The documented field names (statusUsage, docs/usage.md) and no others.
-	wantKeys := []string{"device", "devid", "diskseq", "domain_name", "domid", "kind", "mode", "physical_device", "since", "target", "users", "vdev"}
+	wantKeys := []string{"block_size", "device", "devid", "diskseq", "domain_name", "domid", "io", "kind", "mode", "physical_device", "since", "target", "users", "vdev"}
 	for _, a := range doc["attachments"] {
 		keys := make([]string, 0, len(a))
 		for k := range a {
@@ -232,4 +232,14 @@ func (d *daemon) logText() string {
 	d.logw.mu.Lock()
 	defer d.logw.mu.Unlock()
 	return d.log.String()
+}
+
+// TestDaemonRejectsBadDirectIO: a bad --direct-io is a usage error, before
+// the daemon touches XenStore or the socket.
+func TestDaemonRejectsBadDirectIO(t *testing.T) {
+	cmd := exec.Command(binary, "daemon", "--direct-io=yes", "--socket", filepath.Join(t.TempDir(), "api.sock"))
+	out, err := cmd.CombinedOutput()
+	if code := exitCode(err); code != 2 || !strings.Contains(string(out), `--direct-io: direct I/O setting "yes": expected auto, on or off`) {
+		t.Errorf("exit %d, output %q; want 2 and the setting named", code, out)
+	}
 }

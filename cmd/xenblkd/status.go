@@ -23,18 +23,22 @@ SYNOPSIS
 
 DESCRIPTION
     Prints one line per attached backend: domain id and name, vdev, target
-    (params), mode, loop or block device, diskseq, how many backends use that
-    device (read-only images share one loop device) and since when. Then the
+    (params), mode, loop or block device, diskseq, the loop device's I/O mode
+    (IO: direct or buffered I/O to the image file, then the logical block size
+    the guest sees, e.g. direct/512; "-" for a block device), how many
+    backends use that device (read-only images share one loop device) and
+    since when. Then the
     loop devices the daemon holds for no backend: normally none, and it says
     so. A name or vdev that XenStore does not have (or, in a driver domain,
     does not let it read) shows as "-".
 
     --json prints one object for scripts, with stable field names:
       {"attachments": [{"domid", "domain_name", "devid", "vdev", "target",
-        "kind", "mode", "device", "physical_device", "diskseq", "users",
-        "since"}...],
+        "kind", "mode", "device", "physical_device", "diskseq", "io",
+        "block_size", "users", "since"}...],
        "unused_loop_devices": [{"device", "physical_device", "diskseq"}...]}
-    domain_name, vdev, diskseq and since are left out when unknown; since is
+    domain_name, vdev, diskseq and since are left out when unknown, io
+    ("direct" or "buffered") and block_size for block devices; since is
     RFC 3339. See docs/usage.md.
 
 OPTIONS
@@ -102,14 +106,18 @@ func writeStatusTable(w io.Writer, s StatusJSON, now time.Time) {
 		fmt.Fprintln(w, "No attachments.")
 	} else {
 		tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
-		fmt.Fprintln(tw, "DOMID\tNAME\tVDEV\tTARGET\tMODE\tDEVICE\tDISKSEQ\tUSERS\tSINCE")
+		fmt.Fprintln(tw, "DOMID\tNAME\tVDEV\tTARGET\tMODE\tDEVICE\tDISKSEQ\tIO\tUSERS\tSINCE")
 		for _, a := range s.Attachments {
 			seq := "-"
 			if a.DiskSeq != 0 {
 				seq = strconv.FormatUint(a.DiskSeq, 10)
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", a.Domid, cell(a.DomainName), cell(a.Vdev),
-				cell(a.Target), a.Mode, cell(a.Device), seq, a.Users, since(a.Since, now))
+			io := "-"
+			if a.IO != "" {
+				io = cell(a.IO) + "/" + strconv.FormatUint(uint64(a.BlockSize), 10)
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", a.Domid, cell(a.DomainName), cell(a.Vdev),
+				cell(a.Target), a.Mode, cell(a.Device), seq, io, a.Users, since(a.Since, now))
 		}
 		tw.Flush()
 	}

@@ -13,15 +13,15 @@ func TestStatusTable(t *testing.T) {
 	s := StatusJSON{
 		Attachments: []api.Attachment{
 			{Domid: 3, DomainName: "web", Vdev: "xvda", Devid: 51712, Target: "/srv/vm/web.img", Mode: "w", Device: "/dev/loop4",
-				DiskSeq: 88, Users: 1, Since: now.Add(-3 * time.Hour)},
+				DiskSeq: 88, IO: "direct", BlockSize: 512, Users: 1, Since: now.Add(-3 * time.Hour)},
 			{Domid: 4, Devid: 51728, Target: "/dev/vg0/x\tevil\n", Mode: "w", Device: "/dev/vg0/x", Users: 1},
 		},
 	}
 	var b strings.Builder
 	writeStatusTable(&b, s, now)
-	want := `DOMID  NAME  VDEV  TARGET            MODE  DEVICE      DISKSEQ  USERS  SINCE
-3      web   xvda  /srv/vm/web.img   w     /dev/loop4  88       1      2026-11-27 09:00:00 (3h)
-4      -     -     /dev/vg0/x?evil?  w     /dev/vg0/x  -        1      -
+	want := `DOMID  NAME  VDEV  TARGET            MODE  DEVICE      DISKSEQ  IO          USERS  SINCE
+3      web   xvda  /srv/vm/web.img   w     /dev/loop4  88       direct/512  1      2026-11-27 09:00:00 (3h)
+4      -     -     /dev/vg0/x?evil?  w     /dev/vg0/x  -        -           1      -
 
 Loop devices held for no backend: none.
 `

@@ -73,6 +73,10 @@ type Attachment struct {
 	PhysicalDevice string `json:"physical_device"` // major:minor, hex
 	DiskSeq        uint64 `json:"diskseq,omitempty"`
 	Users          int    `json:"users"`
+	// Loop devices only (omitted for block devices): "direct" or "buffered"
+	// I/O to the image file, and the logical block size the guest sees.
+	IO        string `json:"io,omitempty"`
+	BlockSize uint32 `json:"block_size,omitempty"`
 	// Status only; each is omitted when unknown. The field names are stable
 	// (docs/usage.md, "xenblkd status --json").
 	DomainName string    `json:"domain_name,omitempty"` // /local/domain/<domid>/name

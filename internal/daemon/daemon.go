@@ -44,12 +44,13 @@ func New(log *slog.Logger, store hotplug.Store, host model.Host) *Daemon {
 	return &Daemon{log: log, store: store, model: m, metrics: newMetrics(m)}
 }
 
-// NewHost returns the real machine: loop devices tagged with tag, mounts
-// from /proc/self/mountinfo, and the sharing check on an index of loop
-// devices by backing file (loop.Index; a scan of every device if the uevent
-// socket cannot be opened). It lives as long as the process.
-func NewHost(tag string, log *slog.Logger) model.Host {
-	h := &loopHost{tag: tag, mountinfo: "/proc/self/mountinfo", log: log}
+// NewHost returns the real machine: loop devices tagged with tag, doing I/O
+// as io says (iomode.go), mounts from /proc/self/mountinfo, and the sharing
+// check on an index of loop devices by backing file (loop.Index; a scan of
+// every device if the uevent socket cannot be opened). It lives as long as
+// the process.
+func NewHost(tag string, io IOPolicy, log *slog.Logger) model.Host {
+	h := &loopHost{tag: tag, mountinfo: "/proc/self/mountinfo", io: io, log: log}
 	ix, err := loop.NewIndex()
 	if err != nil {
 		log.Warn("sharing check: no loop device index; every add scans all loop devices", "err", err)
@@ -142,7 +143,7 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 	}
 	d.metrics.attached(a)
 	log.Info("attached", "target", target.Path, "mode", mode, "dev", a.DevPath, "diskseq", a.DiskSeq,
-		"users", a.Users, "took", time.Since(start))
+		"io", a.IO.String(), "users", a.Users, "took", time.Since(start))
 	return toAPI(a), nil
 }
 
@@ -175,5 +176,17 @@ func toAPI(a model.Attachment) *api.Attachment {
 		Domid: a.Key.Domid, Devid: a.Key.Devid, Target: a.Params, Kind: a.Target.Kind.String(),
 		Mode: a.Mode.String(), Device: a.DevPath, PhysicalDevice: hotplug.FormatRdev(a.Rdev),
 		DiskSeq: a.DiskSeq, Users: a.Users, Since: a.Since,
+		IO: ioName(a.IO), BlockSize: a.IO.BlockSize,
 	}
+}
+
+// ioName is the API's io field: "direct", "buffered", or "" for a block device.
+func ioName(io model.IOMode) string {
+	switch {
+	case io.BlockSize == 0:
+		return ""
+	case io.DirectIO:
+		return "direct"
+	}
+	return "buffered"
 }

@@ -32,10 +32,12 @@ type fakeDev struct {
 	n int
 }
 
-func (d *fakeDev) Path() string    { return fmt.Sprintf("/dev/loop%d", 1000+d.n) }
-func (d *fakeDev) Rdev() uint64    { return unix.Mkdev(7, uint32(1000+d.n)) }
-func (d *fakeDev) DiskSeq() uint64 { return uint64(0x100 + d.n) }
-func (d *fakeDev) Verify() error   { return nil }
+func (d *fakeDev) Path() string      { return fmt.Sprintf("/dev/loop%d", 1000+d.n) }
+func (d *fakeDev) Rdev() uint64      { return unix.Mkdev(7, uint32(1000+d.n)) }
+func (d *fakeDev) DiskSeq() uint64   { return uint64(0x100 + d.n) }
+func (d *fakeDev) Verify() error     { return nil }
+func (d *fakeDev) DirectIO() bool    { return true }
+func (d *fakeDev) BlockSize() uint32 { return 512 }
 func (d *fakeDev) Close() error {
 	d.h.mu.Lock()
 	d.h.open--

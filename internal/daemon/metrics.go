@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"runtime"
 	"runtime/debug"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -86,6 +87,7 @@ func newMetrics(m *model.Model) *Metrics {
 			}
 			return float64(n)
 		}),
+		loopIOCollector{m},
 	)
 	x.cacheHits = promauto.With(r).NewCounter(prometheus.CounterOpts{
 		Name: "xenblkd_readonly_cache_hits_total", Help: "Read-only adds that reused the loop device of another backend.",
@@ -158,6 +160,27 @@ func (c attachmentsCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for s, n := range counts {
 		ch <- prometheus.MustNewConstMetric(attachmentsDesc, prometheus.GaugeValue, float64(n), s.kind, s.mode)
+	}
+}
+
+// loopIOCollector counts the held loop devices by I/O mode to the image
+// file and logical block size at scrape time (iomode.go); direct and
+// buffered at 512 also at 0.
+type loopIOCollector struct{ m *model.Model }
+
+var loopIODesc = prometheus.NewDesc("xenblkd_loop_devices_io",
+	"Loop devices the daemon holds, by I/O mode to the image file (direct, buffered) and logical block size.", []string{"io", "block_size"}, nil)
+
+func (c loopIOCollector) Describe(ch chan<- *prometheus.Desc) { ch <- loopIODesc }
+
+func (c loopIOCollector) Collect(ch chan<- prometheus.Metric) {
+	type series struct{ io, blockSize string }
+	counts := map[series]int{{"direct", "512"}: 0, {"buffered", "512"}: 0}
+	for _, h := range c.m.Held() {
+		counts[series{ioName(h.IO), strconv.FormatUint(uint64(h.IO.BlockSize), 10)}]++
+	}
+	for s, n := range counts {
+		ch <- prometheus.MustNewConstMetric(loopIODesc, prometheus.GaugeValue, float64(n), s.io, s.blockSize)
 	}
 }
 

@@ -132,6 +132,8 @@ func TestMetricsEndpoint(t *testing.T) {
 		`xenblkd_attachments{kind="block",mode="w"} 0`,
 		`xenblkd_loop_devices_held 2`,
 		`xenblkd_loop_devices_unused 0`,
+		`xenblkd_loop_devices_io{block_size="512",io="direct"} 2`, // the fake host's devices
+		`xenblkd_loop_devices_io{block_size="512",io="buffered"} 0`,
 		`xenblkd_readonly_cache_hits_total 1`,
 		`xenblkd_errors_total{op="add",reason="not_found"} 1`,
 		`xenblkd_errors_total{op="add",reason="conflict"} 1`,
@@ -159,6 +161,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	for _, want := range []string{
 		`xenblkd_attachments{kind="file",mode="r"} 0`,
 		`xenblkd_loop_devices_held 0`,
+		`xenblkd_loop_devices_io{block_size="512",io="direct"} 0`,
 		`xenblkd_request_duration_seconds_count{op="remove"} 3`,
 		`xenblkd_recoveries_total{result="restored"} 1`,
 		`xenblkd_recoveries_total{result="failed"} 1`,

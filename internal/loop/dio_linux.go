@@ -97,7 +97,7 @@ func fileDIOAlign(fd int) uint32 {
 //   - Direct I/O counts only if lo_flags and /sys/block/loopN/loop/dio both
 //     say so. LOOP_CONFIGURE succeeds but drops DIRECT_IO when the file
 //     cannot do O_DIRECT at the device's block size (__loop_update_dio since
-//     4.4, commit 2e5ab5f379f9; lo_can_use_dio since 6.12): e.g. 512-byte
+//     4.4, commit 2e5ab5f379f9; lo_can_use_dio in later kernels): e.g. 512-byte
 //     sectors on a file system on a 4096-byte disk, or tmpfs before 6.6
 //     (commit e88e0d366f9c). That device is buffered, and correct.
 //   - A device that does direct I/O although it was not asked to (the kernel

@@ -52,8 +52,8 @@
 //     fd is not writable.
 //   - DIRECT_IO is silently dropped (LOOP_CONFIGURE still returns 0) when the
 //     backing file cannot do O_DIRECT at the device's logical block size:
-//     __loop_update_dio since 4.4 (commit 2e5ab5f379f9), lo_can_use_dio since
-//     6.12. Seen on 6.18 with 512-byte sectors on ext4 or XFS on a 4096-byte
+//     __loop_update_dio since 4.4 (commit 2e5ab5f379f9), lo_can_use_dio in
+//     later kernels. Seen on 6.18 with 512-byte sectors on ext4 or XFS on a 4096-byte
 //     disk. The legacy LOOP_SET_DIRECT_IO fails with EINVAL instead, and must
 //     come after LOOP_SET_BLOCK_SIZE. InspectBacking tells the caller the
 //     alignment beforehand, so a policy can choose instead of being surprised.

@@ -95,6 +95,11 @@ type Device interface {
 	Path() string
 	Rdev() uint64
 	DiskSeq() uint64
+	// DirectIO reports whether the device does direct I/O to its image file
+	// (no dom0 page cache), as verified with the kernel.
+	DirectIO() bool
+	// BlockSize is the logical block size the device presents to the guest.
+	BlockSize() uint32
 	// Verify fails if the device is no longer bound as it was when made.
 	Verify() error
 	// Close releases the held fd; AUTOCLEAR frees the device once the last
@@ -153,9 +158,30 @@ type Attachment struct {
 	DevPath string    // physical-device-path
 	Rdev    uint64    // physical-device
 	DiskSeq uint64    // loop devices only; 0 for block devices
+	IO      IOMode    // loop devices only; zero for block devices
 	Users   int       // backends sharing the device (read-only cache), else 1
 	Since   time.Time // when Add recorded it (Restore keeps what it is given)
 }
+
+// IOMode is how a loop device reads and writes its image file.
+type IOMode struct {
+	DirectIO  bool   // direct I/O: the image's data is not cached in dom0
+	BlockSize uint32 // logical block size the guest sees
+}
+
+// String is "direct" or "buffered", with the block size: "direct/512".
+func (io IOMode) String() string {
+	if io.BlockSize == 0 {
+		return "-"
+	}
+	mode := "buffered"
+	if io.DirectIO {
+		mode = "direct"
+	}
+	return fmt.Sprintf("%s/%d", mode, io.BlockSize)
+}
+
+func ioModeOf(d Device) IOMode { return IOMode{DirectIO: d.DirectIO(), BlockSize: d.BlockSize()} }
 
 // ConflictError is a refusal by the sharing rules.
 type ConflictError struct {
@@ -290,10 +316,11 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 			return Attachment{}, err
 		}
 		a.loop = ld
-		a.DevPath, a.Rdev, a.DiskSeq = ld.dev.Path(), ld.dev.Rdev(), ld.dev.DiskSeq()
+		a.DevPath, a.Rdev, a.DiskSeq, a.IO = ld.dev.Path(), ld.dev.Rdev(), ld.dev.DiskSeq(), ioModeOf(ld.dev)
 		if fresh {
 			m.log.Info("loop device bound", "domid", req.Key.Domid, "devid", req.Key.Devid,
-				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path, "readonly", !req.Mode.Writable)
+				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path, "readonly", !req.Mode.Writable,
+				"io", a.IO.String())
 		} else {
 			m.log.Info("loop device shared", "domid", req.Key.Domid, "devid", req.Key.Devid,
 				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path)
@@ -472,7 +499,7 @@ func (m *Model) Restore(a Attachment, dev Device) error {
 			ld = &loopDevice{dev: dev, readOnly: !a.Mode.Writable, file: a.Target.File, users: map[Key]bool{}}
 		}
 		rec.loop = ld
-		rec.DevPath, rec.Rdev, rec.DiskSeq = dev.Path(), dev.Rdev(), dev.DiskSeq()
+		rec.DevPath, rec.Rdev, rec.DiskSeq, rec.IO = dev.Path(), dev.Rdev(), dev.DiskSeq(), ioModeOf(dev)
 	}
 	m.insertLocked(rec)
 	return nil

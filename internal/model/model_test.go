@@ -18,10 +18,12 @@ type fakeDevice struct {
 	closed  bool
 }
 
-func (d *fakeDevice) Path() string    { return fmt.Sprintf("/dev/loop%d", d.n) }
-func (d *fakeDevice) Rdev() uint64    { return uint64(7<<8 | d.n) }
-func (d *fakeDevice) DiskSeq() uint64 { return d.diskseq }
-func (d *fakeDevice) Verify() error   { return nil }
+func (d *fakeDevice) Path() string      { return fmt.Sprintf("/dev/loop%d", d.n) }
+func (d *fakeDevice) Rdev() uint64      { return uint64(7<<8 | d.n) }
+func (d *fakeDevice) DiskSeq() uint64   { return d.diskseq }
+func (d *fakeDevice) Verify() error     { return nil }
+func (d *fakeDevice) DirectIO() bool    { return d.n%2 == 0 }
+func (d *fakeDevice) BlockSize() uint32 { return 512 }
 func (d *fakeDevice) Close() error {
 	d.host.mu.Lock()
 	defer d.host.mu.Unlock()
@@ -706,5 +708,46 @@ func TestReleasedWaitCancelled(t *testing.T) {
 	_, err := m.Add(ctx, AddRequest{Key: Key{2, 51712}, Mode: rw, Target: image})
 	if !errors.Is(err, context.Canceled) || errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "released by xenblkd") {
 		t.Fatalf("got %v, want context.Canceled naming the device waited for", err)
+	}
+}
+
+// TestIOModeReported: every attachment of a loop device carries the device's
+// I/O mode (shared read-only users too, and Held); block devices carry none.
+func TestIOModeReported(t *testing.T) {
+	m := New(&fakeHost{}, nil)
+	first, err := add(t, m, 1, 51712, image, ro) // fake device 1: buffered
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := add(t, m, 2, 51712, image, ro) // shares device 1
+	if err != nil {
+		t.Fatal(err)
+	}
+	third, err := add(t, m, 3, 51712, image2, rw) // fake device 2: direct
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk, err := add(t, m, 4, 51712, disk, rw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		got  IOMode
+		want string
+	}{
+		{"first", first.IO, "buffered/512"},
+		{"shared", second.IO, "buffered/512"},
+		{"direct", third.IO, "direct/512"},
+		{"block device", blk.IO, "-"},
+	} {
+		if c.got.String() != c.want {
+			t.Errorf("%s: IO = %s, want %s", c.name, c.got, c.want)
+		}
+	}
+	for _, h := range m.Held() {
+		if h.IO.BlockSize != 512 {
+			t.Errorf("Held %s: IO = %+v, want block size 512", h.Path, h.IO)
+		}
 	}
 }
