@@ -15,7 +15,7 @@ ENTRY        := bin/xenblkd-hotplug
 ENTRY_CC     ?= gcc
 ENTRY_CFLAGS := -std=c11 -O2 -static -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Werror
 
-.PHONY: all build setup check test test-unit test-e2e testbed bench bench-loop bench-sharing bench-xenstore demo chaos clean
+.PHONY: all build setup check test test-unit test-e2e testbed bench bench-loop bench-io bench-sharing bench-xenstore demo chaos clean
 
 all: build
 
@@ -61,6 +61,13 @@ bench-loop: setup
 # Makes and frees 2,000 loop devices (~15 s); root.
 bench-sharing: setup
 	CGO_ENABLED=1 $(GO) test -run '^$$' -bench SharingCheck -benchtime 1x -count 1 ./internal/loop/
+
+# bench-io: buffered vs direct I/O on xenblkd's loop devices (issue 16): fio with
+# direct=1 on the device, as blkback submits I/O, on ext4/XFS/Btrfs/tmpfs made in
+# image files here; throughput and page-cache growth. Writes its own section of
+# docs/benchmarks.md (make bench keeps it); root, about 2 minutes.
+bench-io: setup
+	CGO_ENABLED=1 $(GO) run ./test/benchio -out docs/benchmarks.md
 
 bench-xenstore: setup
 	CGO_ENABLED=1 $(GO) test -run '^$$' -bench . -count 1 ./internal/xenstore/

@@ -17,8 +17,10 @@ pkgs=(
 	libasan8 libubsan1
 	# make install / make deb and their tests (test/install): man page check
 	man-db
-	# benchmarks; test/entry counts the entry's syscalls
-	hyperfine strace
+	# benchmarks; test/entry counts the entry's syscalls; make bench-io and the
+	# loop tests: fio, and file systems to make in image files (ext4 from
+	# e2fsprogs above)
+	hyperfine strace fio xfsprogs btrfs-progs
 	# promtool: the metrics tests lint the real /metrics output with it
 	prometheus
 )

@@ -17,7 +17,13 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"xenblkd/test/mdsection"
 )
+
+// benchIOSection is the part of docs/benchmarks.md that make bench-io
+// (test/benchio) writes.
+const benchIOSection = "bench-io"
 
 type config struct {
 	quick      bool
@@ -168,7 +174,14 @@ func run(c config) (err error) {
 	}
 	r.print(os.Stdout)
 	if c.out != "" {
-		if err := os.WriteFile(c.out, []byte(r.markdown()), 0o644); err != nil {
+		doc := r.markdown()
+		// make bench-io owns its own section of the same file: keep it.
+		if old, err := os.ReadFile(c.out); err == nil {
+			if io := mdsection.Extract(string(old), benchIOSection); io != "" {
+				doc = strings.TrimRight(doc, "\n") + "\n\n" + io + "\n"
+			}
+		}
+		if err := os.WriteFile(c.out, []byte(doc), 0o644); err != nil {
 			return err
 		}
 		fmt.Println("bench: wrote", c.out)

@@ -1,0 +1,378 @@
+// Command benchio measures what direct I/O on xenblkd's loop devices buys
+// (make bench-io): fio on the host against loop devices made by
+// internal/loop, with direct=1 on the device as xen-blkback submits I/O, so
+// the only difference between the two modes is how the loop device reaches
+// its image file: through dom0's page cache (buffered) or not (direct).
+//
+// Per file system it can make here (ext4, XFS, Btrfs in image files on loop
+// devices of its own, and tmpfs): a 256 MiB image; sequential write (which
+// fills it) and read with 128 KiB requests (blkback's largest with indirect
+// segments), then 4 KiB random read and write, 64 MiB each; writes end with
+// an fsync, so a write counts only once it reached the file system. Before
+// each job only that image's cached pages are dropped (fdatasync +
+// posix_fadvise DONTNEED, never the host's caches); after it, the image's
+// resident pages are counted with mincore: the page-cache growth per byte
+// moved. Results: a table on stdout, and with -out its section of
+// docs/benchmarks.md.
+//
+//	go run ./test/benchio -out docs/benchmarks.md
+package main
+
+import (
+	"bytes"
+	"cmp"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/loop"
+	"xenblkd/test/mdsection"
+	"xenblkd/test/scratchfs"
+)
+
+const (
+	imageSize = 256 << 20
+	randBytes = 32 << 20
+	section   = "bench-io" // of docs/benchmarks.md; test/bench keeps it
+	reps      = 3          // runs per cell
+)
+
+// job is one fio workload.
+type job struct {
+	name   string
+	rw     string // fio --rw
+	bs     string
+	depth  int
+	size   int64 // bytes moved
+	random bool
+	write  bool
+}
+
+var jobs = []job{
+	{"seq write", "write", "128k", 16, imageSize, false, true},
+	{"seq read", "read", "128k", 16, imageSize, false, false},
+	{"4k rand read", "randread", "4k", 32, randBytes, true, false},
+	{"4k rand write", "randwrite", "4k", 32, randBytes, true, true},
+}
+
+// result is one job in one mode.
+type result struct {
+	bw    float64 // bytes/s
+	iops  float64
+	moved int64 // bytes fio moved
+	grown int64 // bytes of the image newly resident in the page cache
+	dio   bool  // direct I/O in effect on the loop device
+}
+
+func main() {
+	out := flag.String("out", "", "write the results into this Markdown file's bench-io section")
+	kinds := flag.String("fs", strings.Join(scratchfs.Kinds, ","), "file systems to try")
+	flag.Parse()
+	if err := run(*out, strings.Split(*kinds, ",")); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-io:", err)
+		os.Exit(1)
+	}
+}
+
+func run(out string, kinds []string) error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("needs root (makes loop devices and mounts)")
+	}
+	fioPath, err := exec.LookPath("fio")
+	if err != nil {
+		return fmt.Errorf("fio not installed (scripts/setup.sh installs it)")
+	}
+	fioVersion, _ := exec.Command(fioPath, "--version").Output()
+	dir, err := os.MkdirTemp("", "xenblkd-bench-io-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	start := time.Now()
+	load0 := loadavg()
+	var b strings.Builder
+	var skipped []string
+	fmt.Fprintf(&b, "| file system | workload | buffered | direct | direct/buffered | page cache growth, buffered | page cache growth, direct |\n|---|---|---|---|---|---|---|\n")
+	var verdicts []string
+	for _, kind := range kinds {
+		if err := scratchfs.Available(kind); err != nil {
+			skipped = append(skipped, fmt.Sprintf("%s (%v)", kind, err))
+			continue
+		}
+		fs, err := scratchfs.Make(dir, kind, 768<<20, 512)
+		if err != nil {
+			return err
+		}
+		variants := []bool{false}
+		if kind == "btrfs" {
+			variants = append(variants, true) // a NOCOW image too: no data checksums
+		}
+		for _, nocow := range variants {
+			label := kind
+			if nocow {
+				label += " (NOCOW image)"
+			}
+			// reps runs of each mode, interleaved so that drift on a shared
+			// machine hits both alike; each cell is the median.
+			runs := map[bool][][]result{}
+			for range reps {
+				for _, direct := range []bool{false, true} {
+					r, err := measure(fs, direct, nocow)
+					if err != nil {
+						fs.Close()
+						return fmt.Errorf("%s, direct=%v: %w", label, direct, err)
+					}
+					runs[direct] = append(runs[direct], r)
+				}
+			}
+			for i, j := range jobs {
+				bu, di := median(runs[false], i), median(runs[true], i)
+				ratio := di.bw / bu.bw
+				row := fmt.Sprintf("| %s | %s | %s | %s | %.2f× | %s | %s |", label, j.name, rate(bu, j), rate(di, j),
+					ratio, pct(bu), pct(di))
+				if !di.dio {
+					row += " (kernel refused direct I/O)"
+				}
+				fmt.Fprintln(&b, row)
+				fmt.Println(row)
+				verdicts = append(verdicts, verdict(label, j, bu, di))
+			}
+		}
+		if err := fs.Close(); err != nil {
+			return err
+		}
+	}
+	end := time.Now()
+
+	var doc strings.Builder
+	fmt.Fprintf(&doc, "## Direct I/O on loop devices (`make bench-io`)\n\n")
+	fmt.Fprintf(&doc, "Generated by `make bench-io` (`go run ./test/benchio`) on %s, %s–%s UTC, %.0f s. No hand-edited numbers.\n\n",
+		start.UTC().Format("2006-01-02"), start.UTC().Format("15:04"), end.UTC().Format("15:04"), end.Sub(start).Seconds())
+	fmt.Fprintf(&doc, "- kernel %s, %s, %d CPUs; xenblkd tree %s, %s\n", kernel(), strings.TrimSpace(string(fioVersion)), runtime.NumCPU(), gitRev(), runtime.Version())
+	fmt.Fprintf(&doc, "- load average at start %s, at end %s (a shared machine: other work ran during the bench)\n", load0, loadavg())
+	fmt.Fprintf(&doc, "- each file system is made in a sparse image file on a loop device of its own (direct I/O, 512-byte sectors) on the host's ext4; tmpfs is mounted directly\n")
+	if len(skipped) > 0 {
+		fmt.Fprintf(&doc, "- not measured: %s\n", strings.Join(skipped, "; "))
+	}
+	fmt.Fprintf(&doc, "\nfio with `direct=1` and libaio on the loop device (as xen-blkback submits a guest's I/O), a %d MiB image: sequential write (fills it) and read, 128 KiB requests, queue depth 16; then 4 KiB random read and write of %d MiB, queue depth 32. Writes end with an fsync of the device. Each cell is the median of %d runs, buffered and direct runs interleaved. Throughput in MB/s (10^6 bytes), random jobs also in IOPS. *Page cache growth*: the image's pages resident in dom0's page cache after the job (mincore; only that file's cache is dropped before each job) per byte the job moved.\n\n",
+		imageSize>>20, randBytes>>20, reps)
+	doc.WriteString(b.String())
+	fmt.Fprintf(&doc, "\nOn tmpfs the image's pages are its storage, not a cache: a written tmpfs image is 100%% resident in either mode, and reads add nothing.\n")
+	fmt.Fprintf(&doc, "\nTargets (issue 16): with direct I/O, page cache growth ≤ 10%% of the bytes moved (buffered: ~100%%), sequential throughput ≥ 0.9× buffered, 4 KiB random ≥ 0.8× buffered.\n\n")
+	for _, v := range verdicts {
+		fmt.Fprintf(&doc, "- %s\n", v)
+	}
+	fmt.Println()
+	fmt.Println(strings.Join(verdicts, "\n"))
+	if out == "" {
+		return nil
+	}
+	old, err := os.ReadFile(out)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(out, []byte(mdsection.Replace(string(old), section, doc.String())), 0o644); err != nil {
+		return err
+	}
+	fmt.Println("bench-io: wrote", out)
+	return nil
+}
+
+// median returns job i's result with the median throughput over runs, and
+// the median page cache growth.
+func median(runs [][]result, i int) result {
+	rs := make([]result, len(runs))
+	for k, r := range runs {
+		rs[k] = r[i]
+	}
+	slices.SortFunc(rs, func(a, b result) int { return cmp.Compare(a.bw, b.bw) })
+	m := rs[len(rs)/2]
+	slices.SortFunc(rs, func(a, b result) int { return cmp.Compare(a.grown, b.grown) })
+	m.grown = rs[len(rs)/2].grown
+	return m
+}
+
+// measure runs every job on a fresh image on fs through a loop device in
+// the given mode.
+func measure(fs *scratchfs.FS, direct, nocow bool) ([]result, error) {
+	path := filepath.Join(fs.Dir, "guest.img")
+	if nocow {
+		if err := scratchfs.SetNoCOW(path); err != nil {
+			return nil, err
+		}
+	} else if err := os.WriteFile(path, nil, 0o600); err != nil {
+		return nil, err
+	}
+	defer os.Remove(path)
+	if err := os.Truncate(path, imageSize); err != nil {
+		return nil, err
+	}
+	backing, err := loop.OpenBacking(path, false)
+	if err != nil {
+		return nil, err
+	}
+	defer backing.Close()
+	dev, err := loop.Attach(backing, loop.Options{DirectIO: direct, Tag: fmt.Sprintf("xenblkd-bench-io:%d", os.Getpid())})
+	if err != nil {
+		return nil, err
+	}
+	defer dev.Close()
+	var out []result
+	for _, j := range jobs {
+		before, err := dropAndCount(backing)
+		if err != nil {
+			return nil, err
+		}
+		r, err := fio(dev.Path(), j)
+		if err != nil {
+			return nil, err
+		}
+		after, err := resident(backing)
+		if err != nil {
+			return nil, err
+		}
+		r.grown, r.dio = after-before, dev.DirectIO()
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// dropAndCount writes the image's dirty pages back, drops its cached pages
+// and returns how many bytes stay resident (a tmpfs file: all of them).
+func dropAndCount(f *os.File) (int64, error) {
+	fd := int(f.Fd())
+	if err := unix.Fdatasync(fd); err != nil {
+		return 0, err
+	}
+	if err := unix.Fadvise(fd, 0, 0, unix.FADV_DONTNEED); err != nil {
+		return 0, err
+	}
+	return resident(f)
+}
+
+// resident counts the image's bytes in the page cache (mincore of a
+// read-only shared mapping; mapping it faults nothing in).
+func resident(f *os.File) (int64, error) {
+	m, err := unix.Mmap(int(f.Fd()), 0, imageSize, unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Munmap(m)
+	page := os.Getpagesize()
+	vec := make([]byte, (imageSize+page-1)/page)
+	// x/sys/unix has no Mincore for Linux.
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		return 0, fmt.Errorf("mincore: %w", errno)
+	}
+	n := int64(0)
+	for _, v := range vec {
+		n += int64(v & 1)
+	}
+	return n * int64(page), nil
+}
+
+// fio runs one job on dev and parses its JSON.
+func fio(dev string, j job) (result, error) {
+	args := []string{"--name=" + strings.ReplaceAll(j.name, " ", "-"), "--filename=" + dev, "--direct=1",
+		"--ioengine=libaio", "--rw=" + j.rw, "--bs=" + j.bs, fmt.Sprintf("--iodepth=%d", j.depth),
+		fmt.Sprintf("--size=%d", imageSize), fmt.Sprintf("--io_size=%d", j.size), "--randrepeat=1",
+		"--norandommap", "--output-format=json"}
+	if j.write {
+		args = append(args, "--end_fsync=1")
+	}
+	out, err := exec.Command("fio", args...).Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		return result{}, fmt.Errorf("fio %s: %v: %s", j.name, err, stderr)
+	}
+	var rep struct {
+		Jobs []struct {
+			Read, Write struct {
+				BwBytes float64 `json:"bw_bytes"`
+				IOPS    float64 `json:"iops"`
+				IOBytes int64   `json:"io_bytes"`
+			}
+		}
+	}
+	// fio may print notes before the JSON.
+	if i := bytes.IndexByte(out, '{'); i > 0 {
+		out = out[i:]
+	}
+	if err := json.Unmarshal(out, &rep); err != nil || len(rep.Jobs) != 1 {
+		return result{}, fmt.Errorf("fio %s: unreadable JSON (%v)", j.name, err)
+	}
+	s := rep.Jobs[0].Read
+	if j.write {
+		s = rep.Jobs[0].Write
+	}
+	return result{bw: s.BwBytes, iops: s.IOPS, moved: s.IOBytes}, nil
+}
+
+func rate(r result, j job) string {
+	if j.random {
+		return fmt.Sprintf("%.0f MB/s (%.0f IOPS)", r.bw/1e6, r.iops)
+	}
+	return fmt.Sprintf("%.0f MB/s", r.bw/1e6)
+}
+
+func pct(r result) string {
+	if r.moved == 0 {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.0f%%", 100*float64(r.grown)/float64(r.moved))
+}
+
+// verdict says, for one row, whether direct I/O met each target.
+func verdict(kind string, j job, bu, di result) string {
+	floor := 0.9
+	if j.random {
+		floor = 0.8
+	}
+	ratio := di.bw / bu.bw
+	cache := float64(di.grown) / float64(max(di.moved, 1))
+	mark := func(ok bool) string {
+		if ok {
+			return "met"
+		}
+		return "**missed**"
+	}
+	return fmt.Sprintf("%s %s: throughput %.2f× (floor %.1f×) %s; page cache %.0f%% of bytes moved (≤ 10%%) %s",
+		kind, j.name, ratio, floor, mark(ratio >= floor), 100*cache, mark(cache <= 0.10))
+}
+
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	return strings.Join(strings.Fields(string(b))[:3], " ")
+}
+
+func kernel() string {
+	var u unix.Utsname
+	if unix.Uname(&u) != nil {
+		return "?"
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+func gitRev() string {
+	out, err := exec.Command("git", "rev-parse", "--short", "HEAD").Output()
+	if err != nil {
+		return "?"
+	}
+	return strings.TrimSpace(string(out))
+}
