@@ -117,9 +117,9 @@ func chooseIO(p IOPolicy, disk diskIO, info loop.BackingInfo) ioChoice {
 func autoDirectIO(info loop.BackingInfo) (bool, string) {
 	switch info.FSType {
 	case unix.EXT4_SUPER_MAGIC: // also ext2 and ext3, same magic and driver
-		return true, "ext4: direct I/O keeps the image out of dom0's page cache at equal throughput"
+		return true, "ext4: direct I/O keeps the image out of dom0's page cache (make bench-io)"
 	case unix.XFS_SUPER_MAGIC:
-		return true, "xfs: direct I/O keeps the image out of dom0's page cache at equal throughput"
+		return true, "xfs: direct I/O keeps the image out of dom0's page cache (make bench-io)"
 	case unix.BTRFS_SUPER_MAGIC:
 		if info.NoCOW {
 			return true, "btrfs NOCOW file (no data checksums): direct I/O is safe"
