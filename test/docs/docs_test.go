@@ -36,7 +36,7 @@ var allowlist = []struct{ prefix, reason string }{
 	{"install -m 0755 bin/xenblkd-hotplug /etc/xen/scripts/xenblkd", "writes to the host's /etc/xen: the same layout is tested by test/install (make install DESTDIR=...)"},
 	{"curl ", "metrics: exercised by cmd/xenblkd TestMetricsOverUnixSocketWithCurl and TestMetricsOverTCP against a running daemon"},
 	{"man ", "docs/xenblkd.8 is rendered with warnings on by test/install TestManPage"},
-	{"setfattr -n user.xenblkd.", "sets a disk's I/O override on an image file: internal/daemon TestReadDiskIO and TestIntegrationHostIOMode set the same attributes (setxattr(2)) and attach"},
+	{"setfattr -n user.xenblkd.", "sets a disk's I/O override on an image file: cmd/xenblkd TestIOModeEndToEnd and internal/daemon TestReadDiskIO set the same attributes (setxattr(2)) and attach through the daemon"},
 	{"getfattr -d ", "only prints an image's attributes (package attr); what xenblkd reads of them is tested in internal/daemon TestReadDiskIO"},
 }
 
