@@ -337,6 +337,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	presetup := fs.Bool("presetup", true, "set disks up as soon as libxl writes their backend (presetup.go)")
 	scripts := fs.String("scripts", "", "comma-separated extra script paths that name xenblkd")
 	directIO := fs.String("direct-io", string(daemon.DirectIOAuto), "direct I/O on loop devices: auto, on or off")
+	entry := fs.String("hotplug-entry", daemon.DefaultEntry, "the hotplug entry; a script that is the same file is ours")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -388,14 +389,14 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	}
 	// Recovery before READY=1 and before serving: adopt the fd store's devices,
 	// rebuild attachments from XenStore, release what no backend uses.
-	ourScripts := splitList(*scripts)
-	sum, err := d.Recover(ctx, daemon.RecoverOptions{Tag: *tag, Scripts: ourScripts, Stored: stored})
+	d.Scripts = daemon.Scripts{Extra: splitList(*scripts), Entry: *entry}
+	sum, err := d.Recover(ctx, daemon.RecoverOptions{Tag: *tag, Stored: stored})
 	if err != nil {
 		log.Error("recovery failed; exiting (the fd store, if any, keeps the devices)", "err", err)
 		return 1
 	}
 	if *presetup {
-		stopPresetup, err := d.StartPresetup(ctx, xs, daemon.PresetupOptions{Scripts: ourScripts})
+		stopPresetup, err := d.StartPresetup(ctx, xs, daemon.PresetupOptions{})
 		if err != nil {
 			log.Error("pre-setup is off: the hotplug entry does every add itself", "err", err)
 		} else {

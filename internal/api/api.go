@@ -33,6 +33,9 @@ const (
 	OpAdd    = "add"
 	OpRemove = "remove"
 	OpStatus = "status"
+	// OpAdopt asks the daemon to take over the stock block script's loop
+	// devices of backends that are now ours (sent by `xenblkd takeover`).
+	OpAdopt = "adopt"
 )
 
 // Request is one call: Path is XENBUS_PATH (backend/vbd/<domid>/<devid>).
@@ -53,6 +56,8 @@ type Response struct {
 	// UnusedLoopDevices (status): loop devices the daemon holds for no
 	// backend. Normally none; any listed is a leak or a recovery leftover.
 	UnusedLoopDevices []LoopDevice `json:"unused_loop_devices,omitempty"`
+	// Summary (adopt): what was taken over, for the administrator.
+	Summary string `json:"summary,omitempty"`
 }
 
 // LoopDevice is a loop device the daemon holds.

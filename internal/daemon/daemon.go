@@ -36,6 +36,12 @@ type Daemon struct {
 	metrics *Metrics // metrics.go
 
 	backends backendTable // presetup.go: per-backend lock and pre-setup state
+
+	// Scripts says which backends are ours (scripts.go); set it before
+	// Recover and StartPresetup, which both decide by it.
+	Scripts Scripts
+
+	tag string // lo_file_name prefix of our devices, as Recover was told (claims of stock devices use it)
 }
 
 // New returns a daemon on store (XenStore) and host (loop devices, mounts).
@@ -65,9 +71,18 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	switch req.Op {
 	case api.OpStatus:
 		return d.statusResponse(ctx) // status.go
+	case api.OpAdopt:
+		ctx, cancel := context.WithTimeout(ctx, 5*RequestTimeout)
+		defer cancel()
+		sum, err := d.AdoptStock(ctx) // stock.go
+		if err != nil {
+			return api.Response{Error: err.Error()}
+		}
+		return api.Response{OK: true, Summary: fmt.Sprintf("took over %d loop device(s) of the stock block script; %d left alone (see the daemon's log); %d attachment(s) restored",
+			sum.Stock, sum.Foreign+sum.Mismatched, sum.Restored)}
 	case api.OpAdd, api.OpRemove:
 	default:
-		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove or status", model.Quote(req.Op, 32))}
+		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove, status or adopt", model.Quote(req.Op, 32))}
 	}
 	defer d.metrics.timeRequest(req.Op)()
 	b, err := hotplug.ParseBackendPath(req.Path)
@@ -151,6 +166,13 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 // backend's nodes may be gone) and removes physical-device if still there.
 func (d *Daemon) remove(ctx context.Context, b hotplug.Backend) {
 	log := d.log.With("domid", b.Domid, "devid", b.Devid)
+	if _, ours := d.model.Lookup(model.Key{Domid: b.Domid, Devid: b.Devid}); !ours {
+		// Attached by the stock block script before a takeover and not
+		// adopted yet (stock.go): free its device as the stock remove would.
+		if found, err := d.releaseStock(ctx, b); found && err != nil {
+			log.Error("remove: the stock script's loop device does not check out; not freeing it", "err", err)
+		}
+	}
 	// physical-device goes first: a crash between the two steps then leaves a
 	// held device no backend names (recovery closes it), never a node naming
 	// a device that is gone.

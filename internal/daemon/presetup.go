@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -45,10 +44,6 @@ const backendTree = "backend/vbd"
 
 // PresetupOptions configure StartPresetup.
 type PresetupOptions struct {
-	// Scripts are script paths (as libxl writes them to BE/script) that
-	// name us, in addition to any path whose base name is "xenblkd" (as in
-	// RecoverOptions). An entry without "/" is compared with the base name.
-	Scripts []string
 	// Workers set up that many backends at a time. 0: DefaultPresetupWorkers.
 	Workers int
 }
@@ -196,6 +191,18 @@ func (t *backendTable) keys(domid uint32, all bool) []model.Key {
 	return out
 }
 
+// heldKeys returns the backends (all, or one domain's) that pre-setup
+// remembers or the model holds: those whose going away must be noticed.
+func (d *Daemon) heldKeys(domid uint32, all bool) []model.Key {
+	keys := d.backends.keys(domid, all)
+	for _, a := range d.model.List() {
+		if all || a.Key.Domid == domid {
+			keys = append(keys, a.Key) // enqueue drops duplicates
+		}
+	}
+	return keys
+}
+
 func keyOf(b hotplug.Backend) model.Key { return model.Key{Domid: b.Domid, Devid: b.Devid} }
 
 // hotplugAdd is the exec'd add: it confirms a pre-setup attachment, reports
@@ -248,7 +255,6 @@ func (d *Daemon) hotplugRemove(ctx context.Context, b hotplug.Backend) {
 type presetup struct {
 	d       *Daemon
 	xs      *xenstore.Client
-	scripts []string
 	log     *slog.Logger
 
 	mu      sync.Mutex
@@ -268,7 +274,7 @@ func (d *Daemon) StartPresetup(ctx context.Context, xs *xenstore.Client, opts Pr
 	if opts.Workers <= 0 {
 		opts.Workers = DefaultPresetupWorkers
 	}
-	p := &presetup{d: d, xs: xs, scripts: append([]string{"xenblkd"}, opts.Scripts...), log: d.log.With("presetup", true), pending: map[model.Key]bool{}}
+	p := &presetup{d: d, xs: xs, log: d.log.With("presetup", true), pending: map[model.Key]bool{}}
 	p.cond = sync.NewCond(&p.mu)
 	ctx, cancel := context.WithCancel(ctx)
 	w, err := xs.Watch(ctx, backendTree, "xenblkd-presetup")
@@ -281,7 +287,7 @@ func (d *Daemon) StartPresetup(ctx context.Context, xs *xenstore.Client, opts Pr
 	for range opts.Workers {
 		wg.Go(func() { p.work(ctx) })
 	}
-	p.log.Info("pre-setup: watching backends", "path", backendTree, "scripts", strings.Join(opts.Scripts, ","))
+	p.log.Info("pre-setup: watching backends", "path", backendTree, "scripts", d.Scripts.String())
 	return func() {
 		cancel()
 		w.Close(context.Background())
@@ -303,7 +309,7 @@ func (p *presetup) events(w *xenstore.Watch) {
 		case levelDomain:
 			// The domain's directory changed (e.g. removed at destroy):
 			// re-check what we remember of it.
-			for _, k := range p.d.backends.keys(domid, false) {
+			for _, k := range p.d.heldKeys(domid, false) {
 				p.enqueue(k)
 			}
 		case levelBackend:
@@ -428,7 +434,7 @@ func (p *presetup) work(ctx context.Context) {
 // scan queues every backend in the tree and every one we remember (to notice
 // those that went away while the watch was down).
 func (p *presetup) scan(ctx context.Context) {
-	for _, k := range p.d.backends.keys(0, true) {
+	for _, k := range p.d.heldKeys(0, true) {
 		p.enqueue(k)
 	}
 	domains, err := p.xs.Directory(ctx, backendTree)
@@ -462,9 +468,10 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 	unlock := d.backends.lock(key)
 	defer unlock()
 	st := d.backends.get(key)
+	_, held := d.model.Lookup(key)
 	if st.scriptRan {
 		if p.gone(ctx, b) {
-			d.backends.set(key, backendState{})
+			p.release(key, st, held)
 		}
 		return
 	}
@@ -487,12 +494,12 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 		}
 	}
 	if errors.Is(errs[0], unix.ENOENT) {
-		if st != (backendState{}) && p.gone(ctx, b) {
-			p.release(key, st)
+		if (st != (backendState{}) || held) && p.gone(ctx, b) {
+			p.release(key, st, held)
 		}
 		return // gone, or libxl's nodes not written yet
 	}
-	if !p.ours(script) {
+	if !d.Scripts.Ours(script) {
 		return // another script's backend: never touched
 	}
 	if errs[2] == nil || st.presetup {
@@ -541,30 +548,23 @@ func (p *presetup) gone(ctx context.Context, b hotplug.Backend) bool {
 	return errors.Is(err, unix.ENOENT)
 }
 
-// release forgets a backend that went away before its script ran, and drops
-// the attachment (and loop device) pre-setup made for it.
-func (p *presetup) release(key model.Key, st backendState) {
+// release forgets a backend whose directory is gone, and drops what we hold
+// for it: what pre-setup made for a backend removed before its script ran,
+// or the attachment of a backend removed without our remove, because its
+// script is no longer us (after `xenblkd takeover --undo` libxl runs the
+// stock block's remove, which has nothing to free for a backend of ours).
+func (p *presetup) release(key model.Key, st backendState, held bool) {
 	p.d.backends.set(key, backendState{})
-	if !st.presetup {
+	if !held {
 		return
 	}
 	if a, ok := p.d.model.Remove(key); ok {
-		p.log.Info("pre-setup: backend gone before the script ran; released", "domid", key.Domid, "devid", key.Devid,
-			"dev", a.DevPath, "diskseq", a.DiskSeq, "users_left", a.Users)
-	}
-}
-
-func (p *presetup) ours(script string) bool {
-	for _, s := range p.scripts {
-		if strings.Contains(s, "/") {
-			if script == s {
-				return true
-			}
-		} else if path.Base(script) == s {
-			return true
+		why := "backend gone without our remove; released"
+		if st.presetup {
+			why = "pre-setup: backend gone before the script ran; released"
 		}
+		p.log.Info(why, "domid", key.Domid, "devid", key.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "users_left", a.Users)
 	}
-	return false
 }
 
 // transient errors are worth a retry by the exec'd add rather than being

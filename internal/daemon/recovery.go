@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -27,6 +26,9 @@ type storedDevice struct {
 }
 
 func (d *storedDevice) Close() error {
+	if d.name == "" { // never stored (stock.go)
+		return d.Device.Close()
+	}
 	if err := fdstore.Remove(d.name); err != nil {
 		// Our copy is still closed: a stale store entry is dropped (unverified
 		// names never match) on the next start.
@@ -52,9 +54,6 @@ type RecoverOptions struct {
 	// Tag is the lo_file_name prefix of our devices (DefaultTag if empty).
 	// Fds from the store whose device carries another tag are not adopted.
 	Tag string
-	// Scripts are the script paths (as libxl writes them to BE/script) that
-	// name us, in addition to any path whose basename is "xenblkd".
-	Scripts []string
 	// Stored are the fds the service manager passed back from the fd store
 	// (fdstore.Listen, without the API socket of socket activation).
 	Stored []fdstore.File
@@ -68,11 +67,13 @@ type RecoverySummary struct {
 	Closed     int // adopted or re-opened devices no backend uses: released
 	Rejected   int // stored fds that failed verification: closed
 	Mismatched int // backends whose physical-device names a device gone or reused
+	Stock      int // loop devices the stock block script made, verified and taken over (stock.go)
+	Foreign    int // backends whose stock loop device did not check out: left alone
 }
 
 func (s RecoverySummary) String() string {
-	return fmt.Sprintf("adopted %d, reopened %d, restored %d, closed %d, rejected %d, mismatched %d",
-		s.Adopted, s.Reopened, s.Restored, s.Closed, s.Rejected, s.Mismatched)
+	return fmt.Sprintf("adopted %d, reopened %d, restored %d, closed %d, rejected %d, mismatched %d, stock %d, foreign %d",
+		s.Adopted, s.Reopened, s.Restored, s.Closed, s.Rejected, s.Mismatched, s.Stock, s.Foreign)
 }
 
 // directoryReader lists XenStore children; hotplug.ClientStore has it.
@@ -105,10 +106,11 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 	if opts.Tag == "" {
 		opts.Tag = DefaultTag
 	}
+	d.tag = opts.Tag
 	held := d.adoptStored(opts.Stored, opts.Tag, &sum) // by rdev
 	used := map[uint64]bool{}
 
-	backends, err := d.ourBackends(ctx, opts.Scripts)
+	backends, err := d.ourBackends(ctx)
 	if err != nil {
 		// Without the list nothing can be told apart: keep every adopted device
 		// (closing one a VM uses would be worse than holding an idle one).
@@ -132,7 +134,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 		sum.Closed++
 	}
 	d.log.Info("recovery done", "adopted", sum.Adopted, "reopened", sum.Reopened, "restored", sum.Restored,
-		"closed", sum.Closed, "rejected", sum.Rejected, "mismatched", sum.Mismatched)
+		"closed", sum.Closed, "rejected", sum.Rejected, "mismatched", sum.Mismatched, "stock", sum.Stock, "foreign", sum.Foreign)
 	d.metrics.countRecoveries(sum)
 	return sum, nil
 }
@@ -190,7 +192,7 @@ func verifyStored(f fdstore.File, tag string) (*loop.Device, error) {
 }
 
 // ourBackends lists backend/vbd/<domid>/<devid> whose script is ours.
-func (d *Daemon) ourBackends(ctx context.Context, scripts []string) ([]hotplug.Backend, error) {
+func (d *Daemon) ourBackends(ctx context.Context) ([]hotplug.Backend, error) {
 	dr, ok := d.store.(directoryReader)
 	if !ok {
 		return nil, errors.New("the XenStore connection cannot list directories")
@@ -217,7 +219,7 @@ func (d *Daemon) ourBackends(ctx context.Context, scripts []string) ([]hotplug.B
 				continue // not libxl's
 			}
 			script, err := d.store.Read(ctx, b.Path()+"/script")
-			if err != nil || !isOurScript(script, scripts) {
+			if err != nil || !d.Scripts.Ours(script) {
 				continue
 			}
 			out = append(out, b)
@@ -230,18 +232,6 @@ func (d *Daemon) ourBackends(ctx context.Context, scripts []string) ([]hotplug.B
 		return out[i].Devid < out[j].Devid
 	})
 	return out, nil
-}
-
-func isOurScript(script string, scripts []string) bool {
-	if filepath.Base(script) == "xenblkd" {
-		return true
-	}
-	for _, s := range scripts {
-		if s != "" && script == s {
-			return true
-		}
-	}
-	return false
 }
 
 // restoreBackend rebuilds one backend's attachment, if physical-device is set.
@@ -293,7 +283,13 @@ func (d *Daemon) restoreBackend(ctx context.Context, b hotplug.Backend, held map
 		return nil
 	}
 
-	seqStr, _ := d.store.Read(ctx, b.Path()+"/diskseq")
+	seqStr, seqErr := d.store.Read(ctx, b.Path()+"/diskseq")
+	if errors.Is(seqErr, unix.ENOENT) {
+		// No diskseq: the stock block script's device, if it wrote node.
+		if node, err := d.store.Read(ctx, b.Path()+"/node"); err == nil {
+			return d.adoptStock(ctx, b, stockDevice{pdev: pdev, rdev: rdev, node: node}, a, held, used, sum)
+		}
+	}
 	diskseq, serr := strconv.ParseUint(seqStr, 16, 64)
 	dev := held[rdev]
 	var why error

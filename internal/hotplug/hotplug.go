@@ -371,6 +371,29 @@ func Fail(ctx context.Context, s Store, b Backend, msg string) error {
 	return nil
 }
 
+// RecordDiskSeq writes diskseq (hex) for a device adopted after the fact (the
+// stock block script's loop device), only while physical-device still is
+// pdev: a backend removed or re-attached meanwhile is left alone.
+func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq uint64) error {
+	err := s.Transact(ctx, func(tx xenstore.Ops) error {
+		old, err := tx.Read(ctx, b.node("physical-device"))
+		if errors.Is(err, unix.ENOENT) {
+			return fmt.Errorf("%w: %s", ErrBackendGone, b)
+		}
+		if err != nil {
+			return err
+		}
+		if old != pdev {
+			return fmt.Errorf("%w: %s holds %q, not %s", ErrPhysicalDeviceSet, b.node("physical-device"), quote(old), pdev)
+		}
+		return tx.Write(ctx, b.node("diskseq"), strconv.FormatUint(diskseq, 16))
+	})
+	if err != nil {
+		return fmt.Errorf("write diskseq to %s: %w", b, err)
+	}
+	return nil
+}
+
 // Disconnect removes physical-device and diskseq if they still exist, in one
 // transaction whose two removals go out at once (the client pipelines them):
 // three round trips (begin, the removals, commit) instead of six. A node that

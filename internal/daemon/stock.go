@@ -1,0 +1,187 @@
+package daemon
+
+// Adoption of the loop devices the stock block script made. After
+// `xenblkd takeover`, /etc/xen/scripts/block is ours, and so are the backends
+// it attached before: their loop devices were made by `losetup` (no
+// AUTOCLEAR, lo_file_name = the image path, no diskseq node), and the script
+// recorded the device in the backend's node and physical-device. Such a device
+// is verified (node, physical-device and the backing file by device and inode
+// against params), claimed (AUTOCLEAR, our tag: loop.Claim), pushed to the
+// fd store, its diskseq recorded, and restored into the model, where the
+// sharing rules count it. Its remove then frees it like any of ours. A device
+// that does not check out is left exactly as it is: the backend may still
+// work, and wiping it would break the VM.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/hotplug"
+	"xenblkd/internal/loop"
+	"xenblkd/internal/model"
+)
+
+// stockDevice is what the stock script wrote for a backend.
+type stockDevice struct {
+	pdev string // physical-device as written ("7:4")
+	rdev uint64
+	node string // /dev/loopN
+}
+
+// checkStock verifies what the stock script recorded, without touching the
+// device: it returns the loop device number.
+func checkStock(s stockDevice) (int, error) {
+	if unix.Major(s.rdev) != 7 {
+		return 0, fmt.Errorf("physical-device %s is not a loop device but params is a file", s.pdev)
+	}
+	n := int(unix.Minor(s.rdev))
+	if want := "/dev/loop" + strconv.Itoa(n); s.node != want {
+		return 0, fmt.Errorf("node %q does not name physical-device %s (%s)", model.Quote(s.node, 64), s.pdev, want)
+	}
+	return n, nil
+}
+
+// adoptStock takes over the stock script's loop device of backend b (a is the
+// attachment params and mode resolved to) and restores it. A device that does
+// not check out is logged and left alone, with the backend.
+func (d *Daemon) adoptStock(ctx context.Context, b hotplug.Backend, s stockDevice, a model.Attachment,
+	held map[uint64]*storedDevice, used map[uint64]bool, sum *RecoverySummary) error {
+	log := d.log.With("domid", b.Domid, "devid", b.Devid)
+	dev, err := d.claimStock(s, a, held)
+	if err != nil {
+		sum.Foreign++
+		log.Error("stock script's loop device does not check out; leaving it and the backend as they are "+
+			"(its remove will not free it: check it, then losetup -d it once the domain is gone)",
+			"node", model.Quote(s.node, 64), "physical_device", s.pdev, "params", model.Quote(a.Params, 200), "err", err)
+		return nil
+	}
+	if dev.Rdev() != s.rdev {
+		return fmt.Errorf("claimed %s is not physical-device %s", dev.Path(), s.pdev)
+	}
+	// The diskseq node makes the backend look like one of ours from now on
+	// (a later restart re-opens or adopts it by diskseq).
+	if err := hotplug.RecordDiskSeq(ctx, d.store, b, s.pdev, dev.DiskSeq()); err != nil {
+		log.Warn("adopt: could not record diskseq; the device is held anyway", "dev", dev.Path(), "err", err)
+	}
+	if err := d.model.Restore(a, dev); err != nil {
+		return err
+	}
+	held[s.rdev] = dev
+	used[s.rdev] = true
+	sum.Stock++
+	sum.Restored++
+	log.Info("adopted the stock script's loop device", "target", a.Target.Path, "mode", a.Mode, "dev", dev.Path(),
+		"diskseq", dev.DiskSeq(), "autoclear", true)
+	return nil
+}
+
+// claimStock checks s and claims its device (or finds it among the fd
+// store's devices: claimed by an earlier run that could not record diskseq).
+func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]*storedDevice) (*storedDevice, error) {
+	number, err := checkStock(s)
+	if err != nil {
+		return nil, err
+	}
+	want := loop.FileID(a.Target.File)
+	if dev := held[s.rdev]; dev != nil {
+		if dev.Backing() != want {
+			return nil, fmt.Errorf("the fd store's %s is bound to file %d:%d, params is %d:%d",
+				dev.Path(), dev.Backing().Dev, dev.Backing().Ino, want.Dev, want.Ino)
+		}
+		return dev, nil
+	}
+	tag := d.tag
+	if tag == "" {
+		tag = DefaultTag
+	}
+	dev, err := loop.Claim(number, want, tag)
+	if err != nil {
+		return nil, err
+	}
+	if a.Mode.Writable && dev.ReadOnly() {
+		// Claimed already (AUTOCLEAR is set), so keep holding it for the VM.
+		d.log.Warn("stock script's loop device is read-only but mode is w", "dev", dev.Path())
+	}
+	stored, err := storeLoop(dev)
+	if err != nil {
+		// AUTOCLEAR is on now: closing our fd could free a device a VM uses.
+		// Hold it without the store's copy (a crash of the daemon then frees it
+		// once blkback lets go, as any AUTOCLEAR device).
+		d.log.Warn("adopt: could not push the device to the fd store; holding it anyway", "dev", dev.Path(), "err", err)
+		return &storedDevice{Device: dev, name: ""}, nil
+	}
+	return stored, nil
+}
+
+// AdoptStock takes over, while the daemon runs, the stock script's devices of
+// every backend that is ours (by Scripts) and not attached yet: what
+// `xenblkd takeover` asks for once /etc/xen/scripts/block is ours. Backends
+// that are attached, or have no physical-device, are left alone.
+func (d *Daemon) AdoptStock(ctx context.Context) (RecoverySummary, error) {
+	var sum RecoverySummary
+	backends, err := d.ourBackends(ctx)
+	if err != nil {
+		return sum, err
+	}
+	held, used := map[uint64]*storedDevice{}, map[uint64]bool{}
+	for _, b := range backends {
+		key := keyOf(b)
+		unlock := d.backends.lock(key)
+		if _, ok := d.model.Lookup(key); !ok {
+			if err := d.restoreBackend(ctx, b, held, used, &sum); err != nil {
+				d.log.Error("adopt: backend not taken over", "domid", b.Domid, "devid", b.Devid, "err", err)
+			}
+		}
+		unlock()
+	}
+	d.log.Info("adoption done", "stock", sum.Stock, "restored", sum.Restored, "foreign", sum.Foreign, "mismatched", sum.Mismatched)
+	return sum, nil
+}
+
+// releaseStock frees, on remove, the stock script's device of a backend we
+// do not hold (it was attached before the takeover and not adopted yet, e.g.
+// the daemon was down): claimed (AUTOCLEAR) and closed, the kernel frees it
+// once blkback has let go, as `losetup -d $node` in the stock remove would.
+// It reports whether there was such a device.
+func (d *Daemon) releaseStock(ctx context.Context, b hotplug.Backend) (bool, error) {
+	var pdev, node, params string
+	for _, n := range []struct {
+		name string
+		v    *string
+	}{{"physical-device", &pdev}, {"node", &node}, {"params", &params}} {
+		v, err := d.store.Read(ctx, b.Path()+"/"+n.name)
+		if errors.Is(err, unix.ENOENT) {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		*n.v = v
+	}
+	if _, err := d.store.Read(ctx, b.Path()+"/diskseq"); !errors.Is(err, unix.ENOENT) {
+		return false, nil // ours (or unreadable): not the stock script's
+	}
+	rdev, err := parseRdev(pdev)
+	if err != nil {
+		return true, err
+	}
+	backing, target, err := openTarget(params, false)
+	if err != nil {
+		return true, err
+	}
+	backing.Close()
+	if target.Kind != model.RegularFile {
+		return false, nil // a phy: disk has nothing to free
+	}
+	dev, err := d.claimStock(stockDevice{pdev: pdev, rdev: rdev, node: node}, model.Attachment{Target: target}, nil)
+	if err != nil {
+		return true, err
+	}
+	d.log.Info("remove: released the stock script's loop device", "domid", b.Domid, "devid", b.Devid,
+		"dev", dev.Path(), "diskseq", dev.DiskSeq())
+	return true, dev.Close()
+}
