@@ -253,9 +253,9 @@ func (d *Daemon) hotplugRemove(ctx context.Context, b hotplug.Backend) {
 
 // presetup watches backendTree and sets up new backends of ours.
 type presetup struct {
-	d       *Daemon
-	xs      *xenstore.Client
-	log     *slog.Logger
+	d   *Daemon
+	xs  *xenstore.Client
+	log *slog.Logger
 
 	mu      sync.Mutex
 	cond    *sync.Cond         // signalled when queue or rescan changes, or on stop
