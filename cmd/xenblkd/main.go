@@ -33,11 +33,12 @@ const usage = `NAME
 
 SYNOPSIS
     xenblkd daemon [--socket PATH] [--tag PREFIX] [--metrics-listen ADDR]
-                   [--presetup=false] [--scripts LIST]
+                   [--presetup=false] [--scripts LIST] [--hotplug-entry PATH]
                    [--direct-io=auto|on|off]
     xenblkd add | remove          (the hotplug entry point, exec'd by libxl)
     xenblkd status [--json] [--socket PATH]
     xenblkd doctor [--json] [--socket PATH]
+    xenblkd takeover [--undo | --status]
     xenblkd version
     xenblkd COMMAND --help
 
@@ -51,7 +52,8 @@ DESCRIPTION
     Install the binary as /usr/sbin/xenblkd and xenblkd-hotplug as
     /etc/xen/scripts/xenblkd (make install), run "xenblkd daemon" (normally
     as a systemd service, with xenblkd.socket), and use script=xenblkd in a
-    disk specification. See docs/usage.md.
+    disk specification, or run "xenblkd takeover" to serve every disk that
+    names no script. See docs/usage.md.
 
 COMMANDS
     daemon    run the daemon (foreground; logs to stderr)
@@ -59,6 +61,7 @@ COMMANDS
     remove    release the disk of the backend named by $XENBUS_PATH
     status    list attachments and the loop devices held
     doctor    check what this host offers xenblkd and say what to fix
+    takeover  serve as /etc/xen/scripts/block (dpkg-divert); --undo gives it back
     version   print the version
 
 ENVIRONMENT
@@ -75,7 +78,7 @@ const daemonUsage = `NAME
 
 SYNOPSIS
     xenblkd daemon [--socket PATH] [--tag PREFIX] [--metrics-listen ADDR]
-                   [--presetup=false] [--scripts LIST]
+                   [--presetup=false] [--scripts LIST] [--hotplug-entry PATH]
                    [--direct-io=auto|on|off]
 
 DESCRIPTION
@@ -88,10 +91,12 @@ DESCRIPTION
     unit's fd store before the backend's physical-device is written. On
     start the daemon recovers before it serves: it adopts the fds systemd
     hands back (each verified: device number, diskseq, tag), rebuilds every
-    attachment from XenStore (backends whose script is xenblkd and whose
+    attachment from XenStore (backends whose script is ours and whose
     physical-device is set; a loop device not in the store is re-opened by
-    number if its diskseq is unchanged), and releases devices no backend
-    uses. Then it tells systemd READY=1 (when $NOTIFY_SOCKET is set) and
+    number if its diskseq is unchanged), adopts the loop devices the stock
+    block script made for backends that are ours since "xenblkd takeover"
+    (verified, made AUTOCLEAR, held; one that does not check out is left
+    alone), and releases devices no backend uses. Then it tells systemd READY=1 (when $NOTIFY_SOCKET is set) and
     logs one "recovery done" line with the counts.
 
     SIGTERM or SIGINT stops it after the requests in flight. Devices
@@ -115,10 +120,17 @@ OPTIONS
                     error pre-setup found. A backend removed before its script
                     ran is released. --presetup=false: every add is done by
                     the exec'd entry point.
-    --scripts LIST  comma-separated script paths, as libxl writes them to the
-                    backend's script node, that name xenblkd besides any
-                    path whose base name is xenblkd (pre-setup and recovery
-                    touch only those backends)
+    --scripts LIST  comma-separated scripts that name xenblkd besides any
+                    path whose base name is xenblkd: an entry with a "/" is
+                    compared with the backend's script node (the path libxl
+                    writes), one without with its base name. Pre-setup,
+                    recovery and adoption touch only backends whose script
+                    is ours.
+    --hotplug-entry PATH
+                    the hotplug entry (default /etc/xen/scripts/xenblkd): a
+                    script that is the same file (device and inode) is ours,
+                    so /etc/xen/scripts/block is once "xenblkd takeover"
+                    made it a link to the entry, and is not after --undo.
     --direct-io=auto|on|off
                     how new loop devices read and write image files (default
                     auto): auto uses direct I/O (no copy of the image in
@@ -226,6 +238,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return runStatus(rest, stdout, stderr) // status.go
 	case "doctor":
 		return doctor.Main(context.Background(), stdout, rest)
+	case "takeover":
+		return runTakeover(rest, stdout, stderr) // takeover.go
 	case "version", "--version":
 		fmt.Fprintln(stdout, "xenblkd", version)
 		return 0
