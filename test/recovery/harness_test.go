@@ -135,15 +135,16 @@ type procDaemon struct {
 	t       testing.TB
 	socket  string
 	logPath string
+	args    []string // more daemon flags
 
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	exited chan struct{}
 }
 
-func startProc(t testing.TB) *procDaemon {
+func startProc(t testing.TB, args ...string) *procDaemon {
 	dir := privateDir(t, "xb-rec-")
-	p := &procDaemon{t: t, socket: filepath.Join(dir, "api.sock"), logPath: filepath.Join(dir, "daemon.log")}
+	p := &procDaemon{t: t, socket: filepath.Join(dir, "api.sock"), logPath: filepath.Join(dir, "daemon.log"), args: args}
 	p.start()
 	t.Cleanup(func() {
 		p.mu.Lock()
@@ -165,7 +166,7 @@ func (p *procDaemon) start() {
 		p.t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(binary, "daemon", "--socket", p.socket, "--tag", tag)
+	cmd := exec.Command(binary, append([]string{"daemon", "--socket", p.socket, "--tag", tag}, p.args...)...)
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "XENSTORED_PATH=" + xsd.Socket}
 	cmd.Stderr = logf
 	if err := cmd.Start(); err != nil {
