@@ -290,3 +290,29 @@ func TestTakeoverAdoptsStockDevices(t *testing.T) {
 		t.Errorf("the daemon log lacks the adoption lines:\n%s", tail(log, 30))
 	}
 }
+
+// TestRecoveryAdoptsStockDevicesAtStart: the daemon starts after the
+// takeover (a host switched over with the daemon down, or rebooted into it):
+// recovery adopts the stock script's devices before it serves.
+func TestRecoveryAdoptsStockDevicesAtStart(t *testing.T) {
+	scripts := privateDir(t, "xb-rec-scripts-")
+	entry, block := filepath.Join(scripts, "xenblkd"), filepath.Join(scripts, "block")
+	for _, p := range []string{entry, block} {
+		if err := os.Symlink(binary, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := privateDir(t, "xb-rec-img-")
+	s := stockAttach(t, key{domid: 80, devid: 51712}, makeImage(t, dir, "start.img"), "w", block)
+	d := startProc(t, "--hotplug-entry", entry)
+	if got := statusOf(t, d)[s.k]; got.device != s.dev || got.diskseq != s.diskseq {
+		t.Fatalf("after start: %+v, want %s diskseq %d", got, s.dev, s.diskseq)
+	}
+	if !strings.Contains(d.Log(), "stock=1") {
+		t.Errorf("recovery summary does not count the stock device:\n%s", tail(d.Log(), 10))
+	}
+	mustHotplug(t, d, "remove", s.k)
+	s.a.release()
+	waitFreed(t, "adopted at start, then removed", s.a.rdev, s.diskseq)
+	waitNoneTagged(t)
+}
