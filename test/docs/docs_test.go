@@ -47,6 +47,8 @@ var coveredBy = map[string]string{
 	"add":    "cmd/xenblkd e2e tests (exec'd as libxl does)",
 	"remove": "cmd/xenblkd e2e tests (exec'd as libxl does)",
 	"status": "cmd/xenblkd TestStatusCommand (against a running daemon)",
+	"takeover": "internal/takeover TestTakeAndUndo and TestRefusals (scratch dpkg root), test/install TestMaintainerScriptsUndoTakeover, " +
+		"test/recovery TestTakeoverAdoptsStockDevices, and the testbed group takeover (real dpkg-divert on a Xen dom0)",
 }
 
 var (

@@ -131,3 +131,17 @@ func TestMaintainerScriptsRefuseUnsafeUndo(t *testing.T) {
 		t.Fatal("the administrator's block was touched")
 	}
 }
+
+// TestManPageTakeover: the man page documents the takeover command (the
+// page's rendering is checked by TestManPage).
+func TestManPageTakeover(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "docs/xenblkd.8"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{".B takeover", `\-\-undo`, `\-\-status`, `block.xenblkd\-orig`, `\-\-hotplug\-entry`, "DPKG_ROOT"} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("docs/xenblkd.8 lacks %q", want)
+		}
+	}
+}
