@@ -23,6 +23,9 @@ PACKAGES=(
 	linux-image-amd64 initramfs-tools systemd-sysv udev kmod
 	iproute2 procps util-linux e2fsprogs psmisc
 	busybox-static # the PV guest's whole userland (image/domu-init)
+	# upstream libvirt's libxl driver, for the libvirt group (tests.d/51-libvirt.sh); libvirtd is
+	# started by hand there (libvirt-daemon-system's units are not needed)
+	libvirt-daemon libvirt-daemon-driver-xen libvirt-clients
 )
 
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot)"
