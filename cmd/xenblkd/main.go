@@ -169,6 +169,7 @@ const hotplugUsage = `NAME
 SYNOPSIS
     XENBUS_PATH=backend/vbd/<domid>/<devid> xenblkd add|remove
     /etc/xen/scripts/xenblkd add|remove      (as libxl execs it)
+    /etc/xen/scripts/block add|remove        (the same, after xenblkd takeover)
 
 DESCRIPTION
     libxl execs the disk's script with argv [script, add|remove] and the
