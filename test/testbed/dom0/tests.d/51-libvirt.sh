@@ -90,17 +90,17 @@ test_libvirt() {
 	msg=$(tr '\n' ' ' <"$OUT/virsh-create-$p-c.log")
 	say "$p: a guest asking for an rw image in use: rc=$rc: $msg"
 	check "$p: virsh create of a guest asking for an rw image in use fails" "rc=$rc" test "$rc" != 0
-	# libvirt reports "libxenlight failed to create new domain"; libxl's own log of the domain
-	# (/var/log/libvirt/libxl/NAME.log) has the script's hotplug-error.
+	# libvirt 9.0 reports "libxenlight failed to create new domain"; the script's hotplug-error is
+	# in libvirt's log of libxl (/var/log/libvirt/libxl/libxl-driver.log, "... script: MESSAGE").
 	local lxlog
-	lxlog=$(grep -a 'script: ' "/var/log/libvirt/libxl/$p-c.log" 2>/dev/null | sed 's/.*script: //' | head -1)
-	say "$p: libxl's log of $p-c: ${lxlog:-<none>}"
+	lxlog=$(grep -a 'script: .*tko-lv1.img' /var/log/libvirt/libxl/libxl-driver.log 2>/dev/null | sed 's/.*script: //' | tail -1)
+	say "$p: libvirt's libxl-driver.log: ${lxlog:-<none>}"
 	check "$p: the refusal is xenblkd's and names the domain using the image" "virsh [$msg] libxl log [$lxlog]" \
 		eval '[[ "$msg $lxlog" == *"already attached to domain $domid"* ]]'
 	if [[ $msg == *"already attached to domain"* ]]; then
 		report "INFO $p: virsh's own error carries xenblkd's message"
 	else
-		report "INFO $p: virsh's own error does not carry xenblkd's message (libvirt reports libxl's failure generically); libxl's log of the domain does"
+		report "INFO $p: virsh's own error does not carry xenblkd's message (libvirt reports libxl's failure generically); /var/log/libvirt/libxl/libxl-driver.log does"
 	fi
 
 	t0=$EPOCHREALTIME
