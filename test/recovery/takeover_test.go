@@ -235,7 +235,7 @@ func TestTakeoverAdoptsStockDevices(t *testing.T) {
 		setupBackend(t, k, rw.params, mode, block)
 		t.Cleanup(func() { rmBackend(k) })
 		out, code := hotplug(t, d, "add", k)
-		if code == 0 || !strings.Contains(out, "already attached to domain 70") {
+		if code == 0 || !strings.Contains(out, "domain 70 device 51712") {
 			t.Errorf("mode %s request for the adopted rw image: exit %d: %s; want a refusal naming domain 70", mode, code, out)
 		}
 		hotplug(t, d, "remove", k)

@@ -116,7 +116,7 @@ test_takeover() {
 	msg=$(grep -a 'libxl.*error.*script: ' "$OUT/xl-create-$p-rw-b.log" | sed 's/.*script: //' | head -1)
 	say "$p: the refusal as xl reports it: ${msg:-<none>}"
 	check "$p: the refusal is xenblkd's and names the stock guest's domain" "got [$msg]" \
-		eval '[[ $msg == *"already attached to domain $domid"* ]]'
+		eval '[[ $msg == *"refusing to attach"*"domain $domid device"* ]]'
 	timeout 120 xl destroy "$p-rw-b" >/dev/null 2>&1
 
 	# A new guest under the taken-over block: attached by xenblkd.

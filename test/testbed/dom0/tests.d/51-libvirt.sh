@@ -96,8 +96,8 @@ test_libvirt() {
 	lxlog=$(grep -a 'script: .*tko-lv1.img' /var/log/libvirt/libxl/libxl-driver.log 2>/dev/null | sed 's/.*script: //' | tail -1)
 	say "$p: libvirt's libxl-driver.log: ${lxlog:-<none>}"
 	check "$p: the refusal is xenblkd's and names the domain using the image" "virsh [$msg] libxl log [$lxlog]" \
-		eval '[[ "$msg $lxlog" == *"already attached to domain $domid"* ]]'
-	if [[ $msg == *"already attached to domain"* ]]; then
+		eval '[[ "$msg $lxlog" == *"refusing to attach"*"domain $domid device"* ]]'
+	if [[ $msg == *"refusing to attach"* ]]; then
 		report "INFO $p: virsh's own error carries xenblkd's message"
 	else
 		report "INFO $p: virsh's own error does not carry xenblkd's message (libvirt reports libxl's failure generically); /var/log/libvirt/libxl/libxl-driver.log does"
