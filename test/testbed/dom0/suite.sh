@@ -174,7 +174,8 @@ file_disks() {
 # "median/max" with several disks). xl's log lines are stamped in microseconds by ./xbd-ts
 # (e2e.sh builds it); without it from xl -T's whole seconds.
 create() {
-	local name=$1 t0=$EPOCHREALTIME log="$OUT/xl-create-$name.log"
+	local name=$1 t0=$EPOCHREALTIME
+	local log="$OUT/xl-create-$name.log" # own line: one local expands every word before assigning
 	if [[ -x ./xbd-ts ]]; then
 		"${XL[@]}" create "$WORK/$name.cfg" 2>&1 | ./xbd-ts >"$log"
 		CREATE_RC=${PIPESTATUS[0]}
