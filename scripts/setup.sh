@@ -12,8 +12,11 @@ pkgs=(
 	# its helpers, the headers for the xenstored shim
 	xen-utils-4.17 xen-utils-common xenstore-utils libxen-dev
 	gcc libc6-dev make util-linux e2fsprogs
-	# make install / make deb and their tests (test/install): man page check
-	man-db
+	# make install / make deb and their tests (test/install): man page check,
+	# lintian on the package
+	man-db lintian
+	# promtool (check the /metrics output, docs/metrics.md)
+	prometheus
 	# benchmarks
 	hyperfine strace
 	# promtool: the metrics tests lint the real /metrics output with it

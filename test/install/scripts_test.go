@@ -11,10 +11,17 @@ import (
 
 // stubPath makes a directory of stand-ins for deb-systemd-helper,
 // deb-systemd-invoke and systemctl that log their arguments to log, so the
-// maintainer scripts run without touching this host's systemd.
+// maintainer scripts run without touching this host's systemd, and for
+// xenblkd, whose "status --json" prints $STATUS_JSON (fails when unset: the
+// daemon is not running).
 func stubPath(t *testing.T, log string) string {
 	t.Helper()
 	dir := t.TempDir()
+	xenblkd := "#!/bin/sh\n[ -n \"$STATUS_JSON\" ] || exit 1\n" +
+		"if [ \"$*\" = \"status --json\" ]; then echo \"$STATUS_JSON\"; else echo \"DOMID NAME\"; echo \"1     guest\"; fi\n"
+	if err := os.WriteFile(filepath.Join(dir, "xenblkd"), []byte(xenblkd), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for _, name := range []string{"deb-systemd-helper", "deb-systemd-invoke", "systemctl"} {
 		// was-enabled fails (exit 1) when $WAS_ENABLED is "no".
 		stub := "#!/bin/sh\necho \"" + name + " $*\" >> " + log + "\n" +
@@ -28,14 +35,23 @@ func stubPath(t *testing.T, log string) string {
 
 func runScript(t *testing.T, script string, env []string, args ...string) []string {
 	t.Helper()
+	calls, out, err := tryScript(t, script, env, args...)
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", script, args, err, out)
+	}
+	return calls
+}
+
+// tryScript runs a maintainer script with the stubs and returns the calls it
+// made, its output and its error.
+func tryScript(t *testing.T, script string, env []string, args ...string) ([]string, string, error) {
+	t.Helper()
 	log := filepath.Join(t.TempDir(), "calls")
 	cmd := exec.Command(filepath.Join(repoRoot(t), "dist/debian", script), args...)
 	cmd.Env = append([]string{"PATH=" + stubPath(t, log) + ":/usr/bin:/bin"}, env...)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("%s %v: %v\n%s", script, args, err, out)
-	}
+	out, err := cmd.CombinedOutput()
 	b, _ := os.ReadFile(log)
-	return strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.Split(strings.TrimSpace(string(b)), "\n"), string(out), err
 }
 
 func contains(calls []string, want string) bool {
@@ -89,12 +105,55 @@ func TestMaintainerScripts(t *testing.T) {
 	}
 
 	calls = runScript(t, "postrm", nil, "remove")
+	for _, c := range calls {
+		if strings.HasPrefix(c, "systemctl ") && c != "systemctl --system daemon-reload" {
+			t.Errorf("postrm called %q: only deb-systemd-helper/-invoke may act on the unit", c)
+		}
+	}
 	if !contains(calls, "deb-systemd-helper mask "+unit) {
 		t.Errorf("postrm remove: %q, want mask", calls)
 	}
 	calls = runScript(t, "postrm", nil, "purge")
 	if !contains(calls, "deb-systemd-helper purge "+unit) || !contains(calls, "deb-systemd-helper unmask "+unit) {
 		t.Errorf("postrm purge: %q, want purge and unmask", calls)
+	}
+}
+
+// TestPrermInUse: removal while the daemon reports attachments is refused
+// (exit 1, nothing stopped) unless XENBLKD_FORCE_REMOVE=1; an upgrade, a
+// daemon with no attachments or a daemon that does not answer goes ahead.
+func TestPrermInUse(t *testing.T) {
+	const inUse = `{"attachments": [{"domid": 1, "domain_name": "guest", "devid": 51712}], "unused_loop_devices": []}`
+	const idle = `{"attachments": [], "unused_loop_devices": []}`
+	stop := "deb-systemd-invoke stop xenblkd.service"
+	for _, c := range []struct {
+		name     string
+		env      []string
+		args     []string
+		wantFail bool
+		wantOut  string
+	}{
+		{"in use", []string{"STATUS_JSON=" + inUse}, []string{"remove"}, true, "refusing to remove xenblkd"},
+		{"in use, forced", []string{"STATUS_JSON=" + inUse, "XENBLKD_FORCE_REMOVE=1"}, []string{"remove"}, false, "warning: removing xenblkd while VMs use"},
+		{"in use, upgrade", []string{"STATUS_JSON=" + inUse}, []string{"upgrade", "0.2.0"}, false, ""},
+		{"idle", []string{"STATUS_JSON=" + idle}, []string{"remove"}, false, ""},
+		{"daemon down", nil, []string{"remove"}, false, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			calls, out, err := tryScript(t, "prerm", c.env, c.args...)
+			if (err != nil) != c.wantFail {
+				t.Fatalf("prerm %v: err %v, want failure %v\n%s", c.args, err, c.wantFail, out)
+			}
+			if !strings.Contains(out, c.wantOut) {
+				t.Errorf("prerm %v said %q, want %q", c.args, out, c.wantOut)
+			}
+			if c.wantFail && strings.Contains(out, "guest") != true {
+				t.Errorf("prerm %v does not list the VMs' disks: %q", c.args, out)
+			}
+			if c.wantFail && contains(calls, stop) {
+				t.Errorf("refused prerm stopped the unit: %q", calls)
+			}
+		})
 	}
 }
 
