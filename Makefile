@@ -166,6 +166,7 @@ deb: check-unit build man
 	install -D -m 0644 dist/debian/copyright $(BUILDDIR)/deb$(DOCDIR)/copyright
 	scripts/deb-changelog.sh '$(DEB_VERSION)' '$(DEB_MAINTAINER)' | gzip -9n > $(BUILDDIR)/deb$(DOCDIR)/changelog.gz
 	chmod 0644 $(BUILDDIR)/deb$(DOCDIR)/changelog.gz
+	install -D -m 0644 dist/metrics-tcp.conf $(BUILDDIR)/deb$(DOCDIR)/examples/metrics-tcp.conf
 	install -D -m 0644 dist/debian/lintian-overrides $(BUILDDIR)/deb/usr/share/lintian/overrides/xenblkd
 	install -d -m 0755 $(BUILDDIR)/deb/DEBIAN
 	sed -e 's|@VERSION@|$(DEB_VERSION)|' -e 's|@MAINTAINER@|$(DEB_MAINTAINER)|' \

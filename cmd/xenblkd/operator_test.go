@@ -157,12 +157,13 @@ func TestMetricsOverTCP(t *testing.T) {
 	}
 }
 
+// TestMetricsListenRefused: a refused address is a configuration error.
 func TestMetricsListenRefused(t *testing.T) {
 	for _, addr := range []string{"0.0.0.0:9477", ":9477", "localhost:9477"} {
 		cmd := exec.Command(binary, "daemon", "--socket", filepath.Join(t.TempDir(), "api.sock"), "--tag", tag, "--metrics-listen", addr)
 		cmd.Env = []string{"XENSTORED_PATH=" + xsd.Socket}
 		out, err := cmd.CombinedOutput()
-		if exitCode(err) != 1 || !strings.Contains(string(out), "cannot serve metrics") {
+		if exitCode(err) != exitConfig || !strings.Contains(string(out), "cannot serve metrics") {
 			t.Errorf("--metrics-listen %s: %v\n%s", addr, err, out)
 		}
 	}

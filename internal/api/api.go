@@ -27,6 +27,9 @@ const (
 	OpAdd    = "add"
 	OpRemove = "remove"
 	OpStatus = "status"
+	// OpPing answers OK and does nothing: the daemon's watchdog (and any
+	// health check) uses it to prove the accept loop serves.
+	OpPing = "ping"
 )
 
 // Request is one call: Path is XENBUS_PATH (backend/vbd/<domid>/<devid>).

@@ -64,9 +64,11 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	switch req.Op {
 	case api.OpStatus:
 		return d.statusResponse(ctx) // status.go
+	case api.OpPing:
+		return api.Response{OK: true}
 	case api.OpAdd, api.OpRemove:
 	default:
-		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove or status", model.Quote(req.Op, 32))}
+		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove, status or ping", model.Quote(req.Op, 32))}
 	}
 	defer d.metrics.timeRequest(req.Op)()
 	b, err := hotplug.ParseBackendPath(req.Path)

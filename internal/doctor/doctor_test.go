@@ -390,7 +390,7 @@ func TestMainWith(t *testing.T) {
 	listen(t, o.Socket)
 
 	var buf bytes.Buffer
-	if code := MainWith(ctx, &buf, []string{"--json"}, *o); code != 0 {
+	if code := MainWith(ctx, &buf, &buf, []string{"--json"}, *o); code != 0 {
 		t.Errorf("exit status = %d, want 0\n%s", code, buf.String())
 	}
 	var r Report
@@ -399,7 +399,7 @@ func TestMainWith(t *testing.T) {
 	}
 
 	buf.Reset()
-	if code := MainWith(ctx, &buf, []string{"--socket", o.Socket + ".missing"}, *o); code != 1 {
+	if code := MainWith(ctx, &buf, &buf, []string{"--socket", o.Socket + ".missing"}, *o); code != 1 {
 		t.Errorf("exit status without the daemon = %d, want 1\n%s", code, buf.String())
 	}
 	if !strings.Contains(buf.String(), "FAIL    daemon") {
@@ -408,12 +408,12 @@ func TestMainWith(t *testing.T) {
 
 	for _, args := range [][]string{{"--bogus"}, {"extra"}} {
 		buf.Reset()
-		if code := MainWith(ctx, &buf, args, *o); code != 2 {
+		if code := MainWith(ctx, &buf, &buf, args, *o); code != 2 {
 			t.Errorf("args %q: exit status = %d, want 2", args, code)
 		}
 	}
 	buf.Reset()
-	if code := MainWith(ctx, &buf, []string{"--help"}, *o); code != 0 || !strings.Contains(buf.String(), "usage: xenblkd doctor") {
+	if code := MainWith(ctx, &buf, &buf, []string{"--help"}, *o); code != 0 || !strings.HasPrefix(buf.String(), "NAME\n    xenblkd doctor - ") {
 		t.Errorf("--help: exit status %d, output %q", code, buf.String())
 	}
 }
