@@ -213,7 +213,7 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 			// One read proves the backend is still the one we wrote to.
 			pd, err := d.store.Read(ctx, b.Path()+"/physical-device")
 			if err == nil && pd == hotplug.FormatRdev(a.Rdev) {
-				log.Info("add: confirmed pre-setup", "dev", a.DevPath, "diskseq", a.DiskSeq)
+				log.Debug("add: confirmed pre-setup", "dev", a.DevPath, "diskseq", a.DiskSeq)
 				return toAPI(a), nil
 			}
 		}
@@ -221,11 +221,13 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 	if f := st.failure; f != nil {
 		req, err := hotplug.ReadRequest(ctx, d.store, b)
 		if err != nil {
-			log.Warn("add refused", "err", err)
+			err = withReason(ReasonBadParams, err)
+			d.refused(ctx, b, "", err)
 			return nil, err
 		}
 		if req.Params == f.params && req.Mode == f.mode && req.PhysicalDevice == "" {
-			log.Warn("add refused (found by pre-setup)", "err", f.err)
+			// Logged when pre-setup refused it.
+			log.Debug("add refused (found by pre-setup)", "err", f.err)
 			return nil, f.err
 		}
 	}
@@ -519,7 +521,7 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 	case err == nil && a != nil:
 		d.metrics.presetupAttached(start)
 		d.backends.set(key, backendState{presetup: true})
-		log.Info("pre-setup: attached before the script ran", "dev", a.Device, "diskseq", a.DiskSeq)
+		log.Debug("pre-setup: attached before the script ran", "dev", a.Device, "diskseq", a.DiskSeq)
 	case err == nil:
 		// physical-device appeared meanwhile: nothing of ours to remember.
 	case transient(err):
@@ -530,7 +532,8 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 		}
 		// hotplug-error is left to the exec'd add: libxl reads it only after
 		// the script failed, and the backend may still go away unused.
-		log.Warn("pre-setup refused; the script's add will report it", "err", err)
+		// d.add logged the refusal.
+		log.Debug("pre-setup refused; the script's add will report it", "err", err)
 	}
 }
 
@@ -548,8 +551,9 @@ func (p *presetup) release(key model.Key, st backendState) {
 		return
 	}
 	if a, ok := p.d.model.Remove(key); ok {
-		p.log.Info("pre-setup: backend gone before the script ran; released", "domid", key.Domid, "devid", key.Devid,
-			"dev", a.DevPath, "diskseq", a.DiskSeq, "users_left", a.Users)
+		p.d.decision(context.Background(), slog.LevelInfo, "released: backend gone before the script ran",
+			diskLine{b: hotplug.Backend{Domid: key.Domid, Devid: key.Devid}, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
+			"users_left", a.Users)
 	}
 }
 

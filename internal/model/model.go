@@ -281,10 +281,10 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 		a.loop = ld
 		a.DevPath, a.Rdev, a.DiskSeq = ld.dev.Path(), ld.dev.Rdev(), ld.dev.DiskSeq()
 		if fresh {
-			m.log.Info("loop device bound", "domid", req.Key.Domid, "devid", req.Key.Devid,
+			m.log.Debug("loop device bound", "domid", req.Key.Domid, "devid", req.Key.Devid,
 				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path, "readonly", !req.Mode.Writable)
 		} else {
-			m.log.Info("loop device shared", "domid", req.Key.Domid, "devid", req.Key.Devid,
+			m.log.Debug("loop device shared", "domid", req.Key.Domid, "devid", req.Key.Devid,
 				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path)
 		}
 	}
@@ -389,7 +389,7 @@ func (m *Model) closeDevice(dev Device) {
 		m.log.Error("release loop device", "dev", dev.Path(), "diskseq", dev.DiskSeq(), "err", err)
 		return
 	}
-	m.log.Info("loop device released", "dev", dev.Path(), "diskseq", dev.DiskSeq())
+	m.log.Debug("loop device released", "dev", dev.Path(), "diskseq", dev.DiskSeq())
 }
 
 // Remove releases key's attachment, closing its loop device if it was the
