@@ -9,7 +9,7 @@ BIN      := bin/xenblkd
 # ~1 ms more per exec, and the hotplug entry point is exec'd for every disk).
 BUILDFLAGS = -trimpath -ldflags='-s -w -X main.version=$(VERSION)'
 
-.PHONY: all build setup check test test-unit test-e2e testbed bench bench-loop bench-sharing bench-xenstore demo chaos clean
+.PHONY: all build setup check test test-unit test-e2e testbed testbed-debs bench bench-loop bench-sharing bench-xenstore demo chaos clean
 
 all: build
 
@@ -76,9 +76,17 @@ testbed:
 
 # test-e2e: one boot of real Xen under QEMU/TCG, the end-to-end suite, stock script vs xenblkd.
 # Ends with `N passed, N failed`. (~18 min on a quiet host; the last part of `make test`.)
-test-e2e: build
+test-e2e: testbed-debs build
 	@scripts/setup.sh testbed
 	test/testbed/e2e.sh
+
+# testbed-debs: two packages of this tree for the testbed's install-and-upgrade test
+# (test/testbed/dom0/tests.d/40-package.sh): an older version, installed first, and this one.
+TESTBED_DEBS := build/testbed-debs
+testbed-debs:
+	rm -rf $(TESTBED_DEBS)
+	$(MAKE) --no-print-directory deb VERSION=0.0.1~e2e BUILDDIR=$(TESTBED_DEBS)/old
+	$(MAKE) --no-print-directory deb BUILDDIR=$(TESTBED_DEBS)/new
 
 # demo: a guest with 4 disks through the stock script, then through xenblkd, with timings.
 demo:

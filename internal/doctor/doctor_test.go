@@ -40,6 +40,22 @@ func fakeOptions(t *testing.T) *Options {
 		XenStoreRead: func(context.Context, string) error { return nil },
 		Held:         func() (map[int]bool, error) { return map[int]bool{}, nil },
 	}
+	o.SysHypervisor = filepath.Join(dir, "sys/hypervisor/type")
+	o.ScriptLink = filepath.Join(dir, "etc/xen/scripts/xenblkd")
+	for path, content := range map[string]string{o.SysHypervisor: "xen\n", filepath.Join(dir, "usr/sbin/xenblkd"): "#!/bin/sh\n"} {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(content), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Dir(o.ScriptLink), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(dir, "usr/sbin/xenblkd"), o.ScriptLink); err != nil {
+		t.Fatal(err)
+	}
 	o = o.withDefaults()
 	return &o
 }
@@ -394,8 +410,8 @@ func TestMainWith(t *testing.T) {
 		t.Errorf("exit status = %d, want 0\n%s", code, buf.String())
 	}
 	var r Report
-	if err := json.Unmarshal(buf.Bytes(), &r); err != nil || !r.OK || len(r.Checks) != 9 {
-		t.Errorf("--json: got %+v (%v), want ok with 9 checks", r, err)
+	if err := json.Unmarshal(buf.Bytes(), &r); err != nil || !r.OK || len(r.Checks) != 12 {
+		t.Errorf("--json: got %+v (%v), want ok with 12 checks", r, err)
 	}
 
 	buf.Reset()
