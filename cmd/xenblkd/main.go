@@ -275,6 +275,35 @@ func recordError(b hotplug.Backend, msg string) string {
 	return msg
 }
 
+// xenstoreStartWait bounds how long a starting daemon waits for xenstored
+// (booting, or restarting). Shorter than the unit's WatchdogSec= (30 s), and
+// long enough that a restart loop while xenstored is down stays far below
+// the unit's start limit (50 in 60 s), which would fail the unit and drop
+// its fd store.
+const xenstoreStartWait = 20 * time.Second
+
+// dialXenStore connects to XenStore, retrying with backoff (100 ms to 1 s)
+// for up to xenstoreStartWait while nothing answers yet.
+func dialXenStore(ctx context.Context, log *slog.Logger) (*xenstore.Client, error) {
+	ctx, cancel := context.WithTimeout(ctx, xenstoreStartWait)
+	defer cancel()
+	for delay, logged := 100*time.Millisecond, false; ; delay = min(2*delay, time.Second) {
+		xs, err := xenstore.Dial(ctx)
+		if err == nil {
+			return xs, nil
+		}
+		if !logged {
+			log.Warn("waiting for XenStore", "err", err, "for", xenstoreStartWait)
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(delay):
+		}
+	}
+}
+
 // exitConfig is the daemon's exit status for a configuration error (a bad
 // flag or address, an unsafe socket directory): a restart cannot fix it, so
 // dist/xenblkd.service lists it in RestartPreventExitStatus=. 78 is
@@ -317,9 +346,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	xs, err := xenstore.Dial(dialCtx)
-	cancel()
+	xs, err := dialXenStore(ctx, log)
 	if err != nil {
 		log.Error("cannot reach XenStore: is xenstored running? (XENSTORED_PATH overrides the socket)", "err", err)
 		return 1
