@@ -14,10 +14,11 @@ pkg_version() { dpkg-query -W -f='${Version}' xenblkd 2>/dev/null || echo none; 
 # deb_version FILE: the version in a .deb.
 deb_version() { dpkg-deb -f "$1" Version; }
 
-# still_installed: prerm refused the removal: the package and the daemon are still there.
+# still_installed: prerm refused the removal: the package and the daemon are still there
+# (dpkg -r has set the selection to deinstall: "deinstall ok installed").
 still_installed() {
 	grep -q 'refusing to remove xenblkd' "$OUT/dpkg-remove.log" &&
-		[[ $(dpkg-query -W -f='${Status}' xenblkd 2>/dev/null) == 'install ok installed' ]] &&
+		[[ $(dpkg-query -W -f='${Status}' xenblkd 2>/dev/null) == *' ok installed' ]] &&
 		systemctl is-active -q xenblkd
 }
 no_info_lines() { ! grep -q 'level=INFO' "$OUT/journal-warning.txt"; }
@@ -98,6 +99,7 @@ test_package() {
 	check "$name: dpkg -r refused while the guest uses xenblkd's disks" \
 		"rc $?, $(pkg_version), $(systemctl is-active xenblkd): $(tail -2 "$OUT/dpkg-remove.log" | tr '\n' ' ')" \
 		still_installed
+	echo xenblkd install | dpkg --set-selections # undo dpkg -r's selection
 
 	# journald priorities: a refused add is one warning; an attach is info.
 	since=$(date '+%Y-%m-%d %H:%M:%S')
