@@ -96,13 +96,19 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	return api.Response{OK: true, Attachment: a}
 }
 
-func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, error) {
+// Who made an add's decision, for its log line (by=).
+const (
+	byScript   = "script"   // the hotplug entry libxl exec'd
+	byPresetup = "presetup" // pre-setup, before libxl exec'd the script
+)
+
+func (d *Daemon) add(ctx context.Context, b hotplug.Backend, by string) (*api.Attachment, error) {
 	start := time.Now()
 	log := d.log.With("domid", b.Domid, "devid", b.Devid)
 	req, err := hotplug.ReadRequest(ctx, d.store, b)
 	if err != nil {
 		err = withReason(ReasonBadParams, err)
-		d.refused(ctx, b, "", err)
+		d.refused(ctx, b, "", by, err)
 		return nil, err
 	}
 	key := model.Key{Domid: b.Domid, Devid: b.Devid}
@@ -118,13 +124,13 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 	mode, err := model.ParseMode(req.Mode)
 	if err != nil {
 		err = withReason(ReasonBadParams, err)
-		d.refused(ctx, b, params, err)
+		d.refused(ctx, b, params, by, err)
 		return nil, err
 	}
 	backing, target, err := openTarget(req.Params, mode.Writable)
 	if err != nil {
 		err = withReason(ReasonBadParams, err)
-		d.refused(ctx, b, params, err)
+		d.refused(ctx, b, params, by, err)
 		return nil, err
 	}
 	defer backing.Close() // the loop device keeps its own reference
@@ -137,19 +143,19 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target,
 		Domain: domainOf(req.Frontend), Backing: backing})
 	if err != nil {
-		d.refused(ctx, b, params, err)
+		d.refused(ctx, b, params, by, err)
 		return nil, err
 	}
 	err = hotplug.Connect(ctx, d.store, b, hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq})
 	if err != nil {
 		d.model.Remove(key)
 		err = withReason(ReasonXenStore, err)
-		d.refused(ctx, b, params, err)
+		d.refused(ctx, b, params, by, err)
 		return nil, err
 	}
 	d.metrics.attached(a)
 	d.decision(ctx, slog.LevelInfo, "attached", diskLine{b: b, target: target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
-		"mode", mode, "kind", target.Kind.String(), "users", a.Users, "took", time.Since(start))
+		"mode", mode, "kind", target.Kind.String(), "users", a.Users, "by", by, "took", time.Since(start))
 	return toAPI(a), nil
 }
 

@@ -50,7 +50,7 @@ func (d *Daemon) decision(ctx context.Context, level slog.Level, msg string, l d
 // params or mode, a missing target, a sharing conflict) at warning, a failure
 // of XenStore or the loop API at error, and a transient error (XenStore
 // connection lost, backend gone) at debug: its caller retries or says so.
-func (d *Daemon) refused(ctx context.Context, b hotplug.Backend, params string, err error) {
+func (d *Daemon) refused(ctx context.Context, b hotplug.Backend, params, by string, err error) {
 	level, msg := slog.LevelWarn, "refused"
 	switch {
 	case transient(err):
@@ -58,5 +58,5 @@ func (d *Daemon) refused(ctx context.Context, b hotplug.Backend, params string, 
 	case Reason(err) == ReasonXenStore || Reason(err) == ReasonLoop || Reason(err) == ReasonOther:
 		level, msg = slog.LevelError, "add failed"
 	}
-	d.decision(ctx, level, msg, diskLine{b: b, target: params}, "reason", Reason(err), "err", err)
+	d.decision(ctx, level, msg, diskLine{b: b, target: params}, "reason", Reason(err), "by", by, "err", err)
 }

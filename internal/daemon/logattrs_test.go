@@ -95,9 +95,9 @@ func TestDecisionLines(t *testing.T) {
 		}
 	}
 	want := []*regexp.Regexp{
-		regexp.MustCompile(`^level=INFO msg=attached domain=web domid=3 devid=51712 vdev=xvda target=` + regexp.QuoteMeta(img) + ` dev=/dev/loop1001 diskseq=\d+ mode=w kind=file users=1$`),
+		regexp.MustCompile(`^level=INFO msg=attached domain=web domid=3 devid=51712 vdev=xvda target=` + regexp.QuoteMeta(img) + ` dev=/dev/loop1001 diskseq=\d+ mode=w kind=file users=1 by=presetup$`),
 		regexp.MustCompile(`^level=INFO msg=released domain=web domid=3 devid=51712 vdev=xvda target=` + regexp.QuoteMeta(img) + ` dev=/dev/loop1001 diskseq=\d+ users_left=0$`),
-		regexp.MustCompile(`^level=WARN msg=refused domain=web domid=3 devid=51728 vdev=xvda target=` + regexp.QuoteMeta(missing) + ` dev="" diskseq=0 reason=not_found err=.*no such file`),
+		regexp.MustCompile(`^level=WARN msg=refused domain=web domid=3 devid=51728 vdev=xvda target=` + regexp.QuoteMeta(missing) + ` dev="" diskseq=0 reason=not_found by=presetup err=.*no such file`),
 	}
 	if len(decisions) != len(want) {
 		t.Fatalf("%d lines at info or above, want %d (one per decision):\n%s", len(decisions), len(want), strings.Join(decisions, "\n"))

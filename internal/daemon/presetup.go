@@ -222,7 +222,7 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 		req, err := hotplug.ReadRequest(ctx, d.store, b)
 		if err != nil {
 			err = withReason(ReasonBadParams, err)
-			d.refused(ctx, b, "", err)
+			d.refused(ctx, b, "", byScript, err)
 			return nil, err
 		}
 		if req.Params == f.params && req.Mode == f.mode && req.PhysicalDevice == "" {
@@ -231,7 +231,7 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 			return nil, f.err
 		}
 	}
-	return d.add(ctx, b)
+	return d.add(ctx, b, byScript)
 }
 
 // hotplugRemove is the exec'd remove.
@@ -516,7 +516,7 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 
 	log := p.log.With("domid", key.Domid, "devid", key.Devid)
 	defer d.backends.startWriting(key)() // ends after the state below is set
-	a, err := d.add(ctx, b)
+	a, err := d.add(ctx, b, byPresetup)
 	switch {
 	case err == nil && a != nil:
 		d.metrics.presetupAttached(start)
