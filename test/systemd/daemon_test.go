@@ -109,6 +109,11 @@ func TestProductionUnitDaemon(t *testing.T) {
 		_, err := xs.Read(context.Background(), be+"/physical-device")
 		return err == nil
 	})
+	// The sharing check's index hears the kernel's block uevents (AF_NETLINK)
+	// in the unit's private network namespace.
+	waitState("the sharing index trusting uevents", func() bool {
+		return strings.Contains(logs(), "indexed by backing file from the kernel's uevents")
+	})
 	if out, err := sbx.Exec(bin, "status"); err != nil || !strings.Contains(out, image) {
 		t.Errorf("xenblkd status in the unit's sandbox: %v\n%s", err, out)
 	}
