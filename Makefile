@@ -8,6 +8,12 @@ BIN      := bin/xenblkd
 # GOFLAGS for the build: static, no cgo (a dynamically linked Go binary costs
 # ~1 ms more per exec, and the hotplug entry point is exec'd for every disk).
 BUILDFLAGS = -trimpath -ldflags='-s -w -X main.version=$(VERSION)'
+# The hotplug entry libxl execs per disk: one C file, static (an exec costs
+# little more than the kernel's part; cmd/xenblkd-hotplug). It hands its
+# error paths over to $(SBINDIR)/xenblkd. Flags as in test/build (EntryCFlags).
+ENTRY        := bin/xenblkd-hotplug
+ENTRY_CC     ?= gcc
+ENTRY_CFLAGS := -std=c11 -O2 -static -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Werror
 
 .PHONY: all build setup check test test-unit test-e2e testbed testbed-debs bench bench-loop bench-sharing bench-xenstore demo chaos clean
 
@@ -18,6 +24,7 @@ setup:
 
 build:
 	$(GO) build $(BUILDFLAGS) -o $(BIN) ./cmd/xenblkd
+	$(ENTRY_CC) $(ENTRY_CFLAGS) -DXENBLKD_BIN='"$(SBINDIR)/xenblkd"' -o $(ENTRY) cmd/xenblkd-hotplug/xenblkd-hotplug.c
 
 # check: formatting and vet (part of `make test`).
 check:
@@ -31,16 +38,20 @@ check:
 test: test-unit test-e2e
 
 # test-unit: everything but the Xen testbed (a few minutes).
+# The end-to-end tests run a second time through the C hotplug entry built
+# with ASan and UBSan (test/build.TestEntry); test/entry runs both builds.
 test-unit: setup check build
 	CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 30m ./...
+	XENBLKD_TEST_ENTRY=sanitize CGO_ENABLED=1 $(GO) test -race -count=1 -timeout 10m ./cmd/xenblkd/
 
 ## --- benchmarks -----------------------------------------------------------
 
-# bench: the stock block script vs xenblkd, driven as libxl drives them, against
+# bench: the stock block script vs xenblkd (its C entry as the script) beside the
+# exec floor (an empty static C program), driven as libxl drives them, against
 # one private real xenstored (issue 6). Writes docs/benchmarks.md and
 # docs/bench-scaling.png; root. `go run ./test/bench -quick` for a smoke run.
 bench: setup build
-	$(GO) run ./test/bench -bin $(BIN) -out docs/benchmarks.md -plot docs/bench-scaling.png
+	$(GO) run ./test/bench -bin $(BIN) -entry $(ENTRY) -out docs/benchmarks.md -plot docs/bench-scaling.png
 
 bench-loop: setup
 	CGO_ENABLED=1 $(GO) test -run '^$$' -bench . -skip SharingCheck -benchtime 300x -count 1 ./internal/loop/
@@ -106,6 +117,7 @@ XENSCRIPTDIR ?= /etc/xen/scripts
 UNITDIR      ?= /lib/systemd/system
 BUILDDIR     ?= build
 UNIT         := dist/xenblkd.service
+SOCKETUNIT   := dist/xenblkd.socket
 MANPAGE      := docs/xenblkd.8
 
 # The version: the VERSION file names the last release; a build N commits
@@ -136,26 +148,30 @@ $(BUILDDIR)/xenblkd.8.gz: $(MANPAGE)
 	@mkdir -p $(BUILDDIR)
 	gzip -9n < $(MANPAGE) > $@
 
-# install: the binary, the hotplug link libxl execs for script=xenblkd, the
-# unit (ExecStart= pointed at $(SBINDIR)) and the man page.
+# install: the binary, the hotplug entry libxl execs for script=xenblkd (the
+# C program; it hands errors over to $(SBINDIR)/xenblkd), the unit
+# (ExecStart= pointed at $(SBINDIR)) and the man page.
 install: check-unit build man
 	install -D -m 0755 $(BIN) $(DESTDIR)$(SBINDIR)/xenblkd
 	install -d -m 0755 $(DESTDIR)$(XENSCRIPTDIR)
-	ln -sfn $(SBINDIR)/xenblkd $(DESTDIR)$(XENSCRIPTDIR)/xenblkd
+	rm -f $(DESTDIR)$(XENSCRIPTDIR)/xenblkd # was a link to the Go binary: replace, never write through it
+	install -m 0755 $(ENTRY) $(DESTDIR)$(XENSCRIPTDIR)/xenblkd
 	install -d -m 0755 $(DESTDIR)$(UNITDIR)
 	sed 's|/usr/sbin/xenblkd|$(SBINDIR)/xenblkd|g' $(UNIT) > $(DESTDIR)$(UNITDIR)/xenblkd.service
 	chmod 0644 $(DESTDIR)$(UNITDIR)/xenblkd.service
+	# socket activation: the API socket systemd holds across daemon restarts
+	install -m 0644 $(SOCKETUNIT) $(DESTDIR)$(UNITDIR)/xenblkd.socket
 	install -D -m 0644 $(BUILDDIR)/xenblkd.8.gz $(DESTDIR)$(MANDIR)/man8/xenblkd.8.gz
 	@if [ -z "$(DESTDIR)" ] && [ -d /run/systemd/system ]; then \
 		systemctl daemon-reload; \
-		echo "installed; now: systemctl enable --now xenblkd, then use script=xenblkd (docs/install.md)"; \
+		echo "installed; now: systemctl enable --now xenblkd.socket xenblkd, then use script=xenblkd (docs/install.md)"; \
 	fi
 
 # uninstall: removes exactly what install put there. With DESTDIR it also
 # removes the directories install made that are left empty.
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/xenblkd $(DESTDIR)$(XENSCRIPTDIR)/xenblkd \
-		$(DESTDIR)$(UNITDIR)/xenblkd.service $(DESTDIR)$(MANDIR)/man8/xenblkd.8.gz
+		$(DESTDIR)$(UNITDIR)/xenblkd.service $(DESTDIR)$(UNITDIR)/xenblkd.socket $(DESTDIR)$(MANDIR)/man8/xenblkd.8.gz
 	@if [ -n "$(DESTDIR)" ]; then \
 		for d in $(SBINDIR) $(XENSCRIPTDIR) $(UNITDIR) $(MANDIR)/man8; do \
 			rmdir -p --ignore-fail-on-non-empty $(DESTDIR)$$d 2>/dev/null || true; \
@@ -171,6 +187,8 @@ deb: check-unit build man
 	rm -rf $(BUILDDIR)/deb
 	$(MAKE) --no-print-directory install DESTDIR=$(abspath $(BUILDDIR))/deb PREFIX=/usr SBINDIR=/usr/sbin \
 		MANDIR=/usr/share/man UNITDIR=/lib/systemd/system XENSCRIPTDIR=/etc/xen/scripts
+	# stripped as dh_strip does (make install keeps the symbols for debugging)
+	strip --remove-section=.comment --remove-section=.note --strip-unneeded $(BUILDDIR)/deb/etc/xen/scripts/xenblkd
 	install -D -m 0644 dist/debian/copyright $(BUILDDIR)/deb$(DOCDIR)/copyright
 	scripts/deb-changelog.sh '$(DEB_VERSION)' '$(DEB_MAINTAINER)' | gzip -9n > $(BUILDDIR)/deb$(DOCDIR)/changelog.gz
 	chmod 0644 $(BUILDDIR)/deb$(DOCDIR)/changelog.gz

@@ -12,12 +12,13 @@ pkgs=(
 	# its helpers, the headers for the xenstored shim
 	xen-utils-4.17 xen-utils-common xenstore-utils libxen-dev
 	gcc libc6-dev make util-linux e2fsprogs
+	# the C hotplug entry: static (libc6-dev's libc.a) and its ASan/UBSan
+	# test build (gcc's runtimes; explicit in case gcc comes without them)
+	libasan8 libubsan1
 	# make install / make deb and their tests (test/install): man page check,
 	# lintian on the package
 	man-db lintian
-	# promtool (check the /metrics output, docs/metrics.md)
-	prometheus
-	# benchmarks
+	# benchmarks; test/entry counts the entry's syscalls
 	hyperfine strace
 	# promtool: the metrics tests lint the real /metrics output with it
 	prometheus

@@ -1,6 +1,7 @@
 package main_test
 
-// End-to-end tests: the built binary (CGO_ENABLED=0, as shipped), a daemon
+// End-to-end tests: the built binary (CGO_ENABLED=0, as shipped) and the C
+// hotplug entry libxl execs (handing over to it), a daemon
 // subprocess on private sockets, the real C xenstored (test/xenstored) and
 // real loop devices. Each add/remove is exec'd exactly as libxl 4.17 does it
 // (argv [script, action], env XENBUS_*, script, stdin /dev/null) after
@@ -34,6 +35,7 @@ import (
 
 var (
 	binary string            // the built xenblkd
+	entry  string            // the built C hotplug entry, handing over to binary
 	xsd    *xenstored.Daemon // shared C xenstored
 	xs     *xenstore.Client  // the test's own connection to it
 	tag    string            // lo_file_name of devices this test run's daemons make
@@ -53,6 +55,10 @@ func testMain(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	if binary, err = build.Xenblkd(dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if entry, err = build.TestEntry(dir, binary); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
@@ -199,17 +205,15 @@ func read(t *testing.T, path string) (string, bool) {
 	return v, true
 }
 
-// hotplug runs the script as libxl does and returns its stderr and exit code.
+// hotplug runs the script (the C entry, as installed) as libxl does and
+// returns its stderr and exit code. A daemon that is not there is waited for
+// 300 ms, not the default 10 s.
 func hotplug(t *testing.T, d *daemon, action, xenbusPath string, extraEnv ...string) (string, int) {
 	t.Helper()
-	script := filepath.Join(filepath.Dir(binary), "scripts", "xenblkd")
-	os.MkdirAll(filepath.Dir(script), 0o755)
-	if _, err := os.Lstat(script); err != nil {
-		os.Symlink(binary, script)
-	}
+	script := entry
 	cmd := exec.Command(script, action) // argv [script, action]; stdin /dev/null
 	cmd.Env = append(libxl.ScriptEnv(script, xenbusPath), "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-		"XENBLKD_SOCKET="+d.socket, "XENSTORED_PATH="+d.xsPath)
+		"XENBLKD_SOCKET="+d.socket, "XENSTORED_PATH="+d.xsPath, "XENBLKD_CONNECT_TIMEOUT=300ms")
 	cmd.Env = append(cmd.Env, extraEnv...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -574,9 +578,9 @@ func TestRemoveWhenBackendGone(t *testing.T) {
 		t.Fatal("remove recreated the backend directory")
 	}
 	vm.Close()
-	if bound(rdev, seq) {
-		t.Fatal("loop device still bound after remove and last close")
-	}
+	// The fd store's copy of the fd travels in a notify datagram the test's
+	// reader discards asynchronously (startDaemon): wait for it, not race it.
+	waitUntil(t, "the loop device to be freed after remove and the last close", func() bool { return !bound(rdev, seq) })
 }
 
 func TestBadInput(t *testing.T) {
@@ -678,10 +682,11 @@ func TestXenStoreUnreachable(t *testing.T) {
 // assertion: speed is for benchmarks).
 func TestLatency(t *testing.T) {
 	d := startDaemon(t, xsd.Socket)
-	img, _ := image(t, "lat.img")
 	const n = 30
 	var adds, removes []time.Duration
 	for i := range n {
+		// A fresh image each time (see TestPresetupLatency).
+		img, _ := image(t, fmt.Sprintf("lat-%d.img", i))
 		be := vbdSetup(t, 800+i, 51712, img, "w")
 		t0 := time.Now()
 		mustHotplug(t, d, "add", be)

@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"xenblkd/internal/api"
 	"xenblkd/internal/daemon"
 	"xenblkd/internal/doctor"
@@ -43,11 +45,13 @@ DESCRIPTION
     xenblkd replaces Xen's "block" hotplug script. The daemon owns every loop
     device it makes for a VM disk and writes the backend's physical-device in
     XenStore; the hotplug entry point, installed as the disk's script=, is a
-    thin client that forwards libxl's add/remove to the daemon.
+    small static C program (xenblkd-hotplug) that forwards libxl's add/remove
+    to the daemon and hands its error paths over to "xenblkd add|remove".
 
-    Install the binary as /usr/sbin/xenblkd, link /etc/xen/scripts/xenblkd to
-    it, run "xenblkd daemon" (normally as a systemd service), and use
-    script=xenblkd in a disk specification. See docs/usage.md.
+    Install the binary as /usr/sbin/xenblkd and xenblkd-hotplug as
+    /etc/xen/scripts/xenblkd (make install), run "xenblkd daemon" (normally
+    as a systemd service, with xenblkd.socket), and use script=xenblkd in a
+    disk specification. See docs/usage.md.
 
 COMMANDS
     daemon    run the daemon (foreground; logs to stderr)
@@ -126,8 +130,9 @@ ENVIRONMENT
                     debug, info (default), warn or error
     NOTIFY_SOCKET   set by systemd: READY=1, STATUS= and the fd store
     LISTEN_PID, LISTEN_FDS, LISTEN_FDNAMES
-                    set by systemd: the loop device fds handed back from the
-                    fd store after a restart
+                    set by systemd: the API socket of xenblkd.socket (fd
+                    name "api"; then --socket is not created) and the loop
+                    device fds handed back from the fd store after a restart
     JOURNAL_STREAM  set by systemd: log lines then leave out the timestamp
                     and carry their priority for journald
     WATCHDOG_USEC, WATCHDOG_PID
@@ -154,6 +159,13 @@ DESCRIPTION
     XENBUS_BASE_PATH=backend and script. This forwards the request to the
     daemon and exits 0 on success.
 
+    The script libxl execs is the C entry (xenblkd-hotplug, installed as
+    /etc/xen/scripts/xenblkd): it does the success path itself and execs
+    "xenblkd add|remove" with the same argv and environment for everything
+    else. Without a daemon listening, the socket is retried for up to 10 s
+    (under systemd, xenblkd.socket holds it across restarts, so a request
+    waits there instead). A daemon that does not run as root is refused.
+
     add reads params and mode from the backend, opens the target (a block
     device is used as is, a regular file gets a loop device; a relative params
     names a node under /dev, without ".."; an unbound loop device or a deleted
@@ -175,6 +187,15 @@ ENVIRONMENT
     XENBUS_TYPE       must be vbd if set
     XENBLKD_SOCKET    the daemon's API socket (default /run/xenblkd/api.sock)
     XENSTORED_PATH    used only to record an error when the daemon is down
+    XENBLKD_CONNECT_TIMEOUT
+                      how long a missing or refused socket is retried before
+                      the add fails (default and maximum 10s; e.g. 2s)
+    XENBLKD_BIN       read by the C entry: the binary it hands error paths
+                      over to (default /usr/sbin/xenblkd)
+    XENBLKD_ENTRY_REPLY, XENBLKD_ENTRY_ERROR
+                      set by the C entry when it hands over after sending the
+                      request: the daemon's reply, or why none came; reported
+                      without asking the daemon again
 `
 
 func main() {
@@ -231,8 +252,12 @@ func socketPath() string {
 	return api.DefaultSocket
 }
 
-// hotplugEntry is what libxl execs: read env, one request to the daemon,
-// exit. XenStore is dialled only to record an error the daemon could not.
+// hotplugEntry is the Go half of the entry libxl execs: the C entry
+// (cmd/xenblkd-hotplug) does the success path and hands its error and slow
+// paths over to this, with the same argv and environment. It reports the
+// daemon's answer the C entry passed on (XENBLKD_ENTRY_REPLY or
+// XENBLKD_ENTRY_ERROR), or else asks the daemon itself, waiting for one to
+// start. XenStore is dialled only to record an error the daemon could not.
 func hotplugEntry(action string, stderr io.Writer) int {
 	b, err := hotplug.ParseBackendPath(os.Getenv("XENBUS_PATH"))
 	if err != nil {
@@ -244,7 +269,7 @@ func hotplugEntry(action string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "xenblkd %s: %s\n", action, msg)
 		return 2
 	}
-	resp, err := api.CallBrief(context.Background(), socketPath(), api.Request{Op: action, Path: b.Path()})
+	resp, err := daemonAnswer(action, b)
 	if err == nil && resp.OK {
 		return 0
 	}
@@ -257,6 +282,28 @@ func hotplugEntry(action string, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "xenblkd %s %s: %s\n", action, b, msg)
 	return 1
+}
+
+// DefaultConnectWait is how long the entry waits for a daemon to listen
+// (without systemd's socket, a daemon restarting is briefly not there).
+const DefaultConnectWait = 10 * time.Second
+
+// daemonAnswer is the daemon's answer to action on b: the one the C entry
+// got (the request is never sent twice), or a new request's.
+func daemonAnswer(action string, b hotplug.Backend) (api.Response, error) {
+	if msg, ok := os.LookupEnv("XENBLKD_ENTRY_ERROR"); ok {
+		return api.Response{}, errors.New(msg)
+	}
+	if reply, ok := os.LookupEnv("XENBLKD_ENTRY_REPLY"); ok {
+		return api.DecodeReply(socketPath(), []byte(reply))
+	}
+	wait := DefaultConnectWait
+	if v := os.Getenv("XENBLKD_CONNECT_TIMEOUT"); v != "" {
+		if d, err := time.ParseDuration(v); err == nil && d >= 0 && d < wait {
+			wait = d
+		}
+	}
+	return api.CallHotplug(context.Background(), socketPath(), api.Request{Op: action, Path: b.Path()}, api.HotplugOptions{ConnectWait: wait})
 }
 
 // recordError writes msg to the backend's hotplug-error and returns msg,
@@ -345,6 +392,13 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	slog.SetDefault(log)     // one logger, also for the packages that log through slog's default
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// What systemd passed: the API socket (xenblkd.socket, by name) and the
+	// fd store's loop devices, which recovery verifies and adopts.
+	passed, err := fdstore.Listen()
+	if err != nil {
+		log.Error("cannot read the fds systemd passed; none are used", "err", err)
+	}
+	sockets, stored := fdstore.Take(passed, api.SocketFDName)
 
 	xs, err := dialXenStore(ctx, log)
 	if err != nil {
@@ -359,7 +413,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 			log.Warn("XenStore connection lost: redialling", "err", err)
 		}
 	})
-	l, err := daemon.Listen(*socket)
+	l, activated, err := listenAPI(*socket, sockets)
 	if err != nil {
 		log.Error("cannot serve the API", "err", err)
 		if errors.Is(err, daemon.ErrUnsafeSocketDir) {
@@ -390,7 +444,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	// Recovery before READY=1 and before serving: adopt the fd store's devices,
 	// rebuild attachments from XenStore, release what no backend uses.
 	ourScripts := splitList(*scripts)
-	sum, err := d.Recover(ctx, daemon.RecoverOptions{Tag: *tag, Scripts: ourScripts})
+	sum, err := d.Recover(ctx, daemon.RecoverOptions{Tag: *tag, Scripts: ourScripts, Stored: stored})
 	if err != nil {
 		log.Error("recovery failed; exiting (the fd store, if any, keeps the devices)", "err", err)
 		return 1
@@ -406,18 +460,37 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	if err := fdstore.Notify("READY=1\nSTATUS=recovered: " + sum.String()); err != nil {
 		log.Warn("could not notify systemd", "err", err)
 	}
-	log.Info("serving", "socket", *socket, "version", version, "pid", os.Getpid())
+	log.Info("serving", "socket", l.Addr().String(), "socket_activated", activated, "version", version, "pid", os.Getpid())
 	if interval := watchdogInterval(os.Getenv, os.Getpid()); interval > 0 {
 		wctx, stopWatchdog := context.WithCancel(ctx)
 		watchdogDone := make(chan struct{})
-		go func() { runWatchdog(wctx, log, interval, daemonHealth(*socket, xs.Connected)); close(watchdogDone) }()
+		go func() {
+			runWatchdog(wctx, log, interval, daemonHealth(l.Addr().String(), xs.Connected))
+			close(watchdogDone)
+		}()
 		defer func() { stopWatchdog(); <-watchdogDone }()
 	}
 	if err := d.Serve(ctx, l); err != nil {
 		log.Error("serve", "err", err)
 		return 1
 	}
-	os.Remove(*socket)
+	if !activated {
+		os.Remove(*socket) // systemd's socket stays: the next daemon's callers queue on it
+	}
 	log.Info("stopped; held loop devices are released as the process exits (devices opened by xen-blkback stay bound)")
 	return 0
+}
+
+// listenAPI is the API listener: the socket systemd passed (socket
+// activation, xenblkd.socket), else a new one at path.
+func listenAPI(path string, passed []fdstore.File) (l *net.UnixListener, activated bool, err error) {
+	if len(passed) == 0 {
+		l, err = daemon.Listen(path)
+		return l, false, err
+	}
+	for _, extra := range passed[1:] {
+		unix.Close(extra.Fd) // xenblkd.socket has one ListenStream=
+	}
+	l, err = daemon.ListenFD(passed[0].Fd)
+	return l, true, err
 }

@@ -170,10 +170,14 @@ func TestPresetupLatency(t *testing.T) {
 	const n = 30
 	for _, on := range []bool{false, true} {
 		d := startDaemon(t, xsd.Socket, "--presetup="+strconv.FormatBool(on))
-		img, _ := image(t, "lat.img")
 		for gi, gap := range []time.Duration{0, 5 * time.Millisecond} {
 			var adds []time.Duration
 			for i := range n {
+				// A fresh image each time: the device of the previous
+				// iteration may still be bound for a moment after its remove
+				// (its fd store copy is dropped asynchronously), and an add of
+				// the same file would then be refused as shared.
+				img, _ := image(t, fmt.Sprintf("lat-%v-%d-%d.img", on, gi, i))
 				domid := 3000 + 100*gi + i
 				if on {
 					domid += 1000

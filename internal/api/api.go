@@ -1,7 +1,7 @@
 // Package api is the daemon's local API: one newline-terminated JSON request
 // per unix stream connection, one newline-terminated JSON reply, then close.
-// The client uses raw syscalls (no net package poller) because the hotplug
-// entry point runs it once per disk and must start fast.
+// The client uses raw syscalls (no net package poller): it is small and
+// needs no goroutines, as the command-line tools want.
 package api
 
 import (
@@ -18,6 +18,12 @@ import (
 // DefaultSocket is where the daemon listens unless --socket or
 // $XENBLKD_SOCKET say otherwise.
 const DefaultSocket = "/run/xenblkd/api.sock"
+
+// SocketFDName is the FileDescriptorName= of the API socket in
+// dist/xenblkd.socket: under socket activation the daemon finds the
+// listening socket among the fds systemd passes (the fd store's loop devices
+// come with it) by this name.
+const SocketFDName = "api"
 
 // MaxMessage bounds one request or reply line.
 const MaxMessage = 1 << 20
@@ -98,63 +104,62 @@ func Call(ctx context.Context, socket string, req Request) (Response, error) {
 	return resp, nil
 }
 
-// CallBrief is Call for the hotplug entry point: the reply's OK, Error and
-// ErrorRecorded only (Attachment and the status lists are not decoded). It
-// is exec'd once per disk, so a plain request and a successful reply are
-// handled without encoding/json, whose reflection costs a fresh process
-// ~0.2 ms; anything else falls back to it.
-func CallBrief(ctx context.Context, socket string, req Request) (Response, error) {
-	line, ok := appendRequest(make([]byte, 0, 64), req)
-	if !ok {
-		var err error
-		if line, err = json.Marshal(req); err != nil {
-			return Response{}, err
-		}
-	}
-	reply, err := exchange(ctx, socket, append(line, '\n'))
+// HotplugOptions configure CallHotplug.
+type HotplugOptions struct {
+	// ConnectWait is how long a missing or refused socket is retried (a
+	// daemon starting, without systemd's socket to queue on). 0: no retry.
+	ConnectWait time.Duration
+}
+
+// ErrPeerNotRoot: the process listening on the socket does not run as root,
+// so the hotplug entry does not send it the request.
+var ErrPeerNotRoot = errors.New("the process listening on the xenblkd socket does not run as root")
+
+// CallHotplug is Call for the Go hotplug entry (the slow path the C entry
+// hands over to): it retries a missing or refused socket for
+// opts.ConnectWait, and talks only to a daemon running as root.
+func CallHotplug(ctx context.Context, socket string, req Request, opts HotplugOptions) (Response, error) {
+	line, err := json.Marshal(req)
 	if err != nil {
 		return Response{}, err
 	}
-	// The daemon writes "ok" first (it is Response's first field).
-	if rest, found := bytes.CutPrefix(reply, []byte(`{"ok":true`)); found && len(rest) > 0 && (rest[0] == ',' || rest[0] == '}') {
-		return Response{OK: true}, nil
+	line = append(line, '\n')
+	retryUntil := time.Now().Add(opts.ConnectWait)
+	for {
+		reply, err := exchangeWith(ctx, socket, line, true)
+		if errors.Is(err, ErrDaemonUnreachable) && time.Now().Before(retryUntil) && ctx.Err() == nil {
+			time.Sleep(min(100*time.Millisecond, time.Until(retryUntil)))
+			continue
+		}
+		if errors.Is(err, ErrDaemonUnreachable) && opts.ConnectWait > 0 {
+			return Response{}, fmt.Errorf("%w (no one listened on %s for %v): start it with `systemctl start xenblkd` or `xenblkd daemon`",
+				ErrDaemonUnreachable, socket, opts.ConnectWait.Round(time.Millisecond))
+		}
+		if err != nil {
+			return Response{}, err
+		}
+		return DecodeReply(socket, reply)
 	}
-	var brief struct {
-		OK            bool   `json:"ok"`
-		Error         string `json:"error"`
-		ErrorRecorded bool   `json:"error_recorded"`
-	}
-	if err := json.Unmarshal(reply, &brief); err != nil {
+}
+
+// DecodeReply decodes one reply line of the daemon at socket.
+func DecodeReply(socket string, reply []byte) (Response, error) {
+	var resp Response
+	if err := json.Unmarshal(reply, &resp); err != nil {
 		return Response{}, fmt.Errorf("decode reply from xenblkd daemon at %s: %w", socket, err)
 	}
-	return Response{OK: brief.OK, Error: brief.Error, ErrorRecorded: brief.ErrorRecorded}, nil
-}
-
-// appendRequest appends req as json.Marshal writes it, if its strings need
-// no escaping (printable ASCII without '"', '\\', '<', '>', '&').
-func appendRequest(b []byte, req Request) ([]byte, bool) {
-	if !plain(req.Op) || !plain(req.Path) {
-		return nil, false
-	}
-	b = append(append(append(b, `{"op":"`...), req.Op...), '"')
-	if req.Path != "" {
-		b = append(append(append(b, `,"path":"`...), req.Path...), '"')
-	}
-	return append(b, '}'), true
-}
-
-func plain(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
-			return false
-		}
-	}
-	return true
+	return resp, nil
 }
 
 // exchange sends line on a new connection to socket and returns the reply
 // line. The deadline of ctx (or 35 s) bounds it.
 func exchange(ctx context.Context, socket string, line []byte) ([]byte, error) {
+	return exchangeWith(ctx, socket, line, false)
+}
+
+// exchangeWith is exchange; with rootOnly it sends nothing to a peer that
+// does not run as root (SO_PEERCRED).
+func exchangeWith(ctx context.Context, socket string, line []byte, rootOnly bool) ([]byte, error) {
 	deadline, ok := ctx.Deadline()
 	if !ok {
 		deadline = time.Now().Add(35 * time.Second)
@@ -173,6 +178,16 @@ func exchange(ctx context.Context, socket string, line []byte) ([]byte, error) {
 			return nil, fmt.Errorf("%w (no one listens on %s): start it with `systemctl start xenblkd` or `xenblkd daemon`", ErrDaemonUnreachable, socket)
 		}
 		return nil, fmt.Errorf("connect to xenblkd daemon at %s: %w", socket, err)
+	}
+	if rootOnly {
+		cred, err := unix.GetsockoptUcred(fd, unix.SOL_SOCKET, unix.SO_PEERCRED)
+		if err != nil {
+			return nil, fmt.Errorf("read the credentials of the xenblkd daemon at %s: %w", socket, err)
+		}
+		if cred.Uid != 0 {
+			return nil, fmt.Errorf("%w: %s is served by pid %d, uid %d; the hotplug entry sends requests to a root daemon only (check XENBLKD_SOCKET)",
+				ErrPeerNotRoot, socket, cred.Pid, cred.Uid)
+		}
 	}
 	for len(line) > 0 {
 		var n int

@@ -8,7 +8,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"reflect"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestCall(t *testing.T) {
@@ -56,18 +59,7 @@ func TestCall(t *testing.T) {
 	}
 }
 
-func TestAppendRequestMatchesJSON(t *testing.T) {
-	for _, req := range []Request{
-		{Op: OpAdd, Path: "backend/vbd/1/51712"}, {Op: OpStatus}, {Op: OpRemove, Path: "a\"b"}, {Op: "x<y", Path: "é"}, {Op: "t\tab"},
-	} {
-		want, _ := json.Marshal(req)
-		if got, ok := appendRequest(nil, req); ok && string(got) != string(want) {
-			t.Errorf("appendRequest(%+v) = %s, want %s", req, got, want)
-		}
-	}
-}
-
-func TestCallBrief(t *testing.T) {
+func TestCallHotplug(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "api.sock")
 	l, err := net.Listen("unix", sock)
@@ -101,7 +93,7 @@ func TestCallBrief(t *testing.T) {
 		want    Response
 		wantErr bool
 	}{
-		{"ok", Response{OK: true}, false},
+		{"ok", Response{OK: true, Attachment: &Attachment{Domid: 1, Devid: 2, Target: "/i", Kind: "file", Mode: "w", Device: "/dev/loop0", PhysicalDevice: "7:0", Users: 1}}, false},
 		{"bare", Response{OK: true}, false},
 		{"fail", Response{Error: "refused \"x\"\n", ErrorRecorded: true}, false},
 		{"reorder", Response{OK: true}, false},
@@ -109,12 +101,46 @@ func TestCallBrief(t *testing.T) {
 		{"fail-raw", Response{Error: "no"}, false},
 	}
 	for _, tt := range tests {
-		got, err := CallBrief(context.Background(), sock, Request{Op: OpAdd, Path: tt.path})
-		if (err != nil) != tt.wantErr || got.OK != tt.want.OK || got.Error != tt.want.Error || got.ErrorRecorded != tt.want.ErrorRecorded {
-			t.Errorf("CallBrief(%s) = %+v, %v; want %+v (error: %v)", tt.path, got, err, tt.want, tt.wantErr)
+		got, err := CallHotplug(context.Background(), sock, Request{Op: OpAdd, Path: tt.path}, HotplugOptions{})
+		if (err != nil) != tt.wantErr || !reflect.DeepEqual(got, tt.want) {
+			t.Errorf("CallHotplug(%s) = %+v, %v; want %+v (error: %v)", tt.path, got, err, tt.want, tt.wantErr)
 		}
 	}
-	if _, err := CallBrief(context.Background(), filepath.Join(dir, "none.sock"), Request{Op: OpAdd}); !errors.Is(err, ErrDaemonUnreachable) {
-		t.Errorf("CallBrief to a missing socket: %v, want ErrDaemonUnreachable", err)
+	missing := filepath.Join(dir, "none.sock")
+	if _, err := CallHotplug(context.Background(), missing, Request{Op: OpAdd}, HotplugOptions{}); !errors.Is(err, ErrDaemonUnreachable) {
+		t.Errorf("CallHotplug to a missing socket: %v, want ErrDaemonUnreachable", err)
+	}
+	start := time.Now()
+	_, err = CallHotplug(context.Background(), missing, Request{Op: OpAdd}, HotplugOptions{ConnectWait: 300 * time.Millisecond})
+	if !errors.Is(err, ErrDaemonUnreachable) || !strings.Contains(err.Error(), "for 300ms") || time.Since(start) < 300*time.Millisecond {
+		t.Errorf("CallHotplug with ConnectWait to a missing socket: %v after %v; want ErrDaemonUnreachable after 300ms", err, time.Since(start))
+	}
+}
+
+// TestCallHotplugWaitsForDaemon: a daemon that starts listening while the
+// entry retries gets the request.
+func TestCallHotplugWaitsForDaemon(t *testing.T) {
+	sock := filepath.Join(t.TempDir(), "late.sock")
+	served := make(chan struct{})
+	t.Cleanup(func() { <-served })
+	go func() {
+		defer close(served)
+		time.Sleep(250 * time.Millisecond)
+		l, err := net.Listen("unix", sock)
+		if err != nil {
+			return
+		}
+		defer l.Close()
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		bufio.NewReader(c).ReadBytes('\n')
+		c.Write([]byte(`{"ok":true}` + "\n"))
+		c.Close()
+	}()
+	got, err := CallHotplug(context.Background(), sock, Request{Op: OpAdd, Path: "backend/vbd/1/2"}, HotplugOptions{ConnectWait: 5 * time.Second})
+	if err != nil || !got.OK {
+		t.Fatalf("CallHotplug to a daemon starting late: %+v, %v; want OK", got, err)
 	}
 }

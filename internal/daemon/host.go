@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strings"
 	"sync/atomic"
 
 	"xenblkd/internal/loop"
@@ -50,7 +51,8 @@ func (h *loopHost) LoopsOf(file model.FileID, held func(path string) bool) ([]mo
 	}
 	out := make([]model.Binding, len(bs))
 	for i, b := range bs {
-		out[i] = model.Binding{Path: b.Path, Rdev: b.Rdev, DiskSeq: b.DiskSeq, Tag: b.Tag}
+		ours := h.tag != "" && strings.HasPrefix(b.Tag, h.tag) // as Recover tells its stored devices
+		out[i] = model.Binding{Path: b.Path, Rdev: b.Rdev, DiskSeq: b.DiskSeq, Tag: b.Tag, Ours: ours}
 	}
 	return out, nil
 }

@@ -155,6 +155,7 @@ func TestPresetupAttachesBeforeExec(t *testing.T) {
 	if got := sampleCount(t, e.d, "xenblkd_presetup_duration_seconds"); got != 1 {
 		t.Errorf("pre-setup attaches timed: %d, want 1", got)
 	}
+	e.store.ops(b.Path())
 	resp := e.exec(t, "add", b)
 	if !resp.OK || resp.Attachment == nil || resp.Attachment.PhysicalDevice != pd {
 		t.Fatalf("exec'd add: %+v; want OK confirming %s", resp, pd)
@@ -162,6 +163,10 @@ func TestPresetupAttachesBeforeExec(t *testing.T) {
 	// The exec'd confirm is timed as a request; the attach stays pre-setup's.
 	if pre, add := sampleCount(t, e.d, "xenblkd_presetup_duration_seconds"), sampleCount(t, e.d, "xenblkd_request_duration_seconds", "op", "add"); pre != 1 || add != 1 {
 		t.Errorf("timed: %d pre-setup attaches, %d adds; want 1, 1", pre, add)
+	}
+	// The confirm is answered from what the daemon knows.
+	if reads, txs := e.store.ops(b.Path()); reads != 0 || txs != 0 {
+		t.Errorf("confirm did %d XenStore reads and %d transactions; want none", reads, txs)
 	}
 	if host.devices() != 1 || host.made() != 1 {
 		t.Fatalf("after exec: %d devices open, %d made; want 1, 1", host.devices(), host.made())
@@ -365,8 +370,25 @@ func TestPresetupStorm(t *testing.T) {
 // countingStore counts the daemon's reads per path.
 type countingStore struct {
 	hotplug.Store
-	mu    sync.Mutex
-	reads map[string]int // guarded by mu
+	mu           sync.Mutex
+	reads        map[string]int // guarded by mu
+	transactions int            // guarded by mu
+}
+
+func (s *countingStore) Transact(ctx context.Context, fn func(ops xenstore.Ops) error) error {
+	s.mu.Lock()
+	s.transactions++
+	s.mu.Unlock()
+	return s.Store.Transact(ctx, fn)
+}
+
+// ops returns the reads of dir or below it and all transactions, and resets them.
+func (s *countingStore) ops(dir string) (reads, transactions int) {
+	reads = s.readsUnder(dir)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	transactions, s.transactions = s.transactions, 0
+	return reads, transactions
 }
 
 func (s *countingStore) Read(ctx context.Context, path string) (string, error) {

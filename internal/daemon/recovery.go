@@ -56,6 +56,9 @@ type RecoverOptions struct {
 	// Scripts are the script paths (as libxl writes them to BE/script) that
 	// name us, in addition to any path whose basename is "xenblkd".
 	Scripts []string
+	// Stored are the fds the service manager passed back from the fd store
+	// (fdstore.Listen, without the API socket of socket activation).
+	Stored []fdstore.File
 }
 
 // RecoverySummary counts what Recover did.
@@ -81,7 +84,7 @@ type directoryReader interface {
 // Recover rebuilds the daemon's attachments after a restart or crash. Call it
 // once, before Serve. In order:
 //
-//  1. the fds systemd's fd store hands back (LISTEN_FDS) are adopted, each
+//  1. the fds systemd's fd store hands back (opts.Stored) are adopted, each
 //     only if it is a bound loop device whose number and diskseq are the ones
 //     its name records and whose tag is ours; anything else is closed and
 //     removed from the store;
@@ -103,7 +106,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 	if opts.Tag == "" {
 		opts.Tag = DefaultTag
 	}
-	held := d.adoptStored(opts.Tag, &sum) // by rdev
+	held := d.adoptStored(opts.Stored, opts.Tag, &sum) // by rdev
 	used := map[uint64]bool{}
 
 	backends, err := d.ourBackends(ctx, opts.Scripts)
@@ -126,9 +129,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 			continue
 		}
 		d.log.Info("recovery: no backend uses loop device; releasing it", "dev", dev.Path(), "diskseq", dev.DiskSeq())
-		if err := dev.Close(); err != nil {
-			d.log.Error("recovery: release loop device", "dev", dev.Path(), "diskseq", dev.DiskSeq(), "err", err)
-		}
+		d.model.Release(dev) // an add of its file right after waits for it to be freed
 		sum.Closed++
 	}
 	d.log.Info("recovery done", "adopted", sum.Adopted, "reopened", sum.Reopened, "restored", sum.Restored,
@@ -138,13 +139,8 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 }
 
 // adoptStored takes over the fds the fd store returned, after verifying each.
-func (d *Daemon) adoptStored(tag string, sum *RecoverySummary) map[uint64]*storedDevice {
+func (d *Daemon) adoptStored(files []fdstore.File, tag string, sum *RecoverySummary) map[uint64]*storedDevice {
 	held := map[uint64]*storedDevice{}
-	files, err := fdstore.Listen()
-	if err != nil {
-		d.log.Error("recovery: read the fds passed by systemd", "err", err)
-		return held
-	}
 	for _, f := range files {
 		dev, err := verifyStored(f, tag)
 		if err == nil && held[dev.Rdev()] != nil {

@@ -80,6 +80,36 @@ func checkSocketDir(dir string) error {
 	}
 }
 
+// ListenFD takes over fd, a listening unix stream socket passed by the
+// service manager (socket activation: xenblkd.socket). The socket stays
+// systemd's: closing the listener leaves it open, so connections made while
+// the daemon restarts wait in its backlog for the next daemon.
+func ListenFD(fd int) (*net.UnixListener, error) {
+	if v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || v != 1 {
+		return nil, fmt.Errorf("passed fd %d is not a listening socket (check xenblkd.socket's ListenStream=): %v", fd, err)
+	}
+	f := os.NewFile(uintptr(fd), "xenblkd.socket")
+	defer f.Close() // FileListener holds its own dup
+	l, err := net.FileListener(f)
+	if err != nil {
+		return nil, fmt.Errorf("passed fd %d: %w", fd, err)
+	}
+	ul, ok := l.(*net.UnixListener)
+	if !ok {
+		l.Close()
+		return nil, fmt.Errorf("passed fd %d is a %s socket, not a unix socket (check xenblkd.socket's ListenStream=)", fd, l.Addr().Network())
+	}
+	// The same directory check as Listen's (a few stats): a socket that
+	// lives in a directory non-root users can write could be replaced.
+	if path := ul.Addr().String(); filepath.IsAbs(path) {
+		if err := checkSocketDir(filepath.Dir(path)); err != nil {
+			ul.Close()
+			return nil, err
+		}
+	}
+	return ul, nil
+}
+
 // Serve answers requests on l until ctx is done, then waits for the requests
 // in flight. Only root and the daemon's own uid may talk to it.
 func (d *Daemon) Serve(ctx context.Context, l *net.UnixListener) error {

@@ -2,10 +2,13 @@ package daemon
 
 import (
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestListenRefusesUnsafeDirectory: the API socket is not served from a
@@ -50,6 +53,15 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 			if err := os.Chown(dir, tt.owner, 0); err != nil {
 				t.Fatal(err)
 			}
+			// A socket systemd passed (xenblkd.socket) gets the same check.
+			passed := listenPassed(t, filepath.Join(dir, "passed.sock"))
+			pl, perr := ListenFD(passed)
+			if pl != nil {
+				pl.Close()
+			}
+			if (tt.wantErr == "") != (perr == nil) || perr != nil && (!errors.Is(perr, ErrUnsafeSocketDir) || !strings.Contains(perr.Error(), tt.wantErr)) {
+				t.Errorf("ListenFD: %v; want ErrUnsafeSocketDir %q", perr, tt.wantErr)
+			}
 			l, err := Listen(filepath.Join(dir, "api.sock"))
 			if l != nil {
 				l.Close()
@@ -85,4 +97,25 @@ func sticky(m os.FileMode) os.FileMode {
 		return os.ModeSticky
 	}
 	return 0
+}
+
+// listenPassed returns the fd of a listening socket at path, as systemd
+// passes one (the test's listener keeps the path until the test ends).
+func listenPassed(t *testing.T, path string) int {
+	t.Helper()
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	f, err := l.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fd, err := unix.Dup(int(f.Fd())) // ListenFD takes this one over
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fd
 }

@@ -43,24 +43,33 @@ func checkHypervisor(o *Options) Check {
 	return c
 }
 
-// checkScriptLink: libxl execs /etc/xen/scripts/<script> for script=xenblkd.
+// checkScriptLink: libxl execs /etc/xen/scripts/<script> for script=xenblkd:
+// the C entry installed there (make install, the package) or a symlink to
+// the Go binary. Either way an executable regular file.
 func checkScriptLink(o *Options) Check {
 	c := Check{Name: NameScriptLink, Severity: Required}
-	fix := "ln -sf /usr/sbin/xenblkd " + o.ScriptLink + " (make install and the package do)"
+	fix := "install -m 0755 bin/xenblkd-hotplug " + o.ScriptLink + " (make install and the package do), or ln -sf /usr/sbin/xenblkd " + o.ScriptLink
 	target, err := filepath.EvalSymlinks(o.ScriptLink)
 	if err != nil {
 		c.Detail = err.Error()
 		c.Fix = fix
 		return c
 	}
+	detail := o.ScriptLink
+	if target != o.ScriptLink {
+		detail += " -> " + target
+	}
 	st, err := os.Stat(target)
 	if err != nil || !st.Mode().IsRegular() || st.Mode().Perm()&0o111 == 0 {
-		c.Detail = o.ScriptLink + " -> " + target + ": not an executable file"
+		c.Detail = detail + ": not an executable file"
 		c.Fix = fix
 		return c
 	}
 	c.OK = true
-	c.Detail = o.ScriptLink + " -> " + target
+	c.Detail = detail
+	if target == o.ScriptLink {
+		c.Detail += ": an executable file (the C hotplug entry)"
+	}
 	return c
 }
 

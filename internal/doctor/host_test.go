@@ -24,6 +24,12 @@ func TestScriptLink(t *testing.T) {
 	want(t, checkScriptLink(o), false, Required, "not an executable file")
 	os.Remove(target)
 	want(t, checkScriptLink(o), false, Required, "no such file")
+	// The C entry: an executable file, not a symlink.
+	os.Remove(o.ScriptLink)
+	os.WriteFile(o.ScriptLink, []byte("\x7fELF"), 0o755)
+	want(t, checkScriptLink(o), true, Required, "an executable file (the C hotplug entry)")
+	os.Chmod(o.ScriptLink, 0o644)
+	want(t, checkScriptLink(o), false, Required, o.ScriptLink+": not an executable file")
 }
 
 func TestUnitFlags(t *testing.T) {

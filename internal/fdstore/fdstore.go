@@ -1,7 +1,8 @@
 // Package fdstore speaks systemd's notify protocol (sd_notify(3)) with plain
 // syscalls: readiness and status messages, pushing file descriptors into the
 // service manager's fd store under a name, removing them, and receiving them
-// back on the next start (LISTEN_FDS, as for socket activation).
+// back on the next start (LISTEN_FDS), together with the sockets of socket
+// activation, told apart by name (Take).
 //
 // It exists instead of coreos/go-systemd because go-systemd cannot send fds
 // and pulls crypto/tls into the binary (docs/architecture.md).
@@ -131,6 +132,19 @@ func Listen() ([]File, error) {
 		}
 	}()
 	return listen(os.Getenv, os.Getpid())
+}
+
+// Take splits files into those stored or passed under name (e.g. a socket
+// unit's FileDescriptorName=) and the rest, each in their order.
+func Take(files []File, name string) (named, rest []File) {
+	for _, f := range files {
+		if f.Name == name {
+			named = append(named, f)
+		} else {
+			rest = append(rest, f)
+		}
+	}
+	return named, rest
 }
 
 func listen(getenv func(string) string, pid int) ([]File, error) {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"testing"
@@ -331,4 +332,20 @@ func listenChild() {
 		os.Getenv("LISTEN_FDNAMES"), os.Getenv("LISTEN_PIDFDID"))
 	b.WriteString("LISTEN-END\n")
 	fmt.Print(b.String())
+}
+
+// TestTake: socket activation's socket and the fd store's loop devices come
+// in one LISTEN_FDS; Take tells them apart by name, keeping their order.
+func TestTake(t *testing.T) {
+	files := []File{{3, "api"}, {4, "loop-7-100"}, {5, "unknown"}, {6, "loop-8-101"}, {7, "api"}}
+	named, rest := Take(files, "api")
+	if want := []File{{3, "api"}, {7, "api"}}; !reflect.DeepEqual(named, want) {
+		t.Errorf("named = %v, want %v", named, want)
+	}
+	if want := []File{{4, "loop-7-100"}, {5, "unknown"}, {6, "loop-8-101"}}; !reflect.DeepEqual(rest, want) {
+		t.Errorf("rest = %v, want %v", rest, want)
+	}
+	if named, rest := Take(nil, "api"); named != nil || rest != nil {
+		t.Errorf("Take(nil) = %v, %v; want nil, nil", named, rest)
+	}
 }

@@ -108,6 +108,7 @@ type Binding struct {
 	Rdev    uint64
 	DiskSeq uint64
 	Tag     string
+	Ours    bool // Tag is the one the daemon gives its devices (lo_file_name starts with --tag)
 }
 
 // Host is what the model needs from the machine.
@@ -216,6 +217,13 @@ type Model struct {
 	readOnly    map[FileID]*loopDevice           // guarded by mu: the read-only cache
 	devices     map[uint64]*loopDevice           // guarded by mu: every held device by rdev
 	devicePaths map[string]*loopDevice           // guarded by mu: the same devices by path
+	// released are the devices let go of, by rdev, until that number is
+	// bound by us again (sharing.go: an add waits for them to be freed).
+	// Bounded by the loop device numbers the host ever used for us.
+	released map[uint64]releasedDevice // guarded by mu
+
+	releaseWait time.Duration // how long an add waits for a released device to be freed; set by New
+	releasePoll time.Duration // how often it looks meanwhile; set by New
 }
 
 // New returns an empty model.
@@ -231,6 +239,9 @@ func New(host Host, log *slog.Logger) *Model {
 		readOnly:    map[FileID]*loopDevice{},
 		devices:     map[uint64]*loopDevice{},
 		devicePaths: map[string]*loopDevice{},
+		released:    map[uint64]releasedDevice{},
+		releaseWait: ReleaseWait,
+		releasePoll: releasePoll,
 	}
 }
 
@@ -263,7 +274,7 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 		return Attachment{}, conflict
 	}
 	if !req.Mode.Force {
-		if err := m.checkHost(req); err != nil {
+		if err := m.checkHost(ctx, req); err != nil {
 			return Attachment{}, err
 		}
 	}
@@ -343,6 +354,7 @@ func (m *Model) insertLocked(a *attachment) {
 	}
 	if ld := a.loop; ld != nil {
 		ld.users[a.Key] = true
+		delete(m.released, ld.dev.Rdev()) // the number is ours again, with another diskseq
 		m.devices[ld.dev.Rdev()] = ld
 		m.devicePaths[ld.dev.Path()] = ld
 		if ld.readOnly {
@@ -385,11 +397,25 @@ func (m *Model) closeDevice(dev Device) {
 		m.log.Error("loop device changed under us; not releasing it", "dev", dev.Path(), "diskseq", dev.DiskSeq(), "err", err)
 		return
 	}
+	m.noteReleased(dev)
 	if err := dev.Close(); err != nil {
 		m.log.Error("release loop device", "dev", dev.Path(), "diskseq", dev.DiskSeq(), "err", err)
 		return
 	}
 	m.log.Debug("loop device released", "dev", dev.Path(), "diskseq", dev.DiskSeq())
+}
+
+// Release releases dev, a device of ours the model does not hold (recovery:
+// an adopted device no backend uses), so that an add of its file right after
+// waits for it to be freed as after a Remove.
+func (m *Model) Release(dev Device) {
+	m.mu.Lock()
+	_, held := m.devices[dev.Rdev()]
+	m.mu.Unlock()
+	if held {
+		return // a backend uses it (Restore): Remove releases it
+	}
+	m.closeDevice(dev)
 }
 
 // Remove releases key's attachment, closing its loop device if it was the

@@ -523,3 +523,188 @@ func TestConcurrentConflictingAdds(t *testing.T) {
 		})
 	}
 }
+
+// lingerHost binds every device to one file and keeps a released device
+// bound for linger more lookups (forever if linger < 0), as when udev's
+// probe or blkback's close still holds it; foreign are bound there too.
+type lingerHost struct {
+	fakeHost
+	linger  int
+	made    []*fakeDevice
+	lookups int            // LoopsOf calls
+	seen    map[string]int // lookups that found each released device bound
+	foreign []Binding
+}
+
+func (h *lingerHost) NewLoop(backing *os.File, readOnly bool) (Device, error) {
+	d, _ := h.fakeHost.NewLoop(backing, readOnly)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.made = append(h.made, d.(*fakeDevice))
+	return d, nil
+}
+
+func (h *lingerHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
+	h.mu.Lock()
+	h.lookups++
+	var bound []Binding
+	for _, d := range h.made {
+		if d.closed && (h.linger < 0 || h.seen[d.Path()] < h.linger) {
+			h.seen[d.Path()]++
+			bound = append(bound, Binding{Path: d.Path(), Rdev: d.Rdev(), DiskSeq: d.DiskSeq(), Tag: "xenblkd:", Ours: true})
+		} else if !d.closed {
+			bound = append(bound, Binding{Path: d.Path(), Rdev: d.Rdev(), DiskSeq: d.DiskSeq(), Tag: "xenblkd:", Ours: true})
+		}
+	}
+	bound = append(bound, h.foreign...)
+	h.mu.Unlock()
+	var out []Binding
+	for _, b := range bound {
+		if !held(b.Path) {
+			out = append(out, b)
+		}
+	}
+	return out, nil
+}
+
+// An add right after the remove of a device on the same file waits for that
+// device to be freed; only a device xenblkd released is waited for.
+func TestAddWaitsForReleasedDevice(t *testing.T) {
+	ours := func(n int, seq uint64) Binding {
+		return Binding{Path: fmt.Sprintf("/dev/loop%d", n), Rdev: uint64(7<<8 | n), DiskSeq: seq, Tag: "xenblkd:", Ours: true}
+	}
+	tests := []struct {
+		name        string
+		linger      int       // lookups the released /dev/loop1 stays bound for; < 0 forever
+		foreign     []Binding // also bound to the file
+		mode        Mode
+		wantErr     string // "" for success, else a substring
+		wantLookups int    // by the second add; 0: at least linger+1
+	}{
+		{"freed at once", 0, nil, rw, "", 1},
+		{"freed after 3 lookups", 3, nil, rw, "", 4},
+		{"never freed", -1, nil, rw,
+			"refusing to attach file /srv/img to domain 2 device 51712 (xvda): loop device /dev/loop1 (diskseq 101), which xenblkd released ", 0},
+		{"read-only: not waited for", -1, nil, ro, "", 1},
+		{"foreign device too: refused at once", -1, []Binding{{Path: "/dev/loop50", Rdev: loop50.Rdev, DiskSeq: 7, Tag: "/srv/img"}}, rw,
+			`loop device /dev/loop50 (not made by xenblkd, tag "/srv/img") is bound to the same file`, 1},
+		{"our tag, never released: refused at once", 0, []Binding{ours(60, 500)}, rw,
+			`loop device /dev/loop60 (tag "xenblkd:", xenblkd's, but not held by this daemon: another xenblkd with the same --tag made it)`, 1},
+		{"our number, another diskseq: refused at once", 0, []Binding{ours(1, 900)}, rw, "loop device /dev/loop1 (tag \"xenblkd:\", xenblkd's, but not held", 1},
+		{"released diskseq, another tag: refused at once", 0, []Binding{{Path: "/dev/loop1", Rdev: 7<<8 | 1, DiskSeq: 101, Tag: "other"}}, rw,
+			`loop device /dev/loop1 (not made by xenblkd, tag "other")`, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := &lingerHost{linger: tt.linger, seen: map[string]int{}}
+			m := New(h, nil)
+			m.releaseWait, m.releasePoll = 50*time.Millisecond, time.Millisecond
+			if _, err := add(t, m, 1, 51712, image, rw); err != nil {
+				t.Fatal(err)
+			}
+			m.Remove(Key{1, 51712})
+			h.foreign = tt.foreign
+			h.lookups = 0
+			_, err := add(t, m, 2, 51712, image, tt.mode)
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Fatalf("got %v, want no error", err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr)):
+				t.Fatalf("got %v\nwant an error containing %q", err, tt.wantErr)
+			case err != nil && !errors.Is(err, ErrConflict):
+				t.Errorf("err %v does not match ErrConflict", err)
+			}
+			if tt.wantLookups > 0 && h.lookups != tt.wantLookups {
+				t.Errorf("the add looked %d times, want %d", h.lookups, tt.wantLookups)
+			}
+			if tt.wantLookups == 0 && h.lookups < 2 {
+				t.Errorf("the add looked %d times, want it to have waited (several)", h.lookups)
+			}
+			if err != nil && h.open != 0 {
+				t.Errorf("refused, yet %d devices left open", h.open)
+			}
+		})
+	}
+}
+
+// The refusal past the bound says what to do.
+func TestReleasedDeviceStillHeldMessage(t *testing.T) {
+	h := &lingerHost{linger: -1, seen: map[string]int{}}
+	m := New(h, nil)
+	m.releaseWait, m.releasePoll = 20*time.Millisecond, time.Millisecond
+	if _, err := add(t, m, 1, 51712, image, rw); err != nil {
+		t.Fatal(err)
+	}
+	m.Remove(Key{1, 51712})
+	_, err := add(t, m, 2, 51712, image, rw)
+	for _, want := range []string{
+		"loop device /dev/loop1 (diskseq 101), which xenblkd released ",
+		" ago, is still bound to the same file (waited 20ms for it to be freed): something still holds it open; find it with fuser -v /dev/loop1 (if no process is listed, the kernel holds it: a mount, or xen-blkback of a domain still being destroyed) and retry once it is closed, or use mode w! to override",
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("got %v\nwant it to contain %q", err, want)
+		}
+	}
+	// w! does not wait.
+	h.lookups = 0
+	if _, err := add(t, m, 3, 51712, image, force); err != nil || h.lookups != 0 {
+		t.Errorf("w!: got %v after %d lookups, want success without any", err, h.lookups)
+	}
+}
+
+// A device the model binds again under a number it released is not one it
+// released; a device let go of by Release (recovery) is.
+func TestReleasedBookkeeping(t *testing.T) {
+	h := &lingerHost{linger: 2, seen: map[string]int{}}
+	m := New(h, nil)
+	m.releaseWait, m.releasePoll = time.Second, time.Millisecond
+	dev, _ := h.NewLoop(nil, false)
+	m.Release(dev)
+	h.lookups = 0
+	if _, err := add(t, m, 1, 51712, image, rw); err != nil || h.lookups != 3 {
+		t.Fatalf("add after Release: got %v after %d lookups, want success after 3", err, h.lookups)
+	}
+	if n := len(m.released); n != 1 {
+		t.Errorf("%d released devices remembered, want 1", n)
+	}
+
+	// Release of a device a backend uses (restored) closes nothing.
+	h2 := &fakeHost{}
+	m2 := New(h2, nil)
+	used, _ := h2.NewLoop(nil, false)
+	if err := m2.Restore(Attachment{Key: Key{1, 51712}, Mode: rw, Target: image}, used); err != nil {
+		t.Fatal(err)
+	}
+	m2.Release(used)
+	if h2.open != 1 || len(m2.released) != 0 {
+		t.Errorf("Release of a used device: %d open, %d remembered; want 1, 0", h2.open, len(m2.released))
+	}
+}
+
+// A request given up while waiting is not a sharing refusal.
+func TestReleasedWaitCancelled(t *testing.T) {
+	h := &lingerHost{linger: -1, seen: map[string]int{}}
+	m := New(h, nil)
+	m.releasePoll = time.Millisecond
+	if _, err := add(t, m, 1, 51712, image, rw); err != nil {
+		t.Fatal(err)
+	}
+	m.Remove(Key{1, 51712})
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		for {
+			h.mu.Lock()
+			n := h.lookups
+			h.mu.Unlock()
+			if n > 1 {
+				cancel()
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	_, err := m.Add(ctx, AddRequest{Key: Key{2, 51712}, Mode: rw, Target: image})
+	if !errors.Is(err, context.Canceled) || errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "released by xenblkd") {
+		t.Fatalf("got %v, want context.Canceled naming the device waited for", err)
+	}
+}

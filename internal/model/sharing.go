@@ -11,9 +11,11 @@ package model
 // device-model stub domain of the other. Mode w! skips every check.
 
 import (
+	"context"
 	"fmt"
 	"sort"
 	"strconv"
+	"time"
 )
 
 // Domain is what the toolstack says about a frontend domain, read from nodes
@@ -198,7 +200,7 @@ func relation(t, other Target) string {
 // hold bound to the file, and mounts of the device (or of its partitions or
 // whole disk) in this domain. A read-only request is refused only by what
 // is mounted read-write.
-func (m *Model) checkHost(req AddRequest) error {
+func (m *Model) checkHost(ctx context.Context, req AddRequest) error {
 	t := req.Target
 	// mountsOf: each device whose mounts count, with how to name it.
 	mountsOf := map[uint64]string{}
@@ -212,22 +214,11 @@ func (m *Model) checkHost(req AddRequest) error {
 		}
 	}
 	if f := t.file(); f != (FileID{}) {
-		bindings, err := m.host.LoopsOf(f, m.holds)
+		others, err := m.otherLoops(ctx, req, f)
 		if err != nil {
-			return fmt.Errorf("check loop devices bound to %s: %w", t.Path, err)
+			return err
 		}
-		for _, b := range bindings {
-			if t.Kind == BlockDevice && b.Rdev == t.Rdev {
-				continue // the device asked for
-			}
-			if m.knownLoop(b) {
-				continue
-			}
-			if req.Mode.Writable {
-				return &ConflictError{Key: req.Key, Target: t, Reason: fmt.Sprintf(
-					"loop device %s (not made by xenblkd, tag %q) is bound to the same file; detach it (losetup -d %s) if nothing uses it, or use mode w! to override",
-					b.Path, b.Tag, b.Path)}
-			}
+		for _, b := range others {
 			mountsOf[b.Rdev] = "loop device %s (bound to the same file)" // read-only: only a read-write mount refuses
 		}
 	}
@@ -263,6 +254,123 @@ func (m *Model) checkHost(req AddRequest) error {
 			what, mt.Point)}
 	}
 	return nil
+}
+
+// ReleaseWait bounds how long an add waits for a loop device this daemon
+// released to be freed. AUTOCLEAR frees a device at its last close, and
+// after our release others may still hold it for a moment: xen-blkback
+// finishing its close, udev's blkid probe on the change uevent a close for
+// writing causes, systemd closing the fd store's copy (it acts on
+// FDSTOREREMOVE after our Close has returned), anyone's scan of the loop
+// devices. An add of the same file in that moment (xl reboot: the old
+// domain's remove, then the new domain's add) would otherwise find a device
+// it does not hold on the file and refuse.
+const ReleaseWait = 2 * time.Second
+
+// releasePoll is how often an add waiting for a released device looks again.
+const releasePoll = 20 * time.Millisecond
+
+// releasedDevice is a loop device the model let go of.
+type releasedDevice struct {
+	diskSeq uint64
+	at      time.Time
+}
+
+// noteReleased records that dev is being let go of (before its fds close, so
+// no add can see it unheld and unrecorded).
+func (m *Model) noteReleased(dev Device) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.released[dev.Rdev()] = releasedDevice{diskSeq: dev.DiskSeq(), at: time.Now()}
+}
+
+// releasedAs returns when the model released b, if b is that very device:
+// the same number and diskseq (never reused within a boot), and our tag.
+func (m *Model) releasedAs(b Binding) (time.Time, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	r, ok := m.released[b.Rdev]
+	if !ok || !b.Ours || b.DiskSeq == 0 || r.diskSeq != b.DiskSeq {
+		return time.Time{}, false
+	}
+	return r.at, true
+}
+
+// otherLoops returns the loop devices bound to file f that the model does
+// not hold and no attachment of ours uses, for a read-only request (only
+// their read-write mounts refuse it). A writable request is refused by any
+// of them at once, except by a device the model released: that one is on its
+// way out, and the request waits for it to be freed, up to releaseWait,
+// looking again every releasePoll. It never sleeps holding mu (the target
+// lock is held: adds and removes of the same file wait meanwhile).
+func (m *Model) otherLoops(ctx context.Context, req AddRequest, f FileID) ([]Binding, error) {
+	t := req.Target
+	var start time.Time // of the wait
+	for {
+		bindings, err := m.host.LoopsOf(f, m.holds)
+		if err != nil {
+			return nil, fmt.Errorf("check loop devices bound to %s: %w", t.Path, err)
+		}
+		var others, leaving []Binding
+		var releasedAt time.Time // of leaving[0]
+		for _, b := range bindings {
+			if t.Kind == BlockDevice && b.Rdev == t.Rdev {
+				continue // the device asked for
+			}
+			if m.knownLoop(b) {
+				continue
+			}
+			if !req.Mode.Writable {
+				others = append(others, b)
+				continue
+			}
+			at, released := m.releasedAs(b)
+			if !released {
+				return nil, &ConflictError{Key: req.Key, Target: t, Reason: foreignLoopReason(b)}
+			}
+			if len(leaving) == 0 {
+				releasedAt = at
+			}
+			leaving = append(leaving, b)
+		}
+		if len(leaving) == 0 {
+			if !start.IsZero() {
+				m.log.Info("sharing check: the loop device xenblkd released is freed", "domid", req.Key.Domid, "devid", req.Key.Devid,
+					"file", t.Path, "waited", time.Since(start).Round(time.Millisecond))
+			}
+			return others, nil
+		}
+		now := time.Now()
+		if start.IsZero() {
+			start = now
+		}
+		if now.Sub(start) >= m.releaseWait {
+			b := leaving[0]
+			return nil, &ConflictError{Key: req.Key, Target: t, Reason: fmt.Sprintf(
+				"loop device %s (diskseq %d), which xenblkd released %v ago, is still bound to the same file (waited %v for it to be freed): "+
+					"something still holds it open; find it with fuser -v %s (if no process is listed, the kernel holds it: a mount, or xen-blkback "+
+					"of a domain still being destroyed) and retry once it is closed, or use mode w! to override",
+				b.Path, b.DiskSeq, now.Sub(releasedAt).Round(time.Millisecond), m.releaseWait, b.Path)}
+		}
+		timer := time.NewTimer(m.releasePoll)
+		select {
+		case <-ctx.Done():
+			timer.Stop()
+			return nil, fmt.Errorf("wait for loop device %s, released by xenblkd, to be freed: %w", leaving[0].Path, ctx.Err())
+		case <-timer.C:
+		}
+	}
+}
+
+// foreignLoopReason says that a loop device we do not hold, and did not
+// release, is bound to the file.
+func foreignLoopReason(b Binding) string {
+	if b.Ours {
+		return fmt.Sprintf("loop device %s (tag %q, xenblkd's, but not held by this daemon: another xenblkd with the same --tag made it) is bound to the same file; "+
+			"detach it (losetup -d %s) if nothing uses it, or use mode w! to override", b.Path, b.Tag, b.Path)
+	}
+	return fmt.Sprintf("loop device %s (not made by xenblkd, tag %q) is bound to the same file; detach it (losetup -d %s) if nothing uses it, or use mode w! to override",
+		b.Path, b.Tag, b.Path)
 }
 
 // knownLoop reports whether b is a loop device the model holds, or one an

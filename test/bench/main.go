@@ -23,6 +23,7 @@ type config struct {
 	quick      bool
 	stockOnly  bool
 	bin        string
+	entry      string // the C hotplug entry (the script libxl execs)
 	daemonArgs string
 	out, plot  string
 	backends   []int
@@ -35,6 +36,7 @@ func main() {
 	flag.BoolVar(&c.quick, "quick", false, "smoke run: few iterations, smaller read-only scenario")
 	flag.BoolVar(&c.stockOnly, "stock-only", false, "measure only the stock script")
 	flag.StringVar(&c.bin, "bin", "bin/xenblkd", "xenblkd binary (build with `make build`)")
+	flag.StringVar(&c.entry, "entry", "bin/xenblkd-hotplug", "the C hotplug entry, exec'd as the script (build with `make build`)")
 	flag.StringVar(&c.daemonArgs, "daemon-args", "daemon --socket {socket}", "how to start the daemon; {socket} is the private API socket")
 	flag.StringVar(&c.out, "out", "", "write the markdown report here (e.g. docs/benchmarks.md)")
 	flag.StringVar(&c.plot, "plot", "", "write the scaling plot PNG here (e.g. docs/bench-scaling.png)")
@@ -130,12 +132,16 @@ func run(c config) (err error) {
 	peers = append(peers, stock)
 	b.xsSocket = xsd.Socket
 	if !c.stockOnly {
-		if ok, why := xenblkdAvailable(c.bin); !ok {
+		script, err := installEntry(c.entry, dir)
+		if ok, why := xenblkdAvailable(c.bin); !ok || err != nil {
+			if err != nil {
+				why = err.Error()
+			}
 			r.notef("xenblkd half NOT run: %s", why)
 		} else {
 			for _, x := range []*peer{
-				newXenblkd("xenblkd", slotXen, c.bin, c.daemonArgs, "--presetup=false", dir, xsd.Socket, log),
-				newXenblkd("xenblkd-presetup", slotPre, c.bin, c.daemonArgs, "--presetup=true", dir, xsd.Socket, log),
+				newXenblkd("xenblkd", slotXen, c.bin, script, c.daemonArgs, "--presetup=false", dir, xsd.Socket, log),
+				newXenblkd("xenblkd-presetup", slotPre, c.bin, script, c.daemonArgs, "--presetup=true", dir, xsd.Socket, log),
 			} {
 				err := x.start(xsd.Socket) // a first start proves it works; bench.use restarts it
 				x.stop()

@@ -96,13 +96,28 @@ func xenblkdAvailable(bin string) (bool, string) {
 	return true, ""
 }
 
-// newXenblkd describes a xenblkd peer; its daemon is started by start. The
-// command line is an adapter: -daemon-args, "{socket}" is replaced; extra
-// (e.g. --presetup=false) is appended.
-func newXenblkd(name string, slot int, bin, daemonArgs, extra, dir, xsSocket string, log *os.File) *peer {
+// newXenblkd describes a xenblkd peer: script is the C entry (installed as
+// <dir>/scripts/xenblkd, a name pre-setup recognises), handing over to bin;
+// its daemon is started by start. The command line is an adapter:
+// -daemon-args, "{socket}" is replaced; extra (e.g. --presetup=false) is
+// appended.
+func newXenblkd(name string, slot int, bin, script, daemonArgs, extra, dir, xsSocket string, log *os.File) *peer {
 	sock := filepath.Join(dir, name, "api.sock")
-	return &peer{name: name, slot: slot, script: bin, log: log, bin: bin, daemonArgs: daemonArgs + " " + extra, dir: dir, xsSocket: xsSocket,
-		extraEnv: []string{"XENSTORED_PATH=" + xsSocket, "XENBLKD_SOCKET=" + sock}}
+	abs, _ := filepath.Abs(bin)
+	return &peer{name: name, slot: slot, script: script, log: log, bin: bin, daemonArgs: daemonArgs + " " + extra, dir: dir, xsSocket: xsSocket,
+		extraEnv: []string{"XENSTORED_PATH=" + xsSocket, "XENBLKD_SOCKET=" + sock, "XENBLKD_BIN=" + abs}}
+}
+
+// installEntry copies the C entry to <dir>/scripts/xenblkd, as make install
+// puts it in /etc/xen/scripts, and returns that path.
+func installEntry(entry, dir string) (string, error) {
+	b, err := os.ReadFile(entry)
+	if err != nil {
+		return "", fmt.Errorf("the C hotplug entry: %w (make build)", err)
+	}
+	script := filepath.Join(dir, "scripts", "xenblkd")
+	os.MkdirAll(filepath.Dir(script), 0o755)
+	return script, os.WriteFile(script, b, 0o755)
 }
 
 func (p *peer) socket() string { return strings.TrimPrefix(p.extraEnv[1], "XENBLKD_SOCKET=") }

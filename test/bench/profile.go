@@ -142,6 +142,8 @@ type peerProfile struct {
 	rmReqs, rmRounds   float64 // per remove
 	addByType          map[string]float64
 	daemonCPUAdd       time.Duration // per add
+	daemonCPURm        time.Duration // per remove
+	rmLatency          sample        // exec to exit, through the proxy
 	entryCPU           sample        // the exec'd entry's user+sys, per add
 	addLatency         sample        // exec to exit, through the proxy
 	straceDaemon       []syscallCount
@@ -220,7 +222,7 @@ func (b *bench) profileXenStore(p *peer, img string, n int) (peerProfile, error)
 		}
 	}
 	var addReqs, addRounds, rmReqs, rmRounds int
-	var cpu time.Duration
+	var cpu, rmCPU time.Duration
 	for i := range n {
 		v := vbd{domid: 4000 + i, params: img, mode: "w"}
 		time.Sleep(10 * time.Millisecond) // the previous iteration's watch events settle
@@ -252,9 +254,15 @@ func (b *bench) profileXenStore(p *peer, img string, n int) (peerProfile, error)
 			}
 			pp.addByType[name] += float64(k) / float64(n)
 		}
-		if _, err := p.run("remove", v.xbPath()); err != nil {
+		time.Sleep(5 * time.Millisecond) // the add's watch events settle before remove is timed
+		px.take()
+		c1 := daemonCPU(p)
+		dr, err := p.run("remove", v.xbPath())
+		if err != nil {
 			return pp, err
 		}
+		rmCPU += daemonCPU(p) - c1
+		pp.rmLatency = append(pp.rmLatency, dr)
 		q, rounds, _ = px.take()
 		rmReqs, rmRounds = rmReqs+q, rmRounds+rounds
 		b.cleanup(v)
@@ -263,6 +271,7 @@ func (b *bench) profileXenStore(p *peer, img string, n int) (peerProfile, error)
 	f := float64(n)
 	pp.addReqs, pp.addRounds, pp.rmReqs, pp.rmRounds = float64(addReqs)/f, float64(addRounds)/f, float64(rmReqs)/f, float64(rmRounds)/f
 	pp.daemonCPUAdd = cpu / time.Duration(n)
+	pp.daemonCPURm = rmCPU / time.Duration(n)
 	return pp, nil
 }
 
@@ -342,9 +351,11 @@ func (b *bench) straceExecs(r *report) {
 		argv []string
 		env  []string
 	}{
-		{"empty Go program (static)", []string{b.dir + "/empty/empty"}, nil},
-		{"xenblkd version", []string{xen.script, "version"}, nil},
-		{"xenblkd add, daemon answers at once", []string{xen.script, "add"}, env},
+		{execFloor, []string{b.dir + "/floor/floor"}, nil},
+		{emptyGo, []string{b.dir + "/empty/empty"}, nil},
+		{"xenblkd version", []string{xen.bin, "version"}, nil},
+		{entryAdd, []string{xen.script, "add"}, env},
+		{goEntryAdd, []string{xen.bin, "add"}, env},
 	} {
 		out := b.dir + "/strace-exec.txt"
 		cmd := exec.Command("strace", append([]string{"-f", "-c", "-o", out}, c.argv...)...)

@@ -19,6 +19,7 @@ type report struct {
 	rows               []row
 	ro                 [nSlots]roResult
 	entry              []entryRow
+	fast               []fastRow // fastpath.go
 	prof               profileResult
 	notes              []string
 	loadStart, loadEnd string
@@ -169,8 +170,10 @@ func (r *report) floor16(what string) (time.Duration, bool) {
 }
 
 const (
-	entryAdd = "xenblkd add, daemon answers at once"
-	emptyGo  = "empty Go program (static)"
+	entryAdd   = "xenblkd add (C entry), daemon answers at once"
+	goEntryAdd = "xenblkd add (Go entry, the hand-over path), daemon answers at once"
+	emptyGo    = "empty Go program (static)"
+	execFloor  = "exec floor: empty static C program"
 )
 
 func (r *report) markdown() string {
@@ -198,6 +201,14 @@ func (r *report) markdown() string {
 		"The *commit→exit* rows time from the commit's reply to the script's exit, the script exec'd at once or after a %v gap "+
 		"(libxl waits for blkback's InitWait before it execs the script). Times in ms: **median** (min–max), n runs, "+
 		"after one untimed warm-up. Ratio = stock median / xenblkd median.\n\n", initWaitGap)
+	r.fastMarkdown(&w)
+	if ts := r.fastTargets(); len(ts) > 0 {
+		fmt.Fprintf(&w, "\n| target (issue 13) | verdict | evidence |\n|---|---|---|\n")
+		for _, t := range ts {
+			fmt.Fprintf(&w, "| %s | %s | %s |\n", t.name, t.verdict, t.evidence)
+		}
+	}
+	fmt.Fprintf(&w, "\n## All scenarios\n\n")
 	fmt.Fprintf(&w, "| scenario | op | stock | xenblkd | xenblkd pre-setup | ratio | ratio pre-setup |\n|---|---|---|---|---|---|---|\n")
 	for _, row := range r.rows {
 		fmt.Fprintf(&w, "| %s | %s |", row.scenario, row.op)
@@ -255,26 +266,27 @@ func (r *report) profileMarkdown(w *strings.Builder) {
 		"between the daemon and xenstored (a *round trip* starts when a request is sent while none is outstanding, so pipelined "+
 		"requests count once); the daemon's CPU from `/proc/<pid>/task/*/schedstat` (the add's window: backend write, exec, pre-setup's work); "+
 		"the entry's CPU from its rusage. The latency column goes through the proxy (one extra hop per round trip).\n\n")
-	fmt.Fprintf(w, "| daemon | n | XenStore requests / round trips per add | per remove | requests per add by type | daemon CPU per add | entry CPU per add | add exec→exit via proxy |\n|---|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(w, "| daemon | n | XenStore requests / round trips per add | per remove | requests per add by type | daemon CPU per add | entry CPU per add | add exec→exit via proxy | daemon CPU per remove | remove exec→exit via proxy |\n|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, pp := range p.peers {
 		var types []string
 		for t, n := range pp.addByType {
 			types = append(types, fmt.Sprintf("%s %.1f", t, n))
 		}
 		sort.Strings(types)
-		fmt.Fprintf(w, "| %s | %d | %.1f / %.1f | %.1f / %.1f | %s | %s ms | %s ms | %s |\n", pp.name, pp.n, pp.addReqs, pp.addRounds,
-			pp.rmReqs, pp.rmRounds, strings.Join(types, ", "), ms2(pp.daemonCPUAdd), ms2(pp.entryCPU.median()), cell(pp.addLatency))
+		fmt.Fprintf(w, "| %s | %d | %.1f / %.1f | %.1f / %.1f | %s | %s ms | %s ms | %s | %s ms | %s |\n", pp.name, pp.n, pp.addReqs, pp.addRounds,
+			pp.rmReqs, pp.rmRounds, strings.Join(types, ", "), ms2(pp.daemonCPUAdd), ms2(pp.entryCPU.median()), cell(pp.addLatency),
+			ms2(pp.daemonCPURm), cell(pp.rmLatency))
 	}
 	if f, ok := r.floor16(entryAdd); ok {
 		fe, _ := r.floor16(emptyGo)
 		fmt.Fprintf(w, "\nCPU floor of 16 concurrent adds on %d cores, from the exec'd entries alone (the daemon's work comes on top): "+
-			"16 × %s ms (CPU of one `xenblkd add`, table above) / %d = **%s ms**; with an empty Go program as the entry it would still be %s ms.",
+			"16 × %s ms (CPU of one exec of the C entry, table above) / %d = **%s ms**; with an empty Go program as the entry it would be %s ms.",
 			runtime.NumCPU(), ms2(f*time.Duration(runtime.NumCPU())/16), runtime.NumCPU(), ms2(f), ms2(fe))
 		for _, slot := range []int{slotXen, slotPre} {
 			if one := r.find("1 file disks at once (all done)", "add"); one != nil && len(one.s[slot]) > 0 {
 				two := 2 * one.s[slot].median()
 				fmt.Fprintf(w, " %s: the target, 2× one add, is %s ms: %s.", slotNames[slot], ms2(two),
-					map[bool]string{true: "below the floor, out of reach on this machine for a Go entry", false: "above the floor"}[f > two])
+					map[bool]string{true: "below the floor, out of reach on this machine", false: "above the entries' floor"}[f > two])
 			}
 		}
 		fmt.Fprintln(w)
@@ -355,10 +367,11 @@ func (r *report) print(w io.Writer) {
 		}
 	}
 	var pw strings.Builder
+	r.fastMarkdown(&pw)
 	r.profileMarkdown(&pw)
 	fmt.Fprint(w, pw.String())
 	fmt.Fprintln(w)
-	for _, t := range r.targets() {
+	for _, t := range append(r.targets(), r.fastTargets()...) {
 		fmt.Fprintf(w, "%-4s %s: %s\n", t.verdict, t.name, t.evidence)
 	}
 }

@@ -56,6 +56,11 @@ func scenarios(b *bench, r *report, peers []*peer) error {
 		return err
 	}
 
+	// 0: the per-disk fast path beside the exec floor (fastpath.go), first,
+	// while no other backends exist.
+	if err := b.fastPath(r, peers, fileImg); err != nil {
+		return err
+	}
 	if c.onlyProf {
 		return b.profileOnly(r, peers)
 	}
@@ -456,6 +461,11 @@ func (b *bench) entryCost(r *report, xen *peer) error {
 		r.entry = append(r.entry, er)
 	}
 	timeIt("/bin/true", []string{"/bin/true"}, nil)
+	if floor, err := b.floorProgram(); err != nil {
+		r.notef("exec floor: %v", err)
+	} else {
+		timeIt(execFloor, []string{floor}, nil)
+	}
 
 	// An empty static Go program (CGO_ENABLED=0, as bin/xenblkd is built).
 	src := b.dir + "/empty/main.go"
@@ -473,7 +483,7 @@ func (b *bench) entryCost(r *report, xen *peer) error {
 	if xen == nil {
 		return nil
 	}
-	timeIt("xenblkd version", []string{xen.script, "version"}, nil)
+	timeIt("xenblkd version", []string{xen.bin, "version"}, nil)
 
 	// add against a daemon that answers {"ok":true} at once: the entry's own
 	// cost (env, one connect, one request, one reply, exit).
@@ -485,7 +495,8 @@ func (b *bench) entryCost(r *report, xen *peer) error {
 	defer stop()
 	env := []string{basePath, "script=" + xen.script, "XENBUS_TYPE=vbd", "XENBUS_PATH=backend/vbd/1/51712",
 		"XENBUS_BASE_PATH=backend", "XENBLKD_SOCKET=" + sock, "XENSTORED_PATH=" + b.dir + "/no-xenstored"}
-	timeIt("xenblkd add, daemon answers at once", []string{xen.script, "add"}, env)
+	timeIt(entryAdd, []string{xen.script, "add"}, env)
+	timeIt(goEntryAdd, []string{xen.bin, "add"}, env)
 	return nil
 }
 

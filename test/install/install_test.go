@@ -53,6 +53,7 @@ func runMake(t *testing.T, scratch string, args ...string) (string, error) {
 	root := repoRoot(t)
 	args = append([]string{"-C", root, "--no-print-directory",
 		"BIN=" + filepath.Join(scratch, "bin/xenblkd"),
+		"ENTRY=" + filepath.Join(scratch, "bin/xenblkd-hotplug"),
 		"BUILDDIR=" + filepath.Join(scratch, "build"),
 		"UNIT=" + unitFile(t, root),
 	}, args...)
@@ -125,9 +126,10 @@ func checkLayout(t *testing.T, destdir, sbindir string) {
 	root := repoRoot(t)
 	bin := strings.TrimPrefix(sbindir, "/") + "/xenblkd"
 	want := map[string]fs.FileMode{
-		bin: 0o755,
-		"etc/xen/scripts/xenblkd@" + sbindir + "/xenblkd":                               fs.ModeSymlink | 0o777,
-		"lib/systemd/system/xenblkd.service":                                            0o644,
+		bin:                                  0o755,
+		"etc/xen/scripts/xenblkd":            0o755,
+		"lib/systemd/system/xenblkd.service": 0o644,
+		"lib/systemd/system/xenblkd.socket":  0o644,
 		strings.TrimPrefix(filepath.Dir(sbindir), "/") + "/share/man/man8/xenblkd.8.gz": 0o644,
 	}
 	got := tree(t, destdir)
@@ -144,6 +146,18 @@ func checkLayout(t *testing.T, destdir, sbindir string) {
 	out, err := exec.Command(filepath.Join(destdir, bin), "version").CombinedOutput()
 	if err != nil || !strings.HasPrefix(string(out), "xenblkd ") {
 		t.Errorf("%s version: %q, %v", bin, out, err)
+	}
+	// The hotplug entry is the C program; it hands what it does not do itself
+	// (here: an action other than add or remove) to the binary built in, or
+	// to $XENBLKD_BIN.
+	entry := filepath.Join(destdir, "etc/xen/scripts/xenblkd")
+	if b, err := os.ReadFile(entry); err != nil || !bytes.Contains(b, []byte(sbindir+"/xenblkd\x00")) {
+		t.Errorf("%s does not hand over to %s/xenblkd (err %v)", entry, sbindir, err)
+	}
+	cmd := exec.Command(entry, "version")
+	cmd.Env = []string{"XENBLKD_BIN=" + filepath.Join(destdir, bin)}
+	if out, err := cmd.CombinedOutput(); err != nil || !strings.HasPrefix(string(out), "xenblkd ") {
+		t.Errorf("XENBLKD_BIN=%s %s version: %q, %v; want the binary's version", filepath.Join(destdir, bin), entry, out, err)
 	}
 	unit, err := os.ReadFile(filepath.Join(destdir, "lib/systemd/system/xenblkd.service"))
 	if err != nil {
@@ -288,8 +302,9 @@ func TestDeb(t *testing.T) {
 	listing := dpkgDeb(t, "-c", deb)
 	for _, want := range []*regexp.Regexp{
 		regexp.MustCompile(`(?m)^-rwxr-xr-x root/root .* \./usr/sbin/xenblkd$`),
-		regexp.MustCompile(`(?m)^lrwxrwxrwx root/root .* \./etc/xen/scripts/xenblkd -> /usr/sbin/xenblkd$`),
+		regexp.MustCompile(`(?m)^-rwxr-xr-x root/root .* \./etc/xen/scripts/xenblkd$`),
 		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./lib/systemd/system/xenblkd\.service$`),
+		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./lib/systemd/system/xenblkd\.socket$`),
 		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./usr/share/man/man8/xenblkd\.8\.gz$`),
 	} {
 		if !want.MatchString(listing) {

@@ -71,37 +71,52 @@ func systemdRunning() bool {
 }
 
 func TestMaintainerScripts(t *testing.T) {
-	const unit = "xenblkd.service"
+	const unit, socket = "xenblkd.service", "xenblkd.socket"
+	units := []string{socket, unit}
 	sd := systemdRunning()
 
 	calls := runScript(t, "postinst", nil, "configure")
-	for _, want := range []string{"deb-systemd-helper unmask " + unit, "deb-systemd-helper enable " + unit} {
-		if !contains(calls, want) {
-			t.Errorf("postinst configure (new install): no %q in %q", want, calls)
+	for _, u := range units {
+		for _, want := range []string{"deb-systemd-helper unmask " + u, "deb-systemd-helper enable " + u} {
+			if !contains(calls, want) {
+				t.Errorf("postinst configure (new install): no %q in %q", want, calls)
+			}
 		}
-	}
-	if got := contains(calls, "deb-systemd-invoke start "+unit); got != sd {
-		t.Errorf("postinst configure: started the unit = %v, want %v (systemd running: %v): %q", got, sd, sd, calls)
+		if got := contains(calls, "deb-systemd-invoke start "+u); got != sd {
+			t.Errorf("postinst configure: started %s = %v, want %v (systemd running: %v): %q", u, got, sd, sd, calls)
+		}
 	}
 
 	// An upgrade of a unit the administrator disabled keeps it disabled, and
-	// restarts rather than starts.
+	// restarts the daemon rather than starts it. The socket is only started
+	// (a no-op when it runs), never restarted or stopped: connections wait in it.
 	calls = runScript(t, "postinst", []string{"WAS_ENABLED=no"}, "configure", "0~git1234567")
-	if contains(calls, "deb-systemd-helper enable "+unit) || !contains(calls, "deb-systemd-helper update-state "+unit) {
-		t.Errorf("postinst upgrade of a disabled unit: %q, want update-state and no enable", calls)
+	for _, u := range units {
+		if contains(calls, "deb-systemd-helper enable "+u) || !contains(calls, "deb-systemd-helper update-state "+u) {
+			t.Errorf("postinst upgrade of a disabled %s: %q, want update-state and no enable", u, calls)
+		}
 	}
 	if got := contains(calls, "deb-systemd-invoke restart "+unit); got != sd {
 		t.Errorf("postinst upgrade: restarted = %v, want %v: %q", got, sd, calls)
 	}
+	for _, c := range calls {
+		if strings.Contains(c, socket) && (strings.Contains(c, " restart ") || strings.Contains(c, " stop ")) {
+			t.Errorf("postinst upgrade: %q: the socket must keep listening", c)
+		}
+	}
 
-	// prerm stops the daemon on removal only, not on upgrade.
+	// prerm stops the daemon and the socket on removal only, not on upgrade.
 	calls = runScript(t, "prerm", nil, "upgrade", "1.0")
-	if contains(calls, "deb-systemd-invoke stop "+unit) {
-		t.Errorf("prerm upgrade stopped the unit: %q", calls)
+	for _, u := range units {
+		if contains(calls, "deb-systemd-invoke stop "+u) {
+			t.Errorf("prerm upgrade stopped %s: %q", u, calls)
+		}
 	}
 	calls = runScript(t, "prerm", nil, "remove")
-	if got := contains(calls, "deb-systemd-invoke stop "+unit); got != sd {
-		t.Errorf("prerm remove: stopped = %v, want %v: %q", got, sd, calls)
+	for _, u := range units {
+		if got := contains(calls, "deb-systemd-invoke stop "+u); got != sd {
+			t.Errorf("prerm remove: stopped %s = %v, want %v: %q", u, got, sd, calls)
+		}
 	}
 
 	calls = runScript(t, "postrm", nil, "remove")
@@ -110,12 +125,16 @@ func TestMaintainerScripts(t *testing.T) {
 			t.Errorf("postrm called %q: only deb-systemd-helper/-invoke may act on the unit", c)
 		}
 	}
-	if !contains(calls, "deb-systemd-helper mask "+unit) {
-		t.Errorf("postrm remove: %q, want mask", calls)
+	for _, u := range units {
+		if !contains(calls, "deb-systemd-helper mask "+u) {
+			t.Errorf("postrm remove: %q, want mask of %s", calls, u)
+		}
 	}
 	calls = runScript(t, "postrm", nil, "purge")
-	if !contains(calls, "deb-systemd-helper purge "+unit) || !contains(calls, "deb-systemd-helper unmask "+unit) {
-		t.Errorf("postrm purge: %q, want purge and unmask", calls)
+	for _, u := range units {
+		if !contains(calls, "deb-systemd-helper purge "+u) || !contains(calls, "deb-systemd-helper unmask "+u) {
+			t.Errorf("postrm purge: %q, want purge and unmask of %s", calls, u)
+		}
 	}
 }
 

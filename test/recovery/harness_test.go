@@ -38,6 +38,7 @@ import (
 var (
 	binDir string            // holds the built xenblkd (bound read-only into sandboxes)
 	binary string            // binDir/xenblkd
+	entry  string            // binDir/xenblkd-hotplug: the C entry, handing over to binary
 	xsd    *xenstored.Daemon // one private C xenstored for the package
 	xs     *xenstore.Client  // the test's own connection (libxl's and blkback's role)
 	tag    string            // lo_file_name of every device this run's daemons make
@@ -63,6 +64,10 @@ func testMain(m *testing.M) int {
 	defer os.RemoveAll(binDir)
 	os.Chmod(binDir, 0o755)
 	if binary, err = build.Xenblkd(binDir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if entry, err = build.TestEntry(binDir, binary); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
@@ -240,6 +245,17 @@ func startUnit(t testing.TB, binds ...string) *unitDaemon {
 		"ExecStart=%s daemon --socket %s --tag %s\nEnvironment=XENSTORED_PATH=%s\n"+
 			"StandardOutput=append:%s\nStandardError=append:%s\n",
 		binary, u.socket, tag, xsd.Socket, u.logPath, u.logPath))
+	// dist/xenblkd.socket, listening on the test's socket.
+	sock, err := os.ReadFile("../../dist/xenblkd.socket")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const listen = "ListenStream=/run/xenblkd/api.sock\n"
+	if !strings.Contains(string(sock), listen) || !strings.Contains(string(sock), "[Unit]\n") {
+		t.Fatalf("dist/xenblkd.socket changed: no %q or [Unit]", listen)
+	}
+	socketUnit := strings.Replace(strings.Replace(string(sock), listen, "ListenStream="+u.socket+"\n", 1),
+		"[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
 	sbinds := []systemd.Bind{{Path: binDir, ReadOnly: true}, {Path: dir}, {Path: xsd.Dir}}
 	for _, b := range binds {
 		sbinds = append(sbinds, systemd.Bind{Path: b})
@@ -248,6 +264,7 @@ func startUnit(t testing.TB, binds ...string) *unitDaemon {
 		Units: map[string]string{
 			"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\nAfter=xenblkd.service\n",
 			unitName:              s,
+			"xenblkd.socket":      socketUnit,
 		},
 		Target:   "xenblkd-test.target",
 		Binds:    sbinds,
@@ -361,19 +378,23 @@ func readNode(t testing.TB, path string) (string, bool) {
 	return v, true
 }
 
-// hotplug execs the entry point as libxl does; it returns stderr and the exit code.
-func hotplug(t testing.TB, d daemonCtl, action string, k key) (string, int) {
+// hotplug execs the entry point (the C entry, as installed) as libxl does;
+// it returns stderr and the exit code. A daemon that is down is waited for
+// 1 s (not the default 10 s), so adds while it is down still fail; extraEnv
+// may change that.
+func hotplug(t testing.TB, d daemonCtl, action string, k key, extraEnv ...string) (string, int) {
 	t.Helper()
-	cmd := exec.Command(binary, action)
+	cmd := exec.Command(entry, action)
 	cmd.Env = append(libxl.ScriptEnv("/etc/xen/scripts/xenblkd", k.be()), "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
-		"XENBLKD_SOCKET="+d.Socket(), "XENSTORED_PATH="+xsd.Socket)
+		"XENBLKD_SOCKET="+d.Socket(), "XENSTORED_PATH="+xsd.Socket, "XENBLKD_CONNECT_TIMEOUT=1s")
+	cmd.Env = append(cmd.Env, extraEnv...) // the last of a duplicate key wins
 	out, err := cmd.CombinedOutput()
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		return string(out), ee.ExitCode()
 	}
 	if err != nil {
-		t.Fatalf("exec %s %s: %v", binary, action, err)
+		t.Fatalf("exec %s %s: %v", entry, action, err)
 	}
 	return string(out), 0
 }

@@ -45,15 +45,35 @@ func TestProductionUnit(t *testing.T) {
 		"ExecStart=%s/fdsvc %s %s\nStandardOutput=append:%s/svc.log\nStandardError=append:%s/svc.log\n",
 		bin, image, events, data, data))
 
+	// dist/xenblkd.socket (xenblkd.service requires it), on a socket in the
+	// shared directory.
+	socketUnit, err := os.ReadFile("../../dist/xenblkd.socket")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const listen = "ListenStream=/run/xenblkd/api.sock\n"
+	if !strings.Contains(string(socketUnit), listen) {
+		t.Fatalf("dist/xenblkd.socket has no %q", listen)
+	}
+	sandboxedSocket := strings.Replace(strings.Replace(string(socketUnit), listen, "ListenStream="+data+"/api.sock\n", 1),
+		"[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
+
 	sbx := systemd.Start(t, systemd.Options{
 		Units: map[string]string{
 			"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
 			"xenblkd.service":     sandboxed,
+			"xenblkd.socket":      sandboxedSocket,
 		},
 		Target: "xenblkd-test.target",
 		Binds:  []systemd.Bind{{Path: bin, ReadOnly: true}, {Path: data}},
 	})
 	svc := &service{t: t, sbx: sbx, events: events, unit: "xenblkd.service"}
+	if got := svc.waitEvent(svc.mainPID(), "socket"); got != "api" {
+		t.Errorf("the service got the socket as %q, want api (FileDescriptorName=)", got)
+	}
+	if fi, err := os.Stat(filepath.Join(data, "api.sock")); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket: %v, mode %v; want 0600", err, fi.Mode())
+	}
 	name := svc.waitEvent(svc.mainPID(), "attached")
 	attached = append(attached, name)
 	svc.wantStored(1)
@@ -62,6 +82,9 @@ func TestProductionUnit(t *testing.T) {
 	}
 	svc.systemctl("restart", "xenblkd.service")
 	svc.wantReceived(svc.mainPID(), name)
+	if got := svc.waitEvent(svc.mainPID(), "socket"); got != "api" {
+		t.Errorf("after restart the service got the socket as %q, want api", got)
+	}
 
 	// verify needs ExecStart to exist: the overlay root is writable, so the
 	// stand-in is copied to /usr/sbin/xenblkd in the sandbox only.
@@ -70,6 +93,9 @@ func TestProductionUnit(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(dir, "xenblkd.service"), unit, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "xenblkd.socket"), socketUnit, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if out, err := sbx.Exec("cp", filepath.Join(bin, "fdsvc"), "/usr/sbin/xenblkd"); err != nil {
@@ -87,13 +113,13 @@ func TestProductionUnit(t *testing.T) {
 	if out, err := sbx.Exec("install", "-D", "-m", "0644", filepath.Join(dir, "xenblkd.8"), "/usr/share/man/man8/xenblkd.8"); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
-	out, err := sbx.Exec("systemd-analyze", "verify", filepath.Join(dir, "xenblkd.service"))
-	t.Logf("systemd-analyze verify dist/xenblkd.service:\n%s", out)
+	out, err := sbx.Exec("systemd-analyze", "verify", filepath.Join(dir, "xenblkd.service"), filepath.Join(dir, "xenblkd.socket"))
+	t.Logf("systemd-analyze verify dist/xenblkd.service dist/xenblkd.socket:\n%s", out)
 	if err != nil {
 		t.Errorf("systemd-analyze verify: %v", err)
 	}
 	for _, line := range strings.Split(out, "\n") {
-		if strings.Contains(line, "xenblkd.service") && !strings.Contains(line, "Documentation") {
+		if (strings.Contains(line, "xenblkd.service") || strings.Contains(line, "xenblkd.socket")) && !strings.Contains(line, "Documentation") {
 			t.Errorf("systemd-analyze verify complains about the unit: %s", line)
 		}
 	}

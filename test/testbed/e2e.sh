@@ -4,7 +4,7 @@
 #   test/testbed/e2e.sh           build/reuse the image, boot it once, run dom0/suite.sh
 #   test/testbed/e2e.sh --demo    the same boot, one 4-disk guest: stock script, then xenblkd
 #
-# Puts bin/xenblkd (if built), its unit (dist/xenblkd.service, else the testbed's fallback
+# Puts bin/xenblkd and bin/xenblkd-hotplug (if built), the unit (dist/xenblkd.service, else the testbed's fallback
 # unit) and the packages of `make testbed-debs` (if built) on the control disk with dom0/suite.sh, boots with run.sh, prints dom0's report. The last
 # line is always `N passed, N failed` (CI reads it); exit status non-zero on any failure.
 # Results: $XENBLKD_TESTBED_RESULTS (default build/testbed/<timestamp>) in the checkout.
@@ -34,6 +34,11 @@ log "image ready after $(seconds_since "$t0")s: $(image_dir)"
 ctl=$(mktemp -d)
 trap 'rm -rf "$ctl"' EXIT
 install -m 755 "$TESTBED_DIR/dom0/suite.sh" "$ctl/run-in-dom0.sh"
+# xbd-ts timestamps xl's log lines in microseconds (xl -T has whole seconds): the hotplug span
+# and per-disk add latency in the timing table. Without gcc the table falls back to seconds.
+if ! gcc -static -O2 -Wall -Wextra -Werror -std=c11 -o "$ctl/xbd-ts" "$TESTBED_DIR/dom0/xbd-ts.c"; then
+	log "gcc could not build dom0/xbd-ts.c: hotplug timings in whole seconds only"
+fi
 mkdir -p "$ctl/tests.d"
 for f in "$TESTBED_DIR"/dom0/tests.d/*.sh; do
 	[[ -e $f ]] && install -m 644 "$f" "$ctl/tests.d/"
@@ -45,6 +50,14 @@ if [[ -x $repo/bin/xenblkd ]]; then
 	install -m 755 "$repo/bin/xenblkd" "$ctl/xenblkd"
 else
 	log "bin/xenblkd missing (make build): its checks will fail"
+fi
+if [[ -x $repo/bin/xenblkd-hotplug ]]; then
+	install -m 755 "$repo/bin/xenblkd-hotplug" "$ctl/xenblkd-hotplug"
+else
+	log "bin/xenblkd-hotplug missing (make build): its checks will fail"
+fi
+if [[ -f $repo/dist/xenblkd.socket ]]; then
+	install -m 644 "$repo/dist/xenblkd.socket" "$ctl/xenblkd.socket"
 fi
 # The packages of `make testbed-debs` (make test-e2e builds them), for the package group.
 for v in old new; do

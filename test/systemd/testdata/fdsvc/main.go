@@ -54,6 +54,12 @@ func main() {
 	if err != nil {
 		fail("listen: %v", err)
 	}
+	// The API socket of xenblkd.socket comes in the same LISTEN_FDS, by name,
+	// as the daemon takes it (socket activation): not a loop device.
+	sockets, files := fdstore.Take(files, "api")
+	for _, s := range sockets {
+		event("event=socket name=%s fd=%d", s.Name, s.Fd)
+	}
 	held := map[string]int{} // name -> fd
 	for _, f := range files {
 		if err := verify(f); err != nil {
