@@ -15,7 +15,7 @@ ENTRY        := bin/xenblkd-hotplug
 ENTRY_CC     ?= gcc
 ENTRY_CFLAGS := -std=c11 -O2 -static -Wall -Wextra -Wpedantic -Wshadow -Wconversion -Werror
 
-.PHONY: all build setup check test test-unit test-e2e testbed bench bench-loop bench-io bench-sharing bench-xenstore demo chaos clean
+.PHONY: all build setup check test test-unit test-e2e testbed testbed-debs bench bench-loop bench-io bench-sharing bench-xenstore demo chaos clean
 
 all: build
 
@@ -94,9 +94,17 @@ testbed:
 
 # test-e2e: one boot of real Xen under QEMU/TCG, the end-to-end suite, stock script vs xenblkd.
 # Ends with `N passed, N failed`. (~18 min on a quiet host; the last part of `make test`.)
-test-e2e: build
+test-e2e: testbed-debs build
 	@scripts/setup.sh testbed
 	test/testbed/e2e.sh
+
+# testbed-debs: two packages of this tree for the testbed's install-and-upgrade test
+# (test/testbed/dom0/tests.d/40-package.sh): an older version, installed first, and this one.
+TESTBED_DEBS := build/testbed-debs
+testbed-debs:
+	rm -rf $(TESTBED_DEBS)
+	$(MAKE) --no-print-directory deb VERSION=0.0.1~e2e BUILDDIR=$(TESTBED_DEBS)/old
+	$(MAKE) --no-print-directory deb BUILDDIR=$(TESTBED_DEBS)/new
 
 # demo: a guest with 4 disks through the stock script, then through xenblkd, with timings.
 demo:
@@ -119,13 +127,24 @@ UNIT         := dist/xenblkd.service
 SOCKETUNIT   := dist/xenblkd.socket
 MANPAGE      := docs/xenblkd.8
 
-# VERSION file if there is one, else git describe. A Debian version must start
-# with a digit: v1.2-3-gabc -> 1.2+3+gabc; a bare hash -> 0~git<hash>.
-VERSION      ?= $(shell cat VERSION 2>/dev/null || git describe --always --dirty 2>/dev/null || echo unknown)
-DEB_VERSION  ?= $(shell printf '%s\n' '$(VERSION)' | sed -E 's/^v([0-9])/\1/; /^[0-9]+\./!s/^/0~git/; y/-/+/')
+# The version: the VERSION file names the last release; a build N commits
+# past the commit that set it is VERSION+N.gHASH (~dirty with uncommitted
+# changes), so versions only go up along the history and a release sorts
+# below its snapshots and above the previous ones. VERSION=... overrides.
+VERSION_BASE := $(shell cat VERSION 2>/dev/null || echo 0)
+VERSION_N    := $(shell n=$$(git rev-list --count $$(git log -1 --format=%H -- VERSION 2>/dev/null)..HEAD 2>/dev/null) && echo $$n)
+VERSION      ?= $(VERSION_BASE)$(if $(filter-out 0,$(VERSION_N)),+$(VERSION_N).g$(shell git rev-parse --short=7 HEAD))$(if $(shell git status --porcelain --untracked-files=no 2>/dev/null),~dirty)
+# A Debian version starts with a digit and has no "-" (no Debian revision:
+# the package is native).
+DEB_VERSION  ?= $(shell printf '%s\n' '$(VERSION)' | sed -E 's/^v([0-9])/\1/; /^[0-9]/!s/^/0~/; y/-_/++/')
+# Set it to yours when you publish a package.
+DEB_MAINTAINER ?= The xenblkd authors <xenblkd@example.org>
 DEB          := $(BUILDDIR)/xenblkd_$(DEB_VERSION)_amd64.deb
 
-.PHONY: install uninstall deb man check-unit
+.PHONY: install uninstall deb deb-version man check-unit
+
+deb-version:
+	@echo '$(DEB_VERSION)'
 
 check-unit:
 	@test -f $(UNIT) || { echo "make: $(UNIT) does not exist yet: the systemd unit is needed to install or package xenblkd" >&2; exit 1; }
@@ -167,15 +186,29 @@ uninstall:
 	fi
 
 # deb: a Debian package of the same layout, built without fakeroot
-# (--root-owner-group). The control file and maintainer scripts are in dist/debian/.
+# (--root-owner-group). The control file and maintainer scripts are in
+# dist/debian/; docs (copyright, changelog), the lintian override and md5sums
+# are added here. `lintian build/xenblkd_*.deb` is clean (test/install).
+DOCDIR := /usr/share/doc/xenblkd
 deb: check-unit build man
 	rm -rf $(BUILDDIR)/deb
 	$(MAKE) --no-print-directory install DESTDIR=$(abspath $(BUILDDIR))/deb PREFIX=/usr SBINDIR=/usr/sbin \
 		MANDIR=/usr/share/man UNITDIR=/lib/systemd/system XENSCRIPTDIR=/etc/xen/scripts
+	# stripped as dh_strip does (make install keeps the symbols for debugging)
+	strip --remove-section=.comment --remove-section=.note --strip-unneeded $(BUILDDIR)/deb/etc/xen/scripts/xenblkd
+	install -D -m 0644 dist/debian/copyright $(BUILDDIR)/deb$(DOCDIR)/copyright
+	scripts/deb-changelog.sh '$(DEB_VERSION)' '$(DEB_MAINTAINER)' | gzip -9n > $(BUILDDIR)/deb$(DOCDIR)/changelog.gz
+	chmod 0644 $(BUILDDIR)/deb$(DOCDIR)/changelog.gz
+	install -D -m 0644 dist/metrics-tcp.conf $(BUILDDIR)/deb$(DOCDIR)/examples/metrics-tcp.conf
+	install -D -m 0644 dist/debian/lintian-overrides $(BUILDDIR)/deb/usr/share/lintian/overrides/xenblkd
 	install -d -m 0755 $(BUILDDIR)/deb/DEBIAN
-	sed -e 's|@VERSION@|$(DEB_VERSION)|' -e "s|@INSTALLED_SIZE@|$$(du -sk --exclude=DEBIAN $(BUILDDIR)/deb | cut -f1)|" \
+	sed -e 's|@VERSION@|$(DEB_VERSION)|' -e 's|@MAINTAINER@|$(DEB_MAINTAINER)|' \
+		-e "s|@INSTALLED_SIZE@|$$(du -sk --exclude=DEBIAN $(BUILDDIR)/deb | cut -f1)|" \
 		dist/debian/control > $(BUILDDIR)/deb/DEBIAN/control
 	install -m 0755 dist/debian/postinst dist/debian/prerm dist/debian/postrm $(BUILDDIR)/deb/DEBIAN/
+	cd $(BUILDDIR)/deb && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z | \
+		xargs -0 md5sum > DEBIAN/md5sums
+	chmod 0644 $(BUILDDIR)/deb/DEBIAN/md5sums
 	dpkg-deb --build --root-owner-group $(BUILDDIR)/deb $(DEB)
 	@echo "built $(DEB)"
 

@@ -15,8 +15,9 @@ pkgs=(
 	# the C hotplug entry: static (libc6-dev's libc.a) and its ASan/UBSan
 	# test build (gcc's runtimes; explicit in case gcc comes without them)
 	libasan8 libubsan1
-	# make install / make deb and their tests (test/install): man page check
-	man-db
+	# make install / make deb and their tests (test/install): man page check,
+	# lintian on the package
+	man-db lintian
 	# benchmarks; test/entry counts the entry's syscalls; make bench-io and the
 	# loop tests: fio, and file systems to make in image files (ext4 from
 	# e2fsprogs above)

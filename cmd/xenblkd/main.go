@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"os/signal"
@@ -107,12 +108,14 @@ DESCRIPTION
     hotplug-error: re-attach that disk. See docs/fdstore.md.
 
 OPTIONS
-    --socket PATH   API socket (default $XENBLKD_SOCKET, else /run/xenblkd/api.sock)
+    --socket PATH   API socket (default $XENBLKD_SOCKET, else /run/xenblkd/api.sock);
+                    its directory must not be writable by non-root users
     --tag PREFIX    prefix of lo_file_name of the loop devices it makes
                     (default "xenblkd:")
     --metrics-listen ADDR
                     serve Prometheus metrics (GET /metrics) on ADDR:
-                    127.0.0.1:PORT, [::1]:PORT or unix:/PATH (default: off)
+                    127.0.0.1:PORT, [::1]:PORT or unix:/PATH (default: off;
+                    xenblkd.service: unix:/run/xenblkd/metrics.sock)
     --presetup=BOOL pre-setup (default true): watch backend/vbd and attach a
                     new disk whose script is ours as soon as libxl's
                     transaction writes its backend, before libxl execs the
@@ -161,6 +164,16 @@ ENVIRONMENT
                     name "api"; then --socket is not created) and the loop
                     device fds handed back from the fd store after a restart
     JOURNAL_STREAM  set by systemd: log lines then leave out the timestamp
+                    and carry their priority for journald
+    WATCHDOG_USEC, WATCHDOG_PID
+                    set by systemd (WatchdogSec=): WATCHDOG=1 is sent every
+                    half of it while the API answers and XenStore is connected
+
+EXIT STATUS
+    0 stopped by SIGTERM/SIGINT; 1 could not start or serve (e.g. xenstored
+    not running: systemd restarts it); 78 a configuration error (bad flag or
+    value, a malformed or non-loopback --metrics-listen, a socket directory
+    non-root users can write), which xenblkd.service does not restart.
 `
 
 const hotplugUsage = `NAME
@@ -238,7 +251,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "status":
 		return runStatus(rest, stdout, stderr) // status.go
 	case "doctor":
-		return doctor.Main(context.Background(), stdout, rest)
+		return doctor.Main(context.Background(), stdout, stderr, rest)
 	case "takeover":
 		return runTakeover(rest, stdout, stderr) // takeover.go
 	case "version", "--version":
@@ -342,10 +355,64 @@ func recordError(b hotplug.Backend, msg string) string {
 	return msg
 }
 
+// xenstoreStartWait bounds how long a starting daemon waits for xenstored
+// (booting, or restarting). Shorter than the unit's WatchdogSec= (30 s), and
+// long enough that a restart loop while xenstored is down stays far below
+// the unit's start limit (50 in 60 s), which would fail the unit and drop
+// its fd store.
+const xenstoreStartWait = 20 * time.Second
+
+// dialXenStore connects to XenStore, retrying with backoff (100 ms to 1 s)
+// for up to xenstoreStartWait while nothing answers yet.
+func dialXenStore(ctx context.Context, log *slog.Logger) (*xenstore.Client, error) {
+	ctx, cancel := context.WithTimeout(ctx, xenstoreStartWait)
+	defer cancel()
+	for delay, logged := 100*time.Millisecond, false; ; delay = min(2*delay, time.Second) {
+		xs, err := xenstore.Dial(ctx)
+		if err == nil {
+			return xs, nil
+		}
+		if !logged {
+			log.Warn("waiting for XenStore", "err", err, "for", xenstoreStartWait)
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(delay):
+		}
+	}
+}
+
+// exitConfig is the daemon's exit status for a configuration error (a bad
+// flag or address, an unsafe socket directory): a restart cannot fix it, so
+// dist/xenblkd.service lists it in RestartPreventExitStatus=. 78 is
+// EX_CONFIG of sysexits.h.
+const exitConfig = 78
+
+// parseFlags parses a command's flags: --help prints usage on stdout (exit
+// 0); a bad flag prints one line and a hint on stderr. ok is false when the
+// command should exit with code.
+func parseFlags(fs *flag.FlagSet, args []string, usage string, stdout, stderr io.Writer, bad int) (code int, ok bool) {
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	err := fs.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(stdout, usage)
+		return 0, false
+	}
+	if err == nil && fs.NArg() > 0 {
+		err = fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "xenblkd %s: %v (see xenblkd %s --help)\n", fs.Name(), err, fs.Name())
+		return bad, false
+	}
+	return 0, true
+}
+
 func runDaemon(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("daemon", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stdout, daemonUsage) }
 	socket := fs.String("socket", socketPath(), "API socket")
 	tag := fs.String("tag", daemon.DefaultTag, "lo_file_name prefix of loop devices")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus metrics on this address (off if empty)")
@@ -353,18 +420,16 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	scripts := fs.String("scripts", "", "comma-separated extra script paths that name xenblkd")
 	directIO := fs.String("direct-io", string(daemon.DirectIOAuto), "direct I/O on loop devices: auto, on or off")
 	entry := fs.String("hotplug-entry", daemon.DefaultEntry, "the hotplug entry; a script that is the same file is ours")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
+	if code, ok := parseFlags(fs, args, daemonUsage, stdout, stderr, exitConfig); !ok {
+		return code
 	}
 	dio, err := daemon.ParseDirectIO(*directIO)
 	if err != nil {
-		fmt.Fprintf(stderr, "xenblkd daemon: --direct-io: %v\n", err)
-		return 2
+		fmt.Fprintf(stderr, "xenblkd daemon: --direct-io: %v (see xenblkd daemon --help)\n", err)
+		return exitConfig
 	}
 	log := newLogger(stderr) // log.go
+	slog.SetDefault(log)     // one logger, also for the packages that log through slog's default
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	// What systemd passed: the API socket (xenblkd.socket, by name) and the
@@ -375,17 +440,25 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	}
 	sockets, stored := fdstore.Take(passed, api.SocketFDName)
 
-	dialCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	xs, err := xenstore.Dial(dialCtx)
-	cancel()
+	xs, err := dialXenStore(ctx, log)
 	if err != nil {
 		log.Error("cannot reach XenStore: is xenstored running? (XENSTORED_PATH overrides the socket)", "err", err)
 		return 1
 	}
 	defer xs.Close()
+	xs.OnConnection(func(up bool, err error) {
+		if up {
+			log.Info("XenStore connection restored: watches re-registered, pre-setup rescans")
+		} else {
+			log.Warn("XenStore connection lost: redialling", "err", err)
+		}
+	})
 	l, activated, err := listenAPI(*socket, sockets)
 	if err != nil {
 		log.Error("cannot serve the API", "err", err)
+		if errors.Is(err, daemon.ErrUnsafeSocketDir) {
+			return exitConfig
+		}
 		return 1
 	}
 	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag, daemon.IOPolicy{DirectIO: dio}, log))
@@ -394,6 +467,12 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 		ml, err := daemon.ListenMetrics(*metricsListen)
 		if err != nil {
 			log.Error("cannot serve metrics", "err", err)
+			// A malformed or non-loopback address is a configuration
+			// error; a failed bind or socket(2) is not.
+			var opErr *net.OpError
+			if !errors.As(err, &opErr) {
+				return exitConfig
+			}
 			return 1
 		}
 		log.Info("serving metrics", "addr", ml.Addr().String(), "path", daemon.MetricsPath)
@@ -422,6 +501,15 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 		log.Warn("could not notify systemd", "err", err)
 	}
 	log.Info("serving", "socket", l.Addr().String(), "socket_activated", activated, "version", version, "pid", os.Getpid())
+	if interval := watchdogInterval(os.Getenv, os.Getpid()); interval > 0 {
+		wctx, stopWatchdog := context.WithCancel(ctx)
+		watchdogDone := make(chan struct{})
+		go func() {
+			runWatchdog(wctx, log, interval, daemonHealth(l.Addr().String(), xs.Connected))
+			close(watchdogDone)
+		}()
+		defer func() { stopWatchdog(); <-watchdogDone }()
+	}
 	if err := d.Serve(ctx, l); err != nil {
 		log.Error("serve", "err", err)
 		return 1

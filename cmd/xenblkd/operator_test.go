@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"xenblkd/test/xenstored"
 )
 
 func TestStatusCommand(t *testing.T) {
@@ -157,12 +159,13 @@ func TestMetricsOverTCP(t *testing.T) {
 	}
 }
 
+// TestMetricsListenRefused: a refused address is a configuration error.
 func TestMetricsListenRefused(t *testing.T) {
 	for _, addr := range []string{"0.0.0.0:9477", ":9477", "localhost:9477"} {
 		cmd := exec.Command(binary, "daemon", "--socket", filepath.Join(t.TempDir(), "api.sock"), "--tag", tag, "--metrics-listen", addr)
 		cmd.Env = []string{"XENSTORED_PATH=" + xsd.Socket}
 		out, err := cmd.CombinedOutput()
-		if exitCode(err) != 1 || !strings.Contains(string(out), "cannot serve metrics") {
+		if exitCode(err) != exitConfig || !strings.Contains(string(out), "cannot serve metrics") {
 			t.Errorf("--metrics-listen %s: %v\n%s", addr, err, out)
 		}
 	}
@@ -202,7 +205,13 @@ func TestJournalLogFormat(t *testing.T) {
 			cmd.Env = append(cmd.Env, "JOURNAL_STREAM=1:1") // set, but not this stderr
 		}
 		cmd.Stderr = f
-		if code := exitCode(cmd.Run()); code != 1 {
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// It waits for xenstored (up to 20 s); SIGTERM ends the wait.
+		waitLog(t, f.Name(), "waiting for XenStore")
+		cmd.Process.Signal(syscall.SIGTERM)
+		if code := exitCode(cmd.Wait()); code != 1 {
 			t.Errorf("daemon without xenstored: exit %d, want 1", code)
 		}
 		f.Close()
@@ -215,6 +224,50 @@ func TestJournalLogFormat(t *testing.T) {
 			t.Errorf("journal=%v: log %q (timestamp shown: %v)", journal, line, hasTime)
 		}
 	}
+}
+
+// waitLog waits until the file at path contains want.
+func waitLog(t *testing.T, path, want string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		b, _ := os.ReadFile(path)
+		if strings.Contains(string(b), want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no %q in %s:\n%s", want, path, b)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestDaemonWaitsForXenstored: a daemon started before xenstored (at boot,
+// or while it restarts) waits for it instead of exiting at once.
+func TestDaemonWaitsForXenstored(t *testing.T) {
+	late := xenstored.Start(t, xenstored.C)
+	if err := late.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{socket: filepath.Join(t.TempDir(), "api.sock")}
+	cmd := exec.Command(binary, "daemon", "--socket", d.socket, "--tag", tag)
+	cmd.Env = []string{"XENSTORED_PATH=" + late.Socket}
+	logPath := filepath.Join(t.TempDir(), "log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	cmd.Stderr = logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() })
+	waitLog(t, logPath, "waiting for XenStore")
+	if err := late.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, logPath, `msg=serving `)
 }
 
 func exitCode(err error) int {

@@ -57,19 +57,10 @@ type StatusJSON struct {
 
 func runStatus(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stdout, statusUsage) }
 	asJSON := fs.Bool("json", false, "print JSON")
 	socket := fs.String("socket", socketPath(), "API socket")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "xenblkd status: unexpected argument %q (see xenblkd status --help)\n", fs.Arg(0))
-		return 2
+	if code, ok := parseFlags(fs, args, statusUsage, stdout, stderr, 2); !ok {
+		return code
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

@@ -36,6 +36,9 @@ const (
 	// OpAdopt asks the daemon to take over the stock block script's loop
 	// devices of backends that are now ours (sent by `xenblkd takeover`).
 	OpAdopt = "adopt"
+	// OpPing answers OK and does nothing: the daemon's watchdog (and any
+	// health check) uses it to prove the accept loop serves.
+	OpPing = "ping"
 )
 
 // Request is one call: Path is XENBUS_PATH (backend/vbd/<domid>/<devid>).

@@ -80,9 +80,11 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 		}
 		return api.Response{OK: true, Summary: fmt.Sprintf("took over %d loop device(s) of the stock block script; %d left alone (see the daemon's log); %d attachment(s) restored",
 			sum.Stock, sum.Foreign+sum.Mismatched, sum.Restored)}
+	case api.OpPing:
+		return api.Response{OK: true}
 	case api.OpAdd, api.OpRemove:
 	default:
-		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove, status or adopt", model.Quote(req.Op, 32))}
+		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove, status, adopt or ping", model.Quote(req.Op, 32))}
 	}
 	defer d.metrics.timeRequest(req.Op)()
 	b, err := hotplug.ParseBackendPath(req.Path)
@@ -110,32 +112,42 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	return api.Response{OK: true, Attachment: a}
 }
 
-func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, error) {
+// Who made an add's decision, for its log line (by=).
+const (
+	byScript   = "script"   // the hotplug entry libxl exec'd
+	byPresetup = "presetup" // pre-setup, before libxl exec'd the script
+)
+
+func (d *Daemon) add(ctx context.Context, b hotplug.Backend, by string) (*api.Attachment, error) {
 	start := time.Now()
 	log := d.log.With("domid", b.Domid, "devid", b.Devid)
 	req, err := hotplug.ReadRequest(ctx, d.store, b)
 	if err != nil {
-		log.Warn("add refused", "err", err)
-		return nil, withReason(ReasonBadParams, err)
+		err = withReason(ReasonBadParams, err)
+		d.refused(ctx, b, "", by, err)
+		return nil, err
 	}
 	key := model.Key{Domid: b.Domid, Devid: b.Devid}
 	if req.PhysicalDevice != "" {
 		// Called twice, or the daemon set it up already: nothing to do.
-		log.Info("add: physical-device already set, nothing to do", "physical_device", req.PhysicalDevice)
+		log.Debug("add: physical-device already set, nothing to do", "physical_device", req.PhysicalDevice)
 		if a, ok := d.model.Lookup(key); ok {
 			return toAPI(a), nil
 		}
 		return nil, nil
 	}
+	params := model.Quote(req.Params, 200)
 	mode, err := model.ParseMode(req.Mode)
 	if err != nil {
-		log.Warn("add refused", "err", err)
-		return nil, withReason(ReasonBadParams, err)
+		err = withReason(ReasonBadParams, err)
+		d.refused(ctx, b, params, by, err)
+		return nil, err
 	}
 	backing, target, err := openTarget(req.Params, mode.Writable)
 	if err != nil {
-		log.Warn("add refused", "params", model.Quote(req.Params, 200), "err", err)
-		return nil, withReason(ReasonBadParams, err)
+		err = withReason(ReasonBadParams, err)
+		d.refused(ctx, b, params, by, err)
+		return nil, err
 	}
 	defer backing.Close() // the loop device keeps its own reference
 	for _, why := range req.Frontend.Ignored {
@@ -147,18 +159,19 @@ func (d *Daemon) add(ctx context.Context, b hotplug.Backend) (*api.Attachment, e
 	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target,
 		Domain: domainOf(req.Frontend), Backing: backing})
 	if err != nil {
-		log.Warn("add refused", "params", model.Quote(req.Params, 200), "err", err)
+		d.refused(ctx, b, params, by, err)
 		return nil, err
 	}
 	err = hotplug.Connect(ctx, d.store, b, hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq})
 	if err != nil {
 		d.model.Remove(key)
-		log.Error("add failed", "dev", a.DevPath, "diskseq", a.DiskSeq, "err", err)
-		return nil, withReason(ReasonXenStore, err)
+		err = withReason(ReasonXenStore, err)
+		d.refused(ctx, b, params, by, err)
+		return nil, err
 	}
 	d.metrics.attached(a)
-	log.Info("attached", "target", target.Path, "mode", mode, "dev", a.DevPath, "diskseq", a.DiskSeq,
-		"io", a.IO.String(), "users", a.Users, "took", time.Since(start))
+	d.decision(ctx, slog.LevelInfo, "attached", diskLine{b: b, target: target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
+		"mode", mode, "kind", target.Kind.String(), "io", a.IO.String(), "users", a.Users, "by", by, "took", time.Since(start))
 	return toAPI(a), nil
 }
 
@@ -182,7 +195,8 @@ func (d *Daemon) remove(ctx context.Context, b hotplug.Backend) {
 	}
 	a, found := d.model.Remove(model.Key{Domid: b.Domid, Devid: b.Devid})
 	if found {
-		log.Info("detached", "target", a.Target.Path, "dev", a.DevPath, "diskseq", a.DiskSeq, "users_left", a.Users)
+		d.decision(ctx, slog.LevelInfo, "released", diskLine{b: b, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
+			"users_left", a.Users)
 	} else {
 		log.Info("remove: not attached here, nothing to release")
 	}

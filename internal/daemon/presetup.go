@@ -222,22 +222,24 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 		// the backend directory goes, so a backend that is still presetup
 		// here still holds what pre-setup wrote.
 		if a, ok := d.model.Lookup(key); ok {
-			log.Info("add: confirmed pre-setup", "dev", a.DevPath, "diskseq", a.DiskSeq)
+			log.Debug("add: confirmed pre-setup", "dev", a.DevPath, "diskseq", a.DiskSeq)
 			return toAPI(a), nil
 		}
 	}
 	if f := st.failure; f != nil {
 		req, err := hotplug.ReadRequest(ctx, d.store, b)
 		if err != nil {
-			log.Warn("add refused", "err", err)
+			err = withReason(ReasonBadParams, err)
+			d.refused(ctx, b, "", byScript, err)
 			return nil, err
 		}
 		if req.Params == f.params && req.Mode == f.mode && req.PhysicalDevice == "" {
-			log.Warn("add refused (found by pre-setup)", "err", f.err)
+			// Logged when pre-setup refused it.
+			log.Debug("add refused (found by pre-setup)", "err", f.err)
 			return nil, f.err
 		}
 	}
-	return d.add(ctx, b)
+	return d.add(ctx, b, byScript)
 }
 
 // hotplugRemove is the exec'd remove.
@@ -522,12 +524,12 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 
 	log := p.log.With("domid", key.Domid, "devid", key.Devid)
 	defer d.backends.startWriting(key)() // ends after the state below is set
-	a, err := d.add(ctx, b)
+	a, err := d.add(ctx, b, byPresetup)
 	switch {
 	case err == nil && a != nil:
 		d.metrics.presetupAttached(start)
 		d.backends.set(key, backendState{presetup: true})
-		log.Info("pre-setup: attached before the script ran", "dev", a.Device, "diskseq", a.DiskSeq)
+		log.Debug("pre-setup: attached before the script ran", "dev", a.Device, "diskseq", a.DiskSeq)
 	case err == nil:
 		// physical-device appeared meanwhile: nothing of ours to remember.
 	case transient(err):
@@ -538,7 +540,8 @@ func (p *presetup) check(ctx context.Context, key model.Key) {
 		}
 		// hotplug-error is left to the exec'd add: libxl reads it only after
 		// the script failed, and the backend may still go away unused.
-		log.Warn("pre-setup refused; the script's add will report it", "err", err)
+		// d.add logged the refusal.
+		log.Debug("pre-setup refused; the script's add will report it", "err", err)
 	}
 }
 
@@ -559,11 +562,13 @@ func (p *presetup) release(key model.Key, st backendState, held bool) {
 		return
 	}
 	if a, ok := p.d.model.Remove(key); ok {
-		why := "backend gone without our remove; released"
+		why := "released: backend gone without our remove"
 		if st.presetup {
-			why = "pre-setup: backend gone before the script ran; released"
+			why = "released: backend gone before the script ran"
 		}
-		p.log.Info(why, "domid", key.Domid, "devid", key.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "users_left", a.Users)
+		p.d.decision(context.Background(), slog.LevelInfo, why,
+			diskLine{b: hotplug.Backend{Domid: key.Domid, Devid: key.Devid}, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
+			"users_left", a.Users)
 	}
 }
 

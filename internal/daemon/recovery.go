@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"sort"
 	"strconv"
 	"strings"
@@ -279,7 +280,7 @@ func (d *Daemon) restoreBackend(ctx context.Context, b hotplug.Backend, held map
 			return err
 		}
 		sum.Restored++
-		log.Info("recovery: restored", "target", target.Path, "mode", mode, "dev", target.Path)
+		d.decision(ctx, slog.LevelInfo, "recovered", diskLine{b: b, target: target.Path, dev: target.Path}, "mode", mode)
 		return nil
 	}
 
@@ -324,10 +325,10 @@ func (d *Daemon) restoreBackend(ctx context.Context, b hotplug.Backend, held map
 	}
 	if why != nil {
 		sum.Mismatched++
-		log.Error("recovery: the loop device XenStore names is gone or reused; the VM cannot use it safely. "+
+		d.decision(ctx, slog.LevelError, "recovery: the loop device XenStore names is gone or reused; the VM cannot use it safely. "+
 			"Removing physical-device and recording hotplug-error; the device is left alone",
-			"dev", "/dev/loop"+strconv.FormatUint(uint64(unix.Minor(rdev)), 10), "physical_device", pdev,
-			"diskseq", seqStr, "params", model.Quote(req.Params, 200), "err", why)
+			diskLine{b: b, target: model.Quote(req.Params, 200), dev: "/dev/loop" + strconv.FormatUint(uint64(unix.Minor(rdev)), 10), diskseq: diskseq},
+			"physical_device", pdev, "err", why)
 		msg := fmt.Sprintf("xenblkd restarted and found physical-device %s (diskseq %s) no longer bound to %s: %v; re-attach the disk",
 			pdev, seqStr, model.Quote(req.Params, 200), why)
 		if err := d.forget(ctx, b, msg); err != nil {
@@ -340,7 +341,7 @@ func (d *Daemon) restoreBackend(ctx context.Context, b hotplug.Backend, held map
 	}
 	used[rdev] = true
 	sum.Restored++
-	log.Info("recovery: restored", "target", target.Path, "mode", mode, "dev", dev.Path(), "diskseq", dev.DiskSeq())
+	d.decision(ctx, slog.LevelInfo, "recovered", diskLine{b: b, target: target.Path, dev: dev.Path(), diskseq: dev.DiskSeq()}, "mode", mode)
 	return nil
 }
 

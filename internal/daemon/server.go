@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -18,11 +19,20 @@ import (
 	"xenblkd/internal/api"
 )
 
+// ErrUnsafeSocketDir: the API socket's directory (or one above it) can be
+// written by a user other than root (or the daemon's own uid), who could then
+// replace the socket and answer hotplug calls in the daemon's place.
+var ErrUnsafeSocketDir = errors.New("unsafe socket directory")
+
 // Listen creates the API socket: its directory 0700 if missing, the socket
 // 0600. A stale socket (nobody answers) is replaced; a live one is an error.
+// It refuses a directory that non-root users can write (ErrUnsafeSocketDir).
 func Listen(path string) (*net.UnixListener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	if err := checkSocketDir(filepath.Dir(path)); err != nil {
+		return nil, err
 	}
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
@@ -40,6 +50,34 @@ func Listen(path string) (*net.UnixListener, error) {
 		return nil, fmt.Errorf("listen on %s: %w", path, err)
 	}
 	return l, nil
+}
+
+// checkSocketDir checks dir and every directory above it: each must be
+// owned by root or the daemon's uid and not writable by group or others,
+// except that a sticky directory (/tmp) only protects its entries, which is
+// enough when the next step down is safe.
+func checkSocketDir(dir string) error {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	self := uint32(os.Getuid())
+	for d := dir; ; d = filepath.Dir(d) {
+		var st unix.Stat_t
+		if err := unix.Stat(d, &st); err != nil {
+			return fmt.Errorf("check socket directory %s: %w", d, err)
+		}
+		mode := os.FileMode(st.Mode & 0o7777)
+		switch {
+		case st.Uid != 0 && st.Uid != self:
+			return fmt.Errorf("%w: %s is owned by uid %d, not root: chown root %s (or choose a root-owned --socket directory)", ErrUnsafeSocketDir, d, st.Uid, d)
+		case st.Mode&0o022 != 0 && (d == dir || st.Mode&unix.S_ISVTX == 0):
+			return fmt.Errorf("%w: %s is writable by non-root users (mode %04o): chmod go-w %s (or choose a root-only --socket directory such as /run/xenblkd)", ErrUnsafeSocketDir, d, mode, d)
+		}
+		if d == "/" {
+			return nil
+		}
+	}
 }
 
 // ListenFD takes over fd, a listening unix stream socket passed by the
@@ -60,6 +98,14 @@ func ListenFD(fd int) (*net.UnixListener, error) {
 	if !ok {
 		l.Close()
 		return nil, fmt.Errorf("passed fd %d is a %s socket, not a unix socket (check xenblkd.socket's ListenStream=)", fd, l.Addr().Network())
+	}
+	// The same directory check as Listen's (a few stats): a socket that
+	// lives in a directory non-root users can write could be replaced.
+	if path := ul.Addr().String(); filepath.IsAbs(path) {
+		if err := checkSocketDir(filepath.Dir(path)); err != nil {
+			ul.Close()
+			return nil, err
+		}
 	}
 	return ul, nil
 }
@@ -108,7 +154,13 @@ func (d *Daemon) serveConn(ctx context.Context, c *net.UnixConn) {
 	r := bufio.NewReaderSize(c, 4096)
 	line, err := r.ReadSlice('\n')
 	if err != nil {
-		d.log.Warn("read request", "pid", pid, "err", err)
+		// A client that connects and closes without a word is a probe
+		// (xenblkd doctor, a health check): nothing to warn about.
+		if errors.Is(err, io.EOF) && len(line) == 0 {
+			d.log.Debug("client closed without a request", "pid", pid)
+		} else {
+			d.log.Warn("read request", "pid", pid, "err", err)
+		}
 		return
 	}
 	var req api.Request

@@ -118,7 +118,7 @@ func checkXenStore(ctx context.Context, o *Options) Check {
 			conn, err := (&net.Dialer{Timeout: defaultDialTimeout}).DialContext(ctx, "unix", p)
 			if err != nil {
 				c.Detail = "connect " + p + ": " + errText(err)
-				c.Fix = "start xenstored (systemctl start xenstored, or xencommons); remove a stale socket"
+				c.Fix = "start xenstored (Debian 12: systemctl start xen, the SysV script that starts it; upstream Xen: systemctl start xenstored); remove a stale socket"
 				return c
 			}
 			conn.Close()
@@ -144,7 +144,7 @@ func checkXenStore(ctx context.Context, o *Options) Check {
 		return c
 	}
 	c.Detail = "no XenStore: " + strings.Join(tried, "; ")
-	c.Fix = "is this a Xen dom0 or driver domain? start xenstored (systemctl start xenstored), or set XENSTORED_PATH"
+	c.Fix = "is this a Xen dom0 or driver domain? start xenstored (Debian 12: systemctl start xen; upstream Xen: systemctl start xenstored), or set XENSTORED_PATH"
 	return c
 }
 

@@ -1,5 +1,6 @@
 // Package doctor checks what this host offers xenblkd (loop API, diskseq,
-// XenStore, blkback, systemd's fd store, the daemon) and says what to fix.
+// XenStore, blkback, systemd's fd store and unit, the daemon, the hotplug
+// script link) and says what to fix.
 //
 // Every check reads only the paths and hooks in Options, so tests can point
 // them at temporary directories. Doctor never changes the host, with one
@@ -60,6 +61,10 @@ type Options struct {
 	Unit        string // default DefaultUnit
 	TagPrefix   string // lo_file_name prefix of our devices; default DefaultTagPrefix
 	TempDir     string // for the probe's backing file; default os.TempDir()
+	// SysHypervisor is /sys/hypervisor/type; ScriptLink is what libxl execs
+	// for script=xenblkd. Defaults DefaultSysHypervisor, DefaultScriptLink.
+	SysHypervisor string
+	ScriptLink    string
 	// XenStorePaths are tried in order, as xenstore.Dial does; default
 	// $XENSTORED_PATH (alone, if set), else the xenstored sockets, then DefaultXenbus.
 	XenStorePaths []string
@@ -101,6 +106,8 @@ func (o Options) withDefaults() Options {
 	def(&o.Unit, DefaultUnit)
 	def(&o.TagPrefix, DefaultTagPrefix)
 	def(&o.TempDir, os.TempDir())
+	def(&o.SysHypervisor, DefaultSysHypervisor)
+	def(&o.ScriptLink, DefaultScriptLink)
 	if o.XenStorePaths == nil {
 		if p := os.Getenv("XENSTORED_PATH"); p != "" {
 			o.XenStorePaths = []string{p}
@@ -129,7 +136,7 @@ func (o Options) withDefaults() Options {
 // Run runs every check, in an order where a failure explains the ones after it.
 func Run(ctx context.Context, opts Options) []Check {
 	o := opts.withDefaults()
-	checks := []Check{checkLoopControl(&o)}
+	checks := []Check{checkHypervisor(&o), checkLoopControl(&o)}
 	probe := o.ProbeLoop(&o)
 	checks = append(checks,
 		checkLoopConfigure(&o, probe),
@@ -138,7 +145,9 @@ func Run(ctx context.Context, opts Options) []Check {
 		checkBlkback(&o),
 		checkSystemd(&o),
 		checkFDStore(ctx, &o),
+		checkUnitFlags(ctx, &o),
 		checkDaemon(ctx, &o),
+		checkScriptLink(&o),
 		checkStaleLoops(&o),
 	)
 	return checks

@@ -40,6 +40,22 @@ func fakeOptions(t *testing.T) *Options {
 		XenStoreRead: func(context.Context, string) error { return nil },
 		Held:         func() (map[int]bool, error) { return map[int]bool{}, nil },
 	}
+	o.SysHypervisor = filepath.Join(dir, "sys/hypervisor/type")
+	o.ScriptLink = filepath.Join(dir, "etc/xen/scripts/xenblkd")
+	for path, content := range map[string]string{o.SysHypervisor: "xen\n", filepath.Join(dir, "usr/sbin/xenblkd"): "#!/bin/sh\n"} {
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(content), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Dir(o.ScriptLink), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(filepath.Join(dir, "usr/sbin/xenblkd"), o.ScriptLink); err != nil {
+		t.Fatal(err)
+	}
 	o = o.withDefaults()
 	return &o
 }
@@ -390,16 +406,16 @@ func TestMainWith(t *testing.T) {
 	listen(t, o.Socket)
 
 	var buf bytes.Buffer
-	if code := MainWith(ctx, &buf, []string{"--json"}, *o); code != 0 {
+	if code := MainWith(ctx, &buf, &buf, []string{"--json"}, *o); code != 0 {
 		t.Errorf("exit status = %d, want 0\n%s", code, buf.String())
 	}
 	var r Report
-	if err := json.Unmarshal(buf.Bytes(), &r); err != nil || !r.OK || len(r.Checks) != 9 {
-		t.Errorf("--json: got %+v (%v), want ok with 9 checks", r, err)
+	if err := json.Unmarshal(buf.Bytes(), &r); err != nil || !r.OK || len(r.Checks) != 12 {
+		t.Errorf("--json: got %+v (%v), want ok with 12 checks", r, err)
 	}
 
 	buf.Reset()
-	if code := MainWith(ctx, &buf, []string{"--socket", o.Socket + ".missing"}, *o); code != 1 {
+	if code := MainWith(ctx, &buf, &buf, []string{"--socket", o.Socket + ".missing"}, *o); code != 1 {
 		t.Errorf("exit status without the daemon = %d, want 1\n%s", code, buf.String())
 	}
 	if !strings.Contains(buf.String(), "FAIL    daemon") {
@@ -408,12 +424,12 @@ func TestMainWith(t *testing.T) {
 
 	for _, args := range [][]string{{"--bogus"}, {"extra"}} {
 		buf.Reset()
-		if code := MainWith(ctx, &buf, args, *o); code != 2 {
+		if code := MainWith(ctx, &buf, &buf, args, *o); code != 2 {
 			t.Errorf("args %q: exit status = %d, want 2", args, code)
 		}
 	}
 	buf.Reset()
-	if code := MainWith(ctx, &buf, []string{"--help"}, *o); code != 0 || !strings.Contains(buf.String(), "usage: xenblkd doctor") {
+	if code := MainWith(ctx, &buf, &buf, []string{"--help"}, *o); code != 0 || !strings.HasPrefix(buf.String(), "NAME\n    xenblkd doctor - ") {
 		t.Errorf("--help: exit status %d, output %q", code, buf.String())
 	}
 }

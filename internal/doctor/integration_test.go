@@ -133,7 +133,7 @@ func TestIntegrationRun(t *testing.T) {
 		names[c.Name] = c
 	}
 	for _, n := range []string{NameLoopControl, NameLoopConfigure, NameDiskSeq, NameXenStore, NameBlkback,
-		NameSystemd, NameFDStore, NameDaemon, NameStaleLoops} {
+		NameSystemd, NameFDStore, NameDaemon, NameStaleLoops, NameHypervisor, NameScriptLink, NameUnitFlags} {
 		if _, ok := names[n]; !ok {
 			t.Errorf("Run did not run %s", n)
 		}

@@ -3,6 +3,7 @@ package doctor
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -72,32 +73,58 @@ func oneLine(s string) string { return strings.ReplaceAll(s, "\n", " ") }
 // Main is `xenblkd doctor [--json] [--socket PATH]`: it runs every check,
 // prints the result and returns the exit status: 0 when xenblkd can run, 1 when
 // a required check failed, 2 on a usage error.
-func Main(ctx context.Context, stdout io.Writer, args []string) int {
-	return MainWith(ctx, stdout, args, Options{})
+func Main(ctx context.Context, stdout, stderr io.Writer, args []string) int {
+	return MainWith(ctx, stdout, stderr, args, Options{})
 }
+
+// Usage is the text of `xenblkd doctor --help`.
+const Usage = `NAME
+    xenblkd doctor - check what this host offers xenblkd and say what to fix
+
+SYNOPSIS
+    xenblkd doctor [--json] [--socket PATH]
+
+DESCRIPTION
+    Runs every check and prints one line each: ok, FAIL (xenblkd cannot
+    attach disks until it is fixed), WARN (it works, less safely or less
+    well) or skip, with what to do. The checks: the Xen hypervisor, the loop
+    API (loop-control, LOOP_CONFIGURE with a 4 KiB read-only probe device,
+    released at once; diskseq), XenStore (xenstored's socket or the xenbus
+    device, and that it answers), xen-blkback, systemd and the unit's fd
+    store, whether the unit's ExecStart= flags agree with the running
+    daemon's, the /etc/xen/scripts/xenblkd link, the daemon's API socket,
+    and loop devices tagged by xenblkd that no daemon holds. Doctor changes
+    nothing on the host but that probe device.
+
+    --json prints {"ok", "checks": [{"name", "ok", "severity", "detail",
+    "fix"}...]} for scripts.
+
+OPTIONS
+    --json          print JSON
+    --socket PATH   API socket (default $XENBLKD_SOCKET, else /run/xenblkd/api.sock)
+
+EXIT STATUS
+    0 every required check passed, 1 one failed, 2 usage error.
+`
 
 // MainWith is Main with preset Options; flags override them. A nil Held asks
 // the daemon at the socket (HeldByDaemon).
-func MainWith(ctx context.Context, stdout io.Writer, args []string, opts Options) int {
+func MainWith(ctx context.Context, stdout, stderr io.Writer, args []string, opts Options) int {
 	fs := flag.NewFlagSet("doctor", flag.ContinueOnError)
-	fs.SetOutput(stdout)
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	jsonOut := fs.Bool("json", false, "print the checks as JSON")
-	fs.StringVar(&opts.Socket, "socket", opts.Socket, "daemon API socket (default $XENBLKD_SOCKET or "+DefaultSocket+")")
-	fs.Usage = func() {
-		fmt.Fprintln(stdout, "usage: xenblkd doctor [--json] [--socket PATH]")
-		fmt.Fprintln(stdout, "\nChecks what this host offers xenblkd and says what to fix.")
-		fmt.Fprintln(stdout, "Exit status: 0 all required checks passed, 1 one failed, 2 usage error.")
-		fmt.Fprintln(stdout)
-		fs.PrintDefaults()
+	fs.StringVar(&opts.Socket, "socket", opts.Socket, "daemon API socket")
+	err := fs.Parse(args)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(stdout, Usage)
+		return 0
 	}
-	if err := fs.Parse(args); err != nil {
-		if err == flag.ErrHelp {
-			return 0
-		}
-		return 2
+	if err == nil && fs.NArg() > 0 {
+		err = fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stdout, "xenblkd doctor: unexpected argument %q\n", fs.Arg(0))
+	if err != nil {
+		fmt.Fprintf(stderr, "xenblkd doctor: %v (see xenblkd doctor --help)\n", err)
 		return 2
 	}
 	if opts.Held == nil {

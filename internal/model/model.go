@@ -318,11 +318,11 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 		a.loop = ld
 		a.DevPath, a.Rdev, a.DiskSeq, a.IO = ld.dev.Path(), ld.dev.Rdev(), ld.dev.DiskSeq(), ioModeOf(ld.dev)
 		if fresh {
-			m.log.Info("loop device bound", "domid", req.Key.Domid, "devid", req.Key.Devid,
+			m.log.Debug("loop device bound", "domid", req.Key.Domid, "devid", req.Key.Devid,
 				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path, "readonly", !req.Mode.Writable,
 				"io", a.IO.String())
 		} else {
-			m.log.Info("loop device shared", "domid", req.Key.Domid, "devid", req.Key.Devid,
+			m.log.Debug("loop device shared", "domid", req.Key.Domid, "devid", req.Key.Devid,
 				"dev", a.DevPath, "diskseq", a.DiskSeq, "file", req.Target.Path)
 		}
 	}
@@ -429,7 +429,7 @@ func (m *Model) closeDevice(dev Device) {
 		m.log.Error("release loop device", "dev", dev.Path(), "diskseq", dev.DiskSeq(), "err", err)
 		return
 	}
-	m.log.Info("loop device released", "dev", dev.Path(), "diskseq", dev.DiskSeq())
+	m.log.Debug("loop device released", "dev", dev.Path(), "diskseq", dev.DiskSeq())
 }
 
 // Release releases dev, a device of ours the model does not hold (recovery:

@@ -76,10 +76,11 @@ var (
 	_ Ops = (*Tx)(nil)
 )
 
-// Client is one connection to XenStore, safe for concurrent use. After the
-// connection breaks (xenstored restarted), the next call dials again and
-// re-registers the client's watches, each of which fires its initial event
-// again; events that happened while disconnected are not replayed.
+// Client is one connection to XenStore, safe for concurrent use. When the
+// connection breaks (xenstored restarted: the reader sees EOF at once), the
+// client dials again in the background, with backoff, and re-registers its
+// watches, each of which fires its initial event again; events that happened
+// while disconnected are not replayed. A call made meanwhile dials itself.
 type Client struct {
 	target string                   // socket or device path, for errors
 	open   func() (*os.File, error) // dials the transport
@@ -88,10 +89,13 @@ type Client struct {
 
 	dialMu sync.Mutex // serialises reconnects (held while dialling and re-registering watches)
 
-	mu      sync.Mutex // guards conn, dialing and closed; never held while waiting
-	conn    *conn      // the live connection, or nil / dead
-	dialing *conn      // a connection being set up, so Close can break it
-	closed  bool
+	mu        sync.Mutex // guards conn, dialing, closed, redialing, onConn; never held while waiting
+	conn      *conn      // the live connection, or nil / dead
+	dialing   *conn      // a connection being set up, so Close can break it
+	closed    bool
+	done      chan struct{} // closed by Close: stops a background redial
+	redialing bool          // a background redial runs
+	onConn    func(up bool, err error)
 
 	watchMu  sync.RWMutex      // guards watches and watchSeq
 	watches  map[string]*Watch // by wire token
@@ -131,7 +135,79 @@ func OpenXenbus(ctx context.Context, path string) (*Client, error) {
 
 // newClient returns a client that dials with open; it connects on first use.
 func newClient(target string, open func() (*os.File, error)) *Client {
-	return &Client{target: target, open: open, watches: make(map[string]*Watch)}
+	return &Client{target: target, open: open, watches: make(map[string]*Watch), done: make(chan struct{})}
+}
+
+// Redial backoff after a lost connection: from redialMin, doubling, at most
+// redialMax between attempts (jittered), so a restarted xenstored is back in
+// use within about a second.
+const (
+	redialMin = 50 * time.Millisecond
+	redialMax = time.Second
+)
+
+// OnConnection registers f, called (from another goroutine) with up=false and
+// the reason when the connection breaks, and with up=true when a background
+// redial has restored it (watches re-registered). Set it before use.
+func (c *Client) OnConnection(f func(up bool, err error)) {
+	c.mu.Lock()
+	c.onConn = f
+	c.mu.Unlock()
+}
+
+// Connected reports whether the client has a live connection now.
+func (c *Client) Connected() bool {
+	cn, _ := c.live()
+	return cn != nil
+}
+
+// lost is called by the reader of cn once cn has died: unless the client was
+// closed or cn was already replaced, it reports the loss and starts a
+// background redial.
+func (c *Client) lost(cn *conn) {
+	err := cn.deadErr()
+	c.mu.Lock()
+	if c.closed || c.conn != cn || c.redialing || errors.Is(err, ErrClosed) {
+		c.mu.Unlock()
+		return
+	}
+	c.redialing = true
+	notify := c.onConn
+	c.mu.Unlock()
+	if notify != nil {
+		notify(false, err)
+	}
+	go c.redial(notify)
+}
+
+// redial dials until it succeeds or the client is closed.
+func (c *Client) redial(notify func(bool, error)) {
+	defer func() {
+		c.mu.Lock()
+		c.redialing = false
+		c.mu.Unlock()
+	}()
+	for delay := redialMin; ; delay = min(2*delay, redialMax) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := c.connect(ctx)
+		cancel()
+		if err == nil {
+			if notify != nil {
+				notify(true, nil)
+			}
+			return
+		}
+		if errors.Is(err, ErrClosed) {
+			return
+		}
+		t := time.NewTimer(delay/2 + rand.N(delay/2+1))
+		select {
+		case <-c.done:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // Close closes the connection. In-flight calls fail with ErrClosed, and the
@@ -143,6 +219,7 @@ func (c *Client) Close() error {
 		return nil
 	}
 	c.closed = true
+	close(c.done)
 	cn, dialing := c.conn, c.dialing
 	c.conn, c.dialing = nil, nil
 	c.mu.Unlock()
@@ -274,6 +351,7 @@ func (cn *conn) readLoop(c *Client) {
 		fr, err := r.next()
 		if err != nil {
 			cn.fail(fmt.Errorf("%w: %w", ErrConnectionLost, err))
+			c.lost(cn)
 			return
 		}
 		if fr.typ == typeWatchEvent {

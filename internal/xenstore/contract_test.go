@@ -118,6 +118,7 @@ func TestContract(t *testing.T) {
 			}
 			// Needs a peer of its own: it kills and restarts it.
 			t.Run("KillRestart", func(t *testing.T) { testKillRestart(t, be.start(t)) })
+			t.Run("IdleRedial", func(t *testing.T) { testIdleRedial(t, be.start(t)) })
 		})
 	}
 }
@@ -722,6 +723,57 @@ func testKillRestart(t *testing.T, b *backend) {
 	if err := tx.Write(ctx, "xbtest-kr/tx", "1"); !errors.Is(err, xenstore.ErrConnectionLost) {
 		t.Errorf("write in a transaction of the dead connection: got %v, want ErrConnectionLost", err)
 	}
+}
+
+// testIdleRedial: a client that only watches (no calls) notices at once that
+// the peer died, redials in the background until the peer is back, and
+// re-registers its watch, whose initial event fires again, all without a call.
+func testIdleRedial(t *testing.T, b *backend) {
+	ctx := testCtx(t)
+	c := dial(t, b)
+	type change struct {
+		up  bool
+		err error
+	}
+	changes := make(chan change, 10)
+	c.OnConnection(func(up bool, err error) { changes <- change{up, err} })
+	w, err := c.Watch(ctx, "xbtest-idle", "idle")
+	if err != nil {
+		t.Fatal(err)
+	}
+	initial := xenstore.Event{Path: "xbtest-idle", Token: "idle"}
+	expectEvents(t, w, initial)
+
+	killed := time.Now()
+	b.kill(t)
+	select {
+	case ch := <-changes:
+		if ch.up || !errors.Is(ch.err, xenstore.ErrConnectionLost) {
+			t.Fatalf("first change after the kill: %+v, want down with ErrConnectionLost", ch)
+		}
+		t.Logf("loss noticed after %v", time.Since(killed))
+	case <-time.After(time.Second):
+		t.Fatal("an idle client did not notice the lost connection within 1 s")
+	}
+	if c.Connected() {
+		t.Error("Connected() = true with the peer dead")
+	}
+	time.Sleep(300 * time.Millisecond) // a few failed redials
+	restarted := time.Now()
+	b.restart(t)
+	select {
+	case ch := <-changes:
+		if !ch.up {
+			t.Fatalf("change after the restart: %+v, want up", ch)
+		}
+		t.Logf("redialled %v after the restart", time.Since(restarted))
+	case <-time.After(5 * time.Second):
+		t.Fatal("no background redial within 5 s of the restart")
+	}
+	if !c.Connected() {
+		t.Error("Connected() = false after the redial")
+	}
+	expectEvents(t, w, initial) // re-registered, with no call made
 }
 
 // TestDialEnv: Dial follows XENSTORED_PATH.

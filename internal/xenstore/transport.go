@@ -70,8 +70,8 @@ func dialTransports(ctx context.Context, ts []transport) (*Client, error) {
 		}
 		c := newClient(t.path, t.open)
 		cn := &conn{f: f, pending: make(map[uint32]chan frame), dead: make(chan struct{})}
+		c.conn = cn // before the reader starts: it reads c.conn when cn dies
 		go cn.readLoop(c)
-		c.conn = cn
 		return c, nil
 	}
 	if len(ts) > 1 {

@@ -34,6 +34,7 @@ var allowlist = []struct{ prefix, reason string }{
 	{"apt remove xenblkd", "removes from the host: the package's maintainer scripts are tested by test/install"},
 	{"install -m 0755 bin/xenblkd /usr/sbin/xenblkd", "writes to the host's /usr/sbin: the same layout is tested by test/install (make install DESTDIR=...)"},
 	{"install -m 0755 bin/xenblkd-hotplug /etc/xen/scripts/xenblkd", "writes to the host's /etc/xen: the same layout is tested by test/install (make install DESTDIR=...)"},
+	{"install -D -m 0644 /usr/share/doc/xenblkd/examples/metrics-tcp.conf", "writes to the host's /etc/systemd: the drop-in itself runs under real systemd in test/systemd TestProductionUnitDaemon"},
 	{"curl ", "metrics: exercised by cmd/xenblkd TestMetricsOverUnixSocketWithCurl and TestMetricsOverTCP against a running daemon"},
 	{"man ", "docs/xenblkd.8 is rendered with warnings on by test/install TestManPage"},
 	{"setfattr -n user.xenblkd.", "sets a disk's I/O override on an image file: cmd/xenblkd TestIOModeEndToEnd and internal/daemon TestReadDiskIO set the same attributes (setxattr(2)) and attach through the daemon"},

@@ -333,8 +333,108 @@ func TestDeb(t *testing.T) {
 		}
 	}
 
-	// Extracted, the package is what make install makes.
+	// Extracted, the package is what make install makes, plus the docs
+	// Debian requires and the lintian override.
 	extracted := filepath.Join(scratch, "extracted")
 	dpkgDeb(t, "-x", deb, extracted)
+	for _, doc := range []string{"usr/share/doc/xenblkd/copyright", "usr/share/doc/xenblkd/changelog.gz", "usr/share/lintian/overrides/xenblkd"} {
+		if _, err := os.Stat(filepath.Join(extracted, doc)); err != nil {
+			t.Errorf("package lacks %s: %v", doc, err)
+		}
+	}
+	for _, doc := range []string{"usr/share/doc", "usr/share/lintian"} {
+		if err := os.RemoveAll(filepath.Join(extracted, doc)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	checkLayout(t, extracted, "/usr/sbin")
+
+	// md5sums lists every file, with the right sums.
+	cmd := exec.Command("md5sum", "--check", "--strict", filepath.Join(control, "md5sums"))
+	cmd.Dir = filepath.Join(scratch, "extracted-all")
+	dpkgDeb(t, "-x", deb, cmd.Dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("md5sum --check DEBIAN/md5sums: %v\n%s", err, out)
+	}
+	sums, _ := os.ReadFile(filepath.Join(control, "md5sums"))
+	for _, f := range []string{"usr/sbin/xenblkd", "lib/systemd/system/xenblkd.service", "usr/share/doc/xenblkd/copyright"} {
+		if !strings.Contains(string(sums), "  "+f+"\n") {
+			t.Errorf("md5sums lacks %s:\n%s", f, sums)
+		}
+	}
+
+	// The changelog's top entry is this version.
+	gz, err := os.Open(filepath.Join(cmd.Dir, "usr/share/doc/xenblkd/changelog.gz"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gz.Close()
+	zr, err := gzip.NewReader(gz)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changelog, _ := io.ReadAll(zr)
+	if want := "xenblkd (" + fields["Version"] + ") unstable; urgency="; !strings.HasPrefix(string(changelog), want) {
+		t.Errorf("changelog starts %q, want %q", strings.SplitN(string(changelog), "\n", 2)[0], want)
+	}
+}
+
+// TestLintian runs Debian's lintian on the package: no error and no warning
+// (overrides in dist/debian/lintian-overrides carry their reasons).
+func TestLintian(t *testing.T) {
+	if _, err := exec.LookPath("lintian"); err != nil {
+		t.Skip("no lintian (scripts/setup.sh installs it)")
+	}
+	scratch := t.TempDir()
+	if out, err := runMake(t, scratch, "deb"); err != nil {
+		t.Fatalf("make deb: %v\n%s", err, out)
+	}
+	debs, _ := filepath.Glob(filepath.Join(scratch, "build/xenblkd_*_amd64.deb"))
+	if len(debs) != 1 {
+		t.Fatalf("make deb built %q", debs)
+	}
+	out, err := exec.Command("lintian", "--info", debs[0]).CombinedOutput()
+	t.Logf("lintian %s:\n%s", filepath.Base(debs[0]), out)
+	if bad := regexp.MustCompile(`(?m)^[EW]: .*`).FindAllString(string(out), -1); len(bad) > 0 || err != nil {
+		t.Errorf("lintian: %v\n%s", err, strings.Join(bad, "\n"))
+	}
+}
+
+// TestVersionGoesUp: a build's default version is the VERSION file's release
+// plus, past it, the commit count and hash, and dpkg sorts such versions by
+// commit count, all above the release: an upgrade never looks like a
+// downgrade.
+func TestVersionGoesUp(t *testing.T) {
+	if _, err := exec.LookPath("dpkg"); err != nil {
+		t.Skip("no dpkg")
+	}
+	root := repoRoot(t)
+	out, err := exec.Command("make", "-C", root, "--no-print-directory", "-s", "deb-version").Output()
+	if err != nil {
+		t.Fatalf("make deb-version: %v", err)
+	}
+	got := strings.TrimSpace(string(out))
+	base, err := os.ReadFile(filepath.Join(root, "VERSION"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := strings.TrimSpace(string(base))
+	if !regexp.MustCompile(`^` + regexp.QuoteMeta(release) + `(\+[0-9]+\.g[0-9a-f]+)?(~dirty)?$`).MatchString(got) {
+		t.Errorf("version %q is not %s[+N.gHASH][~dirty]", got, release)
+	}
+	for _, c := range []struct{ older, newer string }{
+		{release, release + "+1.gfffffff"},
+		{release + "+9.gfffffff", release + "+10.g0000000"},
+		{release + "+10.g0000000~dirty", release + "+10.g0000000"},
+		{release + "+99.gabcdef0", "99.0.0"},
+	} {
+		if err := exec.Command("dpkg", "--compare-versions", c.older, "lt", c.newer).Run(); err != nil {
+			t.Errorf("dpkg does not sort %s below %s", c.older, c.newer)
+		}
+	}
+	if !strings.HasSuffix(got, "~dirty") {
+		if err := exec.Command("dpkg", "--compare-versions", got, "ge", release).Run(); err != nil {
+			t.Errorf("this build's version %s sorts below the release %s", got, release)
+		}
+	}
 }

@@ -4,8 +4,8 @@
 #   test/testbed/e2e.sh           build/reuse the image, boot it once, run dom0/suite.sh
 #   test/testbed/e2e.sh --demo    the same boot, one 4-disk guest: stock script, then xenblkd
 #
-# Puts bin/xenblkd and bin/xenblkd-hotplug (if built) and the unit (dist/xenblkd.service, else the testbed's fallback
-# unit) on the control disk with dom0/suite.sh, boots with run.sh, prints dom0's report. The last
+# Puts bin/xenblkd and bin/xenblkd-hotplug (if built), the unit (dist/xenblkd.service, else the testbed's fallback
+# unit) and the packages of `make testbed-debs` (if built) on the control disk with dom0/suite.sh, boots with run.sh, prints dom0's report. The last
 # line is always `N passed, N failed` (CI reads it); exit status non-zero on any failure.
 # Results: $XENBLKD_TESTBED_RESULTS (default build/testbed/<timestamp>) in the checkout.
 set -euo pipefail
@@ -59,6 +59,15 @@ fi
 if [[ -f $repo/dist/xenblkd.socket ]]; then
 	install -m 644 "$repo/dist/xenblkd.socket" "$ctl/xenblkd.socket"
 fi
+# The packages of `make testbed-debs` (make test-e2e builds them), for the package group.
+for v in old new; do
+	for deb in "$repo"/build/testbed-debs/$v/xenblkd_*_amd64.deb; do
+		[[ -f $deb ]] || continue
+		mkdir -p "$ctl/debs"
+		install -m 644 "$deb" "$ctl/debs/$v.deb"
+		log "package ($v): $(basename "$deb")"
+	done
+done
 if [[ -f $repo/dist/xenblkd.service ]]; then
 	install -m 644 "$repo/dist/xenblkd.service" "$ctl/xenblkd.service"
 else

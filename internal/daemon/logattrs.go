@@ -1,0 +1,62 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"xenblkd/internal/hotplug"
+)
+
+// Every line about a decision on one disk (attached, released, refused,
+// recovered) carries the same attributes, in this order and format:
+//
+//	domain=<name> domid=<n> devid=<n> vdev=<xvda> target=<params> dev=<device> diskseq=<decimal>
+//
+// domain and vdev are read from XenStore ("" when absent or unreadable, e.g.
+// a driver domain may not read other domains' names or a removed backend is
+// gone); dev is "" and diskseq 0 when there is none (a refusal, a block
+// device has no diskseq from us).
+type diskLine struct {
+	b       hotplug.Backend
+	target  string
+	dev     string
+	diskseq uint64
+}
+
+// nameReadTimeout bounds the two informational reads of a decision line.
+const nameReadTimeout = 500 * time.Millisecond
+
+// attrs returns the line's attributes; the two XenStore reads run at once.
+func (d *Daemon) attrs(ctx context.Context, l diskLine) []any {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), nameReadTimeout)
+	defer cancel()
+	nameCh := make(chan string, 1)
+	go func() { nameCh <- d.readOptional(ctx, fmt.Sprintf("/local/domain/%d/name", l.b.Domid)) }()
+	vdev := d.readOptional(ctx, l.b.Path()+"/dev")
+	return []any{"domain", <-nameCh, "domid", l.b.Domid, "devid", l.b.Devid, "vdev", vdev, "target", l.target, "dev", l.dev, "diskseq", l.diskseq}
+}
+
+// decision logs one decision line at level.
+func (d *Daemon) decision(ctx context.Context, level slog.Level, msg string, l diskLine, extra ...any) {
+	if !d.log.Enabled(ctx, level) {
+		return
+	}
+	d.log.Log(ctx, level, msg, append(d.attrs(ctx, l), extra...)...)
+}
+
+// refused logs a failed add once, where params is known: a refusal (bad
+// params or mode, a missing target, a sharing conflict) at warning, a failure
+// of XenStore or the loop API at error, and a transient error (XenStore
+// connection lost, backend gone) at debug: its caller retries or says so.
+func (d *Daemon) refused(ctx context.Context, b hotplug.Backend, params, by string, err error) {
+	level, msg := slog.LevelWarn, "refused"
+	switch {
+	case transient(err):
+		level, msg = slog.LevelDebug, "add interrupted"
+	case Reason(err) == ReasonXenStore || Reason(err) == ReasonLoop || Reason(err) == ReasonOther:
+		level, msg = slog.LevelError, "add failed"
+	}
+	d.decision(ctx, level, msg, diskLine{b: b, target: params}, "reason", Reason(err), "by", by, "err", err)
+}
