@@ -95,7 +95,7 @@ func TestDecisionLines(t *testing.T) {
 		}
 	}
 	want := []*regexp.Regexp{
-		regexp.MustCompile(`^level=INFO msg=attached domain=web domid=3 devid=51712 vdev=xvda target=` + regexp.QuoteMeta(img) + ` dev=/dev/loop1001 diskseq=\d+ mode=w kind=file users=1 by=presetup$`),
+		regexp.MustCompile(`^level=INFO msg=attached domain=web domid=3 devid=51712 vdev=xvda target=` + regexp.QuoteMeta(img) + ` dev=/dev/loop1001 diskseq=\d+ mode=w kind=file io=\S+ users=1 by=presetup$`),
 		regexp.MustCompile(`^level=INFO msg=released domain=web domid=3 devid=51712 vdev=xvda target=` + regexp.QuoteMeta(img) + ` dev=/dev/loop1001 diskseq=\d+ users_left=0$`),
 		regexp.MustCompile(`^level=WARN msg=refused domain=web domid=3 devid=51728 vdev=xvda target=` + regexp.QuoteMeta(missing) + ` dev="" diskseq=0 reason=not_found by=presetup err=.*no such file`),
 	}
