@@ -292,7 +292,7 @@ func (d *daemon) logText() string {
 func TestDaemonRejectsBadDirectIO(t *testing.T) {
 	cmd := exec.Command(binary, "daemon", "--direct-io=yes", "--socket", filepath.Join(t.TempDir(), "api.sock"))
 	out, err := cmd.CombinedOutput()
-	if code := exitCode(err); code != 2 || !strings.Contains(string(out), `--direct-io: direct I/O setting "yes": expected auto, on or off`) {
-		t.Errorf("exit %d, output %q; want 2 and the setting named", code, out)
+	if code := exitCode(err); code != 78 || !strings.Contains(string(out), `--direct-io: direct I/O setting "yes": expected auto, on or off`) {
+		t.Errorf("exit %d, output %q; want 78 (a configuration error) and the setting named", code, out)
 	}
 }

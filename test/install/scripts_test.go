@@ -17,7 +17,10 @@ import (
 func stubPath(t *testing.T, log string) string {
 	t.Helper()
 	dir := t.TempDir()
-	xenblkd := "#!/bin/sh\n[ -n \"$STATUS_JSON\" ] || exit 1\n" +
+	// The xenblkd stub answers status from $STATUS_JSON (no daemon: exit 1)
+	// and hands every other command to $XENBLKD_REAL, the package's binary.
+	xenblkd := "#!/bin/sh\nif [ \"$1\" != status ]; then [ -n \"$XENBLKD_REAL\" ] && exec \"$XENBLKD_REAL\" \"$@\"; exit 1; fi\n" +
+		"[ -n \"$STATUS_JSON\" ] || exit 1\n" +
 		"if [ \"$*\" = \"status --json\" ]; then echo \"$STATUS_JSON\"; else echo \"DOMID NAME\"; echo \"1     guest\"; fi\n"
 	if err := os.WriteFile(filepath.Join(dir, "xenblkd"), []byte(xenblkd), 0o755); err != nil {
 		t.Fatal(err)

@@ -45,7 +45,8 @@ func maint(t *testing.T, root, script string, args ...string) (string, error) {
 	log := filepath.Join(t.TempDir(), "calls")
 	cmd := exec.Command(filepath.Join(repoRoot(t), "dist/debian", script), args...)
 	cmd.Env = []string{"PATH=" + stubPath(t, log) + ":" + filepath.Join(root, "usr/sbin") + ":/usr/sbin:/usr/bin:/sbin:/bin",
-		"DPKG_ROOT=" + root, "XENBLKD_SOCKET=" + filepath.Join(root, "no-daemon.sock")}
+		"DPKG_ROOT=" + root, "XENBLKD_SOCKET=" + filepath.Join(root, "no-daemon.sock"),
+		"XENBLKD_REAL=" + filepath.Join(root, "usr/sbin/xenblkd")}
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
