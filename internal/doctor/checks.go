@@ -181,18 +181,10 @@ func checkSystemd(o *Options) Check {
 // starts anything: without systemd as PID 1 it only says so.
 func checkFDStore(ctx context.Context, o *Options) Check {
 	c := Check{Name: NameFDStore, Severity: Warning}
-	if st, err := os.Stat(o.SystemdDir); err != nil || !st.IsDir() {
-		c.Severity = Info
-		c.Detail = "cannot be checked: systemd is not PID 1"
+	props, ok := showUnit(ctx, o, &c, "LoadState,FileDescriptorStoreMax,NFileDescriptorStore")
+	if !ok {
 		return c
 	}
-	out, err := o.Systemctl(ctx, "show", "-p", "LoadState,FileDescriptorStoreMax,NFileDescriptorStore", o.Unit)
-	if err != nil {
-		c.Severity = Info
-		c.Detail = "cannot be checked: systemctl show " + o.Unit + ": " + err.Error()
-		return c
-	}
-	props := parseProperties(out)
 	if ls := props["LoadState"]; ls != "" && ls != "loaded" {
 		c.Detail = o.Unit + " is " + ls
 		c.Fix = "install the unit (make install, or the xenblkd package) and run systemctl daemon-reload"
@@ -381,4 +373,22 @@ func kernelAtLeast(release string, want [2]int) bool {
 		return true
 	}
 	return major > want[0] || major == want[0] && minor >= want[1]
+}
+
+// showUnit reads the unit's properties from systemd (systemctl show -p).
+// Without systemd as PID 1, or when systemctl fails, c becomes an Info
+// "cannot be checked" and ok is false.
+func showUnit(ctx context.Context, o *Options, c *Check, properties string) (props map[string]string, ok bool) {
+	if st, err := os.Stat(o.SystemdDir); err != nil || !st.IsDir() {
+		c.Severity = Info
+		c.Detail = "cannot be checked: systemd is not PID 1"
+		return nil, false
+	}
+	out, err := o.Systemctl(ctx, "show", "-p", properties, o.Unit)
+	if err != nil {
+		c.Severity = Info
+		c.Detail = "cannot be checked: systemctl show " + o.Unit + ": " + err.Error()
+		return nil, false
+	}
+	return parseProperties(out), true
 }

@@ -78,18 +78,10 @@ func checkScriptLink(o *Options) Check {
 // address the unit's sandbox lets through, a unit file systemd has loaded.
 func checkUnitFlags(ctx context.Context, o *Options) Check {
 	c := Check{Name: NameUnitFlags, Severity: Warning}
-	if st, err := os.Stat(o.SystemdDir); err != nil || !st.IsDir() {
-		c.Severity = Info
-		c.Detail = "cannot be checked: systemd is not PID 1"
+	props, ok := showUnit(ctx, o, &c, "LoadState,ExecStart,PrivateNetwork,NeedDaemonReload")
+	if !ok {
 		return c
 	}
-	out, err := o.Systemctl(ctx, "show", "-p", "LoadState,ExecStart,PrivateNetwork,NeedDaemonReload", o.Unit)
-	if err != nil {
-		c.Severity = Info
-		c.Detail = "cannot be checked: systemctl show " + o.Unit + ": " + err.Error()
-		return c
-	}
-	props := parseProperties(out)
 	argv := execArgv(props["ExecStart"])
 	if props["LoadState"] != "loaded" || len(argv) == 0 {
 		c.Severity = Info
