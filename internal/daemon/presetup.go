@@ -2,7 +2,7 @@ package daemon
 
 // Pre-setup: libxl writes a disk's whole backend directory in one
 // transaction, waits for xen-blkback to reach InitWait and only then execs
-// the script (../shared/docs/xen-block-protocol.md §1.2–1.3). The daemon
+// the script (docs/how-it-works.md). The daemon
 // watches its backend tree and does the add as soon as that transaction
 // commits; blkback's watch on physical-device fires at registration, so a
 // value written before its probe is picked up (§4.2). The exec'd add then

@@ -1,6 +1,6 @@
 // Package hotplug is the vbd backend's XenStore contract, as libxl and
-// xen-blkback expect it from a block script (see
-// ../shared/docs/xen-block-protocol.md §1, §4, §7): parse XENBUS_PATH, read
+// xen-blkback expect it from a block script (docs/architecture.md, "XenStore
+// contract"): parse XENBUS_PATH, read
 // params and mode, write physical-device and friends in one transaction, write
 // hotplug-error on failure, clean up on remove. It knows nothing of loop
 // devices.

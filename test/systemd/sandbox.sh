@@ -1,6 +1,6 @@
 #!/bin/sh
 # Runs as PID 1 of fresh pid/mount/uts/ipc/net/cgroup namespaces (started by
-# systemd.go, after the reference ../../../shared/docs/systemd-sandbox/).
+# systemd.go).
 # Builds a throw-away root: overlay(lower=/ read-only, upper=tmpfs), private
 # /dev (mknod'd nodes only: no devtmpfs, so no udev side effects), read-only
 # /sys and /proc/sys, private /tmp and /run. Only $SBX_DIR and the paths in

@@ -11,8 +11,8 @@
 // DefaultDependencies=no, and a `systemd --test` dry run must show jobs for
 // the test's own units only before systemd really starts. Booting systemd on
 // the host root, even in new namespaces, would empty the host's /tmp
-// (tmpfiles), re-own /dev (udevd) and change sysctls; see
-// ../../../shared/docs/loop-and-fdstore.md §4(e).
+// (tmpfiles), re-own /dev (udevd) and change sysctls (docs/fdstore.md,
+// "Tests").
 //
 // Loop devices made inside the sandbox are real host loop devices. Closing
 // the sandbox kills its PID 1, which kills every process in it and closes
