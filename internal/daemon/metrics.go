@@ -72,7 +72,7 @@ func newMetrics(m *model.Model) *Metrics {
 	r.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		attachmentsCollector{m},
+		attachmentsCollector(m),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "xenblkd_loop_devices_held", Help: "Loop devices whose fd the daemon holds.",
 		}, func() float64 { return float64(len(m.Held())) }),
@@ -87,7 +87,7 @@ func newMetrics(m *model.Model) *Metrics {
 			}
 			return float64(n)
 		}),
-		loopIOCollector{m},
+		loopIOCollector(m),
 	)
 	x.cacheHits = promauto.With(r).NewCounter(prometheus.CounterOpts{
 		Name: "xenblkd_readonly_cache_hits_total", Help: "Read-only adds that reused the loop device of another backend.",
@@ -138,49 +138,61 @@ func (x *Metrics) RegisterBuildInfo(version string) {
 	}, func() float64 { return 1 }))
 }
 
-// attachmentsCollector counts the model's attachments by kind and mode at
-// scrape time, every kind and mode also at 0.
-type attachmentsCollector struct{ m *model.Model }
+// countCollector is a two-label gauge counted at scrape time: count calls
+// add once per item; the series in zero are exported at 0 when nothing
+// counts them.
+type countCollector struct {
+	desc  *prometheus.Desc
+	zero  [][2]string
+	count func(add func(a, b string))
+}
 
-var attachmentsDesc = prometheus.NewDesc("xenblkd_attachments",
-	"Backends attached, by target kind (file, block) and mode (r, w, r!, w!).", []string{"kind", "mode"}, nil)
+func (c countCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 
-func (c attachmentsCollector) Describe(ch chan<- *prometheus.Desc) { ch <- attachmentsDesc }
-
-func (c attachmentsCollector) Collect(ch chan<- prometheus.Metric) {
-	type series struct{ kind, mode string }
-	counts := map[series]int{}
-	for _, kind := range []string{"file", "block"} {
-		for _, mode := range []string{"r", "w", "r!", "w!"} {
-			counts[series{kind, mode}] = 0
-		}
+func (c countCollector) Collect(ch chan<- prometheus.Metric) {
+	counts := map[[2]string]int{}
+	for _, z := range c.zero {
+		counts[z] = 0
 	}
-	for _, a := range c.m.List() {
-		counts[series{kindLabel(a.Target.Kind), a.Mode.String()}]++
-	}
+	c.count(func(a, b string) { counts[[2]string{a, b}]++ })
 	for s, n := range counts {
-		ch <- prometheus.MustNewConstMetric(attachmentsDesc, prometheus.GaugeValue, float64(n), s.kind, s.mode)
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n), s[0], s[1])
 	}
 }
 
-// loopIOCollector counts the held loop devices by I/O mode to the image
-// file and logical block size at scrape time (iomode.go); direct and
-// buffered at 512 also at 0.
-type loopIOCollector struct{ m *model.Model }
-
-var loopIODesc = prometheus.NewDesc("xenblkd_loop_devices_io",
-	"Loop devices the daemon holds, by I/O mode to the image file (direct, buffered) and logical block size.", []string{"io", "block_size"}, nil)
-
-func (c loopIOCollector) Describe(ch chan<- *prometheus.Desc) { ch <- loopIODesc }
-
-func (c loopIOCollector) Collect(ch chan<- prometheus.Metric) {
-	type series struct{ io, blockSize string }
-	counts := map[series]int{{"direct", "512"}: 0, {"buffered", "512"}: 0}
-	for _, h := range c.m.Held() {
-		counts[series{ioName(h.IO), strconv.FormatUint(uint64(h.IO.BlockSize), 10)}]++
+// attachmentsCollector counts the model's attachments by kind and mode,
+// every kind and mode also at 0.
+func attachmentsCollector(m *model.Model) countCollector {
+	var zero [][2]string
+	for _, kind := range []string{"file", "block"} {
+		for _, mode := range []string{"r", "w", "r!", "w!"} {
+			zero = append(zero, [2]string{kind, mode})
+		}
 	}
-	for s, n := range counts {
-		ch <- prometheus.MustNewConstMetric(loopIODesc, prometheus.GaugeValue, float64(n), s.io, s.blockSize)
+	return countCollector{
+		desc: prometheus.NewDesc("xenblkd_attachments",
+			"Backends attached, by target kind (file, block) and mode (r, w, r!, w!).", []string{"kind", "mode"}, nil),
+		zero: zero,
+		count: func(add func(a, b string)) {
+			for _, a := range m.List() {
+				add(kindLabel(a.Target.Kind), a.Mode.String())
+			}
+		},
+	}
+}
+
+// loopIOCollector counts the held loop devices by I/O mode to the image file
+// and logical block size (iomode.go); direct and buffered at 512 also at 0.
+func loopIOCollector(m *model.Model) countCollector {
+	return countCollector{
+		desc: prometheus.NewDesc("xenblkd_loop_devices_io",
+			"Loop devices the daemon holds, by I/O mode to the image file (direct, buffered) and logical block size.", []string{"io", "block_size"}, nil),
+		zero: [][2]string{{"direct", "512"}, {"buffered", "512"}},
+		count: func(add func(a, b string)) {
+			for _, h := range m.Held() {
+				add(ioName(h.IO), strconv.FormatUint(uint64(h.IO.BlockSize), 10))
+			}
+		},
 	}
 }
 
