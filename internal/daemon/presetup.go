@@ -214,7 +214,6 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 	st := d.backends.get(key)
 	defer d.backends.startWriting(key)() // ends after scriptRan is set: no gap for our own events
 	defer d.backends.set(key, backendState{scriptRan: true})
-	log := d.log.With("domid", b.Domid, "devid", b.Devid)
 	if st.presetup {
 		// Answered from what the daemon knows, without a XenStore read:
 		// pre-setup wrote this backend's nodes under this same lock, and its
@@ -222,7 +221,7 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 		// the backend directory goes, so a backend that is still presetup
 		// here still holds what pre-setup wrote.
 		if a, ok := d.model.Lookup(key); ok {
-			log.Debug("add: confirmed pre-setup", "dev", a.DevPath, "diskseq", a.DiskSeq)
+			d.log.Debug("add: confirmed pre-setup", "domid", b.Domid, "devid", b.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq)
 			return toAPI(a), nil
 		}
 	}
@@ -235,7 +234,7 @@ func (d *Daemon) hotplugAdd(ctx context.Context, b hotplug.Backend) (*api.Attach
 		}
 		if req.Params == f.params && req.Mode == f.mode && req.PhysicalDevice == "" {
 			// Logged when pre-setup refused it.
-			log.Debug("add refused (found by pre-setup)", "err", f.err)
+			d.log.Debug("add refused (found by pre-setup)", "domid", b.Domid, "devid", b.Devid, "err", f.err)
 			return nil, f.err
 		}
 	}
