@@ -730,14 +730,24 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 			if err := churn.Wait(); err != nil {
 				t.Errorf("churn: %v", err)
 			}
-			// A device the churn bound to its own file and failed to detach.
-			left, err := loop.FindByBacking(churnID)
-			if err != nil {
-				t.Error(err)
+			// A device the churn bound to its own file and failed to
+			// detach. `losetup -d` of a device another opener (udev's
+			// probe) still holds only sets AUTOCLEAR: the kernel unbinds
+			// it at that opener's last close, so wait for it as
+			// waitNoneTagged does.
+			var left []loop.Binding
+			for deadline := time.Now().Add(waitLimit); ; time.Sleep(time.Millisecond) {
+				var err error
+				if left, err = loop.FindByBacking(churnID); err != nil {
+					t.Error(err)
+				}
+				if len(left) == 0 || time.Now().After(deadline) {
+					break
+				}
 			}
 			for _, b := range left {
 				exec.Command("losetup", "-d", b.Path).Run()
-				t.Errorf("churn left %s bound", b.Path)
+				t.Errorf("churn left %s bound after %v", b.Path, waitLimit)
 			}
 		})
 	}
