@@ -702,7 +702,7 @@ func TestRepeatedAddRemove(t *testing.T) {
 	const n = 30
 	var adds, removes []time.Duration
 	for i := range n {
-		// A fresh image each time (see TestPresetupLatency).
+		// A fresh image each time (see TestPresetupRepeatedAddRemove).
 		img, _ := image(t, fmt.Sprintf("lat-%d.img", i))
 		be := vbdSetup(t, 800+i, 51712, img, "w")
 		t0 := time.Now()

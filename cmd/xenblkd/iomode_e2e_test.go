@@ -59,7 +59,7 @@ func TestIOModeEndToEnd(t *testing.T) {
 	if err := unix.Stat(bad, &st); err != nil {
 		t.Fatal(err)
 	}
-	if bs, err := loop.FindByBacking(loop.FileID{Dev: st.Dev, Ino: st.Ino}); err != nil || len(bs) != 0 {
+	if bs, err := loop.FindByBacking(loop.FileID{Dev: st.Dev, Ino: st.Ino}, nil); err != nil || len(bs) != 0 {
 		t.Errorf("loop devices left on %s after the refusal: %v (%v)", bad, bs, err)
 	}
 

@@ -25,7 +25,12 @@ const DefaultSocket = "/run/xenblkd/api.sock"
 // come with it) by this name.
 const SocketFDName = "api"
 
-// MaxMessage bounds one request or reply line.
+// MaxRequest bounds one request line, its newline included: the daemon
+// reads a request into a buffer of this size and refuses a longer one. The
+// longest real request (a remove of domid 32751, devid 2^32-1) is 54 bytes.
+const MaxRequest = 4096
+
+// MaxMessage bounds one reply line (status lists every attachment).
 const MaxMessage = 1 << 20
 
 // Operations.

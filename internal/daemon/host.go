@@ -67,7 +67,7 @@ func (h *loopHost) LoopsOf(file model.FileID, held func(path string) bool) ([]mo
 	if h.index != nil {
 		bs, err = h.index.FindByBacking(id, held)
 	} else {
-		bs, err = loop.FindByBackingSkipping(id, held)
+		bs, err = loop.FindByBacking(id, held)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("list loop devices: %w", err)

@@ -151,8 +151,13 @@ func (d *Daemon) serveConn(ctx context.Context, c *net.UnixConn) {
 		writeReply(c, api.Response{Error: fmt.Sprintf("permission denied: uid %d may not use xenblkd (root only)", uid)})
 		return
 	}
-	r := bufio.NewReaderSize(c, 4096)
+	r := bufio.NewReaderSize(c, api.MaxRequest)
 	line, err := r.ReadSlice('\n')
+	if errors.Is(err, bufio.ErrBufferFull) {
+		d.log.Warn("read request", "pid", pid, "err", "longer than the limit", "limit", api.MaxRequest)
+		writeReply(c, api.Response{Error: fmt.Sprintf("malformed request: longer than %d bytes", api.MaxRequest)})
+		return
+	}
 	if err != nil {
 		// A client that connects and closes without a word is a probe
 		// (xenblkd doctor, a health check): nothing to warn about.

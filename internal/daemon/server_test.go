@@ -1,7 +1,9 @@
 package daemon
 
 import (
+	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -9,6 +11,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/api"
 )
 
 // TestListenRefusesUnsafeDirectory: the API socket is not served from a
@@ -118,4 +122,37 @@ func listenPassed(t *testing.T, path string) int {
 		t.Fatal(err)
 	}
 	return fd
+}
+
+// TestRequestLimit: a request up to api.MaxRequest is read; a longer one is
+// answered with an error naming the limit (not dropped without a word).
+func TestRequestLimit(t *testing.T) {
+	e := start(t)
+	call := func(line string) api.Response {
+		t.Helper()
+		c, err := net.Dial("unix", e.socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if _, err := c.Write([]byte(line)); err != nil {
+			t.Fatal(err)
+		}
+		var resp api.Response
+		if err := json.NewDecoder(c).Decode(&resp); err != nil {
+			t.Fatalf("reply to a %d-byte request: %v", len(line), err)
+		}
+		return resp
+	}
+	pad := func(n int) string { // a ping request of exactly n bytes, newline included
+		const head, tail = `{"op":"ping","path":"`, "\"}\n"
+		return head + strings.Repeat("x", n-len(head)-len(tail)) + tail
+	}
+	if resp := call(pad(api.MaxRequest)); !resp.OK {
+		t.Errorf("a %d-byte request: %+v, want ok", api.MaxRequest, resp)
+	}
+	want := fmt.Sprintf("longer than %d bytes", api.MaxRequest)
+	if resp := call(pad(api.MaxRequest + 1)); resp.OK || !strings.Contains(resp.Error, want) {
+		t.Errorf("a %d-byte request: %+v, want an error containing %q", api.MaxRequest+1, resp, want)
+	}
 }

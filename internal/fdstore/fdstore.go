@@ -12,7 +12,7 @@
 //
 // Without systemd ($NOTIFY_SOCKET unset) every sending call is a no-op that
 // returns nil; the first such call logs once that the fd store is
-// unavailable. Use Available to tell the two cases apart.
+// unavailable.
 //
 // On systemd 252 (Debian 12) the store survives restart, crash (with
 // Restart=), daemon-reload and daemon-reexec, but `systemctl stop` drops it;
@@ -52,10 +52,6 @@ type File struct {
 }
 
 var unavailableOnce sync.Once
-
-// Available reports whether a service manager listens for notifications,
-// that is whether $NOTIFY_SOCKET is set.
-func Available() bool { return os.Getenv("NOTIFY_SOCKET") != "" }
 
 // Notify sends one sd_notify(3) state string, e.g. "READY=1",
 // "STATUS=adopted 12 devices" or "STOPPING=1". Several assignments may be

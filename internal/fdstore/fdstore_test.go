@@ -107,9 +107,6 @@ func TestNotify(t *testing.T) {
 				addr = fmt.Sprintf("@xenblkd-test-fdstore-%d-%d", os.Getpid(), time.Now().UnixNano())
 			}
 			recv := fakeManager(t, addr)
-			if !Available() {
-				t.Fatal("Available() = false with $NOTIFY_SOCKET set")
-			}
 			for _, state := range []string{"READY=1", "STATUS=adopted 3 devices", "STOPPING=1"} {
 				if err := Notify(state); err != nil {
 					t.Fatal(err)
@@ -179,9 +176,6 @@ func TestStoreManyFDs(t *testing.T) {
 
 func TestUnavailable(t *testing.T) {
 	t.Setenv("NOTIFY_SOCKET", "")
-	if Available() {
-		t.Fatal("Available() = true without $NOTIFY_SOCKET")
-	}
 	fds := tempFDs(t, 1)
 	for _, err := range []error{Notify("READY=1"), Store("x", fds...), Remove("x")} {
 		if err != nil {

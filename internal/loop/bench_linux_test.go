@@ -74,7 +74,7 @@ func median(d []time.Duration) time.Duration {
 }
 
 // BenchmarkFindByBackingHeld measures the sharing scan with 50 devices of
-// ours bound: FindByBacking inspects each; FindByBackingSkipping, told they
+// ours bound: FindByBacking without skip inspects each; with skip, told they
 // are held, opens none of them.
 func BenchmarkFindByBackingHeld(b *testing.B) {
 	requireRoot(b)
@@ -87,14 +87,14 @@ func BenchmarkFindByBackingHeld(b *testing.B) {
 	id := attach(b, path, loop.Options{}).Backing()
 	b.Run("all", func(b *testing.B) {
 		for range b.N {
-			if _, err := loop.FindByBacking(id); err != nil {
+			if _, err := loop.FindByBacking(id, nil); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
 	b.Run("skip-held", func(b *testing.B) {
 		for range b.N {
-			if _, err := loop.FindByBackingSkipping(id, func(p string) bool { return held[p] }); err != nil {
+			if _, err := loop.FindByBacking(id, func(p string) bool { return held[p] }); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -158,25 +158,6 @@ func closeFd(fd int) error { return unix.Close(fd) }
 // IN_CLOSE_WRITE watch (60-block.rules), so it triggers no re-probe.
 func list() ([]Binding, error) { return listSkipping(nil) }
 
-// FindByBackingSkipping is FindByBacking without the devices skip reports
-// true for. skip gets each bound device's path (/dev/loopN, from the sysfs
-// name) before the device is opened, so skipped devices cost no open or
-// ioctl: a daemon passes the devices it holds, whose bindings it knows.
-// Every device not skipped is checked by LOOP_GET_STATUS64 as in FindByBacking.
-func FindByBackingSkipping(id FileID, skip func(path string) bool) ([]Binding, error) {
-	all, err := listSkipping(skip)
-	if err != nil {
-		return nil, err
-	}
-	var found []Binding
-	for _, b := range all {
-		if b.Backing == id {
-			found = append(found, b)
-		}
-	}
-	return found, nil
-}
-
 func listSkipping(skip func(path string) bool) ([]Binding, error) {
 	entries, err := os.ReadDir("/sys/block")
 	if err != nil {

@@ -26,7 +26,7 @@ const (
 // BenchmarkSharingCheck is the add's sharing check (the devices bound to the
 // file, the daemon's own left out) with 0, then 1,000 other loop devices
 // bound on the host plus 1,000 unbound loop nodes: from the Index, and by the
-// scan of every device (FindByBackingSkipping) for comparison. It prints
+// scan of every device (FindByBacking) for comparison. It prints
 // medians and the 1,000/0 ratios; the index's must stay ≤ 1.1×. Heavy (2,000
 // devices, each on its own sparse 1 MiB file, freed at the end): not part of
 // `make test`; run with `make bench-sharing`.
@@ -87,7 +87,7 @@ func BenchmarkSharingCheck(b *testing.B) {
 		return result{
 			fresh:  timeIt(indexRounds, func() ([]loop.Binding, error) { return ix.FindByBacking(freshID, skip) }),
 			shared: timeIt(indexRounds, func() ([]loop.Binding, error) { return ix.FindByBacking(held.Backing(), skip) }),
-			scan:   timeIt(scanRounds, func() ([]loop.Binding, error) { return loop.FindByBackingSkipping(freshID, skip) }),
+			scan:   timeIt(scanRounds, func() ([]loop.Binding, error) { return loop.FindByBacking(freshID, skip) }),
 		}
 	}
 	nodes := func() int {

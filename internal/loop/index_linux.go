@@ -138,7 +138,7 @@ func (ix *Index) FindByBacking(id FileID, skip func(path string) bool) ([]Bindin
 		}
 	}
 	if ix.failed != nil || !ix.trusted {
-		return FindByBackingSkipping(id, skip)
+		return FindByBacking(id, skip)
 	}
 	if err := ix.catchUpLocked(); err != nil {
 		return nil, err

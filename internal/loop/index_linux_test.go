@@ -78,7 +78,7 @@ func TestIntegrationIndex(t *testing.T) {
 		if !slices.Equal(paths(got), want) {
 			t.Errorf("%s: FindByBacking = %v, want %v", step, paths(got), want)
 		}
-		scan, err := loop.FindByBackingSkipping(id, skip)
+		scan, err := loop.FindByBacking(id, skip)
 		if err != nil {
 			t.Fatal(err)
 		}

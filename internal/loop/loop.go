@@ -81,9 +81,15 @@ func Adopt(fd int) (*Device, error) {
 	return adopt(fd)
 }
 
-// FindByBacking lists every bound loop device whose backing file is id.
-func FindByBacking(id FileID) ([]Binding, error) {
-	all, err := List()
+// FindByBacking lists every bound loop device whose backing file is id,
+// leaving out the devices skip (if not nil) reports true for. skip gets each
+// bound device's path (/dev/loopN, from the sysfs name) before the device is
+// opened, so skipped devices cost no open or ioctl: a daemon passes the
+// devices it holds, whose bindings it knows. Every other device is checked
+// by LOOP_GET_STATUS64. Index.FindByBacking answers the same question
+// without a scan.
+func FindByBacking(id FileID, skip func(path string) bool) ([]Binding, error) {
+	all, err := listSkipping(skip)
 	if err != nil {
 		return nil, err
 	}

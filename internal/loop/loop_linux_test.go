@@ -522,7 +522,7 @@ func TestIntegrationFindByBacking(t *testing.T) {
 		}
 	})
 
-	found, err := loop.FindByBacking(ours.Backing())
+	found, err := loop.FindByBacking(ours.Backing(), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -553,7 +553,7 @@ func TestIntegrationFindByBacking(t *testing.T) {
 	}
 }
 
-func TestIntegrationFindByBackingSkipping(t *testing.T) {
+func TestIntegrationFindByBackingSkip(t *testing.T) {
 	requireRoot(t)
 	path := sparseFile(t, 1<<20)
 	ours := attach(t, path, loop.Options{})
@@ -572,7 +572,7 @@ func TestIntegrationFindByBackingSkipping(t *testing.T) {
 
 	held := map[string]bool{ours.Path(): true, ours2.Path(): true}
 	asked := map[string]bool{}
-	found, err := loop.FindByBackingSkipping(ours.Backing(), func(p string) bool {
+	found, err := loop.FindByBacking(ours.Backing(), func(p string) bool {
 		asked[p] = true
 		return held[p]
 	})
@@ -580,7 +580,7 @@ func TestIntegrationFindByBackingSkipping(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(found) != 1 || found[0].Path != foreign || found[0].Backing != ours.Backing() {
-		t.Errorf("FindByBackingSkipping = %+v, want only %s bound to %v", found, foreign, ours.Backing())
+		t.Errorf("FindByBacking with skip = %+v, want only %s bound to %v", found, foreign, ours.Backing())
 	}
 	for _, p := range []string{ours.Path(), ours2.Path(), foreign} {
 		if !asked[p] {
@@ -738,7 +738,7 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 			var left []loop.Binding
 			for deadline := time.Now().Add(waitLimit); ; time.Sleep(time.Millisecond) {
 				var err error
-				if left, err = loop.FindByBacking(churnID); err != nil {
+				if left, err = loop.FindByBacking(churnID, nil); err != nil {
 					t.Error(err)
 				}
 				if len(left) == 0 || time.Now().After(deadline) {
