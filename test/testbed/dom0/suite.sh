@@ -168,35 +168,22 @@ file_disks() {
 	done
 }
 
-# create NAME: `xl create`; sets CREATE_RC, CREATE_S (wall time), SPAN_MS (hotplug span: the first
-# "forking to execute ... add" to the last hotplug completion) and ADD_MS (per disk: each add's fork
-# to its completion, "num_exec 1, not running hotplug scripts", paired in order; the median, or
-# "median/max" with several disks). xl's log lines are stamped in microseconds by ./xbd-ts
-# (e2e.sh builds it); without it from xl -T's whole seconds.
-create() {
-	local name=$1 t0=$EPOCHREALTIME
-	local log="$OUT/xl-create-$name.log" # own line: one local expands every word before assigning
-	if [[ -x ./xbd-ts ]]; then
-		"${XL[@]}" create "$WORK/$name.cfg" 2>&1 | ./xbd-ts >"$log"
-		CREATE_RC=${PIPESTATUS[0]}
-	else
-		"${XL[@]}" create "$WORK/$name.cfg" >"$log" 2>&1
-		CREATE_RC=$?
-	fi
-	CREATE_S=$(elapsed "$t0")
-	# The domain's id, from the log: it is gone already when xl create failed.
-	local domid
-	domid=$(grep -ao 'Domain [0-9]*:' "$log" | head -1 | tr -dc 0-9)
-	[[ -n $domid ]] && TEST_DOMIDS+=("$domid")
-	read -r SPAN_MS ADD_MS < <(awk '
+# hotplug_times LOG ACTION: "SPAN PER_DISK" of the hotplug scripts' ACTION (add or remove) in xl's
+# -vvv LOG: the span from the first "forking to execute ... ACTION" to the last hotplug completion
+# ("num_exec 1, not running hotplug scripts", which libxl logs for add and remove alike) in ms, and
+# per disk each fork to its completion, paired in order: the median, or "median/max" with several
+# disks. xl's lines are stamped in microseconds by ./xbd-ts (e2e.sh builds it); without it from
+# xl -T's whole seconds. "n/a n/a" when the log has no such script run.
+hotplug_times() {
+	awk -v action="$2" '
 		# t: the line time in seconds, from xbd-ts ($1) or else from xl -T ($2, HH:MM:SS).
 		function t() {
 			if ($1 ~ /^[0-9]+\.[0-9]+$/) return $1
 			split($2, a, ":"); return a[1] * 3600 + a[2] * 60 + a[3]
 		}
 		BEGIN { nf = 0; nd = 0 } # numbers: an unset subscript would be ""
-		/forking to execute: .* add/ { fork[nf++] = t(); if (first == "") first = t() }
-		/num_exec 1, not running hotplug scripts/ { last = t(); if (nd < nf) d[nd] = (last - fork[nd]) * 1000; nd++ }
+		$0 ~ ("forking to execute: .* " action) { fork[nf++] = t(); if (first == "") first = t() }
+		/num_exec 1, not running hotplug scripts/ && nf > 0 { last = t(); if (nd < nf) d[nd] = (last - fork[nd]) * 1000; nd++ }
 		END {
 			if (first == "" || last == "") { print "n/a n/a"; exit }
 			n = nd < nf ? nd : nf
@@ -205,8 +192,49 @@ create() {
 			med = n % 2 ? d[(n - 1) / 2] : (d[n / 2 - 1] + d[n / 2]) / 2
 			if (n > 1) printf "%.0f %.0f/%.0f\n", (last - first) * 1000, med, d[n - 1]
 			else printf "%.0f %.0f\n", (last - first) * 1000, med
-		}' "$log")
+		}' "$1"
+}
+
+# xl_logged LOG ARGS...: runs xl -vvv ARGS with its log in LOG, stamped by ./xbd-ts when there;
+# sets XL_RC.
+xl_logged() {
+	local log=$1
+	shift
+	if [[ -x ./xbd-ts ]]; then
+		"${XL[@]}" "$@" 2>&1 | ./xbd-ts >"$log"
+		XL_RC=${PIPESTATUS[0]}
+	else
+		"${XL[@]}" "$@" >"$log" 2>&1
+		XL_RC=$?
+	fi
+}
+
+# create NAME: `xl create`; sets CREATE_RC, CREATE_S (wall time), SPAN_MS and ADD_MS (hotplug_times
+# of its adds).
+create() {
+	local name=$1 t0=$EPOCHREALTIME
+	local log="$OUT/xl-create-$name.log" # own line: one local expands every word before assigning
+	xl_logged "$log" create "$WORK/$name.cfg"
+	CREATE_RC=$XL_RC
+	CREATE_S=$(elapsed "$t0")
+	# The domain's id, from the log: it is gone already when xl create failed.
+	local domid
+	domid=$(grep -ao 'Domain [0-9]*:' "$log" | head -1 | tr -dc 0-9)
+	[[ -n $domid ]] && TEST_DOMIDS+=("$domid")
+	read -r SPAN_MS ADD_MS < <(hotplug_times "$log" add)
 	echo "xl create $name: rc=$CREATE_RC wall=${CREATE_S}s hotplug_span=${SPAN_MS}ms add_per_disk=${ADD_MS}ms"
+}
+
+# destroy NAME: `xl destroy`, which runs the disks' remove scripts itself (not xl's daemonized
+# child); sets DESTROY_RC, DESTROY_S (wall time) and REMOVE_MS (hotplug_times' per disk of its
+# removes).
+destroy() {
+	local name=$1 t0=$EPOCHREALTIME span
+	xl_logged "$OUT/xl-destroy-$name.log" destroy "$name"
+	DESTROY_RC=$XL_RC
+	DESTROY_S=$(elapsed "$t0")
+	read -r span REMOVE_MS < <(hotplug_times "$OUT/xl-destroy-$name.log" remove)
+	echo "xl destroy $name: rc=$DESTROY_RC wall=${DESTROY_S}s remove_span=${span}ms remove_per_disk=${REMOVE_MS}ms"
 }
 
 # xl_errors NAME: the first libxl errors of NAME's xl create, on one line.
@@ -315,7 +343,7 @@ xenblkd_ready() {
 	return 1
 }
 
-declare -A TIME_CREATE TIME_SPAN TIME_ADD
+declare -A TIME_CREATE TIME_SPAN TIME_ADD TIME_REMOVE
 TEST_DOMIDS=()
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +374,9 @@ test_file_disks() { # SCRIPT N
 	pass "$name: xl create (${CREATE_S}s, hotplug span ${SPAN_MS} ms, add per disk ${ADD_MS} ms)"
 	check "$name: all $n vbds reach state 4" "not all Connected" wait_connected "$name" "$n"
 	check "$name: guest reads every disk's signature" "signature mismatch" guest_reads "$name" "${sigs[@]}"
-	timeout 120 xl destroy "$name"
+	destroy "$name"
+	TIME_REMOVE[$script-$n]=$REMOVE_MS
+	((DESTROY_RC == 0)) || fail "$name: xl destroy" "rc=$DESTROY_RC"
 	check "$name: teardown leaves no loop device and no backend" "leftovers" no_leftovers
 }
 
@@ -498,24 +528,25 @@ test_daemon_restart() {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a+0 > 0 && b != "" && b != "n/a") printf "%.2f", b/a; else print "n/a" }'; }
 
 timing_table() {
-	local n
+	local n f='%-5s | %-10s %-10s %-6s | %-10s %-10s %-6s | %-12s %-12s %-6s | %-12s %-12s %-6s'
 	report ""
 	report "Timing (QEMU TCG, -cpu Nehalem; emulation numbers: compare columns, not with bare metal)"
-	report "$(printf '%-5s | %-10s %-10s %-6s | %-10s %-10s %-6s | %-12s %-12s %-6s' disks 'create s' 'create s' ratio \
-		'span ms' 'span ms' ratio 'add/disk ms' 'add/disk ms' ratio)"
-	report "$(printf '%-5s | %-10s %-10s %-6s | %-10s %-10s %-6s | %-12s %-12s %-6s' '' stock xenblkd '' stock xenblkd '' stock xenblkd '')"
+	report "$(printf "$f" disks 'create s' 'create s' ratio 'span ms' 'span ms' ratio \
+		'add/disk ms' 'add/disk ms' ratio 'rm/disk ms' 'rm/disk ms' ratio)"
+	report "$(printf "$f" '' stock xenblkd '' stock xenblkd '' stock xenblkd '' stock xenblkd '')"
 	for n in 1 4; do
 		[[ -z ${TIME_CREATE[block-$n]:-}${TIME_CREATE[xenblkd-$n]:-} ]] && continue # not run (demo)
 		local cs=${TIME_CREATE[block-$n]:-n/a} cx=${TIME_CREATE[xenblkd-$n]:-n/a}
 		local ss=${TIME_SPAN[block-$n]:-n/a} sx=${TIME_SPAN[xenblkd-$n]:-n/a}
 		local as=${TIME_ADD[block-$n]:-n/a} ax=${TIME_ADD[xenblkd-$n]:-n/a}
-		report "$(printf '%-5s | %-10s %-10s %-6s | %-10s %-10s %-6s | %-12s %-12s %-6s' "$n" "$cs" "$cx" "$(ratio "$cs" "$cx")" \
-			"$ss" "$sx" "$(ratio "$ss" "$sx")" "$as" "$ax" "$(ratio "${as%%/*}" "${ax%%/*}")")"
+		local rs=${TIME_REMOVE[block-$n]:-n/a} rx=${TIME_REMOVE[xenblkd-$n]:-n/a}
+		report "$(printf "$f" "$n" "$cs" "$cx" "$(ratio "$cs" "$cx")" "$ss" "$sx" "$(ratio "$ss" "$sx")" \
+			"$as" "$ax" "$(ratio "${as%%/*}" "${ax%%/*}")" "$rs" "$rx" "$(ratio "${rs%%/*}" "${rx%%/*}")")"
 	done
 	report "(create = xl create wall time, (failed) = xl create failed; span = first hotplug 'add' fork to last hotplug completion in"
-	report " the xl -vvv log; add/disk = each add's fork to its completion, median (median/max with 4 disks), as libxl sees it;"
-	report " xl's lines stamped in µs by xbd-ts ($([[ -x ./xbd-ts ]] && echo present || echo 'MISSING: whole seconds'));"
-	report " ratio = xenblkd/stock. Remove is not timed here: xl's daemonized child logs the teardown with whole seconds.)"
+	report " the xl -vvv log; add/disk and rm/disk = each add's (xl create) or remove's (xl destroy) fork to its completion,"
+	report " median (median/max with 4 disks), as libxl sees it; xl's lines stamped in µs by xbd-ts"
+	report " ($([[ -x ./xbd-ts ]] && echo present || echo 'MISSING: whole seconds')); ratio = xenblkd/stock.)"
 }
 
 # Test groups, run in this order. Each file in tests.d/ on the control disk (copied from
