@@ -389,15 +389,48 @@ var replyChans = sync.Pool{New: func() any { return make(chan frame, 1) }}
 // connection a transaction lives on: it is never replaced by a reconnect.
 // args are joined as they go on the wire; the caller supplies the NULs.
 func (c *Client) do(ctx context.Context, pin *conn, typ, txID uint32, op, path string, args ...string) ([]byte, error) {
-	n := 0
-	for _, a := range args {
-		n += len(a)
+	r := request{typ: typ, op: op, path: path, args: args}
+	if err := c.send(ctx, pin, txID, []*request{&r}); err != nil {
+		return nil, err
 	}
-	if n > MaxPayload {
-		return nil, &Error{Op: op, Path: path, Err: fmt.Errorf("%w (%d bytes)", ErrTooLarge, n)}
+	return r.wait(ctx)
+}
+
+// request is one request on the wire and, once sent, the wait for its reply.
+type request struct {
+	typ      uint32
+	op, path string   // for errors
+	args     []string // joined as they go on the wire; the caller supplies the NULs
+
+	cn  *conn
+	id  uint32
+	ch  chan frame
+	err error // the request could not be sent
+}
+
+// send writes reqs back to back in one write(2) and registers each for its
+// reply; wait collects them. If the connection cannot be had, every request
+// carries that error and send returns it.
+func (c *Client) send(ctx context.Context, pin *conn, txID uint32, reqs []*request) error {
+	sizes, live := make([]int, len(reqs)), 0
+	for i, r := range reqs {
+		if r.err != nil {
+			continue
+		}
+		for _, a := range r.args {
+			sizes[i] += len(a)
+		}
+		if sizes[i] > MaxPayload {
+			r.err = &Error{Op: r.op, Path: r.path, Err: fmt.Errorf("%w (%d bytes)", ErrTooLarge, sizes[i])}
+		} else {
+			live++
+		}
+	}
+	if live == 0 {
+		return reqs[0].err
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, &Error{Op: op, Path: path, Err: err}
+		return failAll(reqs, err)
 	}
 	cn := pin
 	if cn == nil {
@@ -405,61 +438,105 @@ func (c *Client) do(ctx context.Context, pin *conn, typ, txID uint32, op, path s
 		if cn, err = c.connect(ctx); err != nil {
 			var xe *Error
 			if errors.As(err, &xe) {
-				return nil, err
+				for _, r := range reqs {
+					r.err = err
+				}
+				return err
 			}
-			return nil, &Error{Op: op, Path: path, Err: err}
+			return failAll(reqs, err)
 		}
 	}
-	id := c.reqID.Add(1)
-	if id == 0 { // req_id 0 is what watch events carry
-		id = c.reqID.Add(1)
+	total := 0
+	for _, n := range sizes {
+		total += headerSize + n
 	}
-	msg := make([]byte, headerSize, headerSize+n)
-	putHeader(msg, typ, id, txID, uint32(n))
-	for _, a := range args {
-		msg = append(msg, a...)
+	msg := make([]byte, 0, total)
+	for i, r := range reqs {
+		if r.err != nil {
+			continue
+		}
+		r.cn, r.id, r.ch = cn, c.nextID(), replyChans.Get().(chan frame)
+		msg = append(msg, make([]byte, headerSize)...)
+		putHeader(msg[len(msg)-headerSize:], r.typ, r.id, txID, uint32(sizes[i]))
+		for _, a := range r.args {
+			msg = append(msg, a...)
+		}
 	}
-
-	ch := replyChans.Get().(chan frame)
 	cn.mu.Lock()
 	if cn.err != nil {
 		err := cn.err
 		cn.mu.Unlock()
-		replyChans.Put(ch)
-		return nil, &Error{Op: op, Path: path, Err: err}
+		for _, r := range reqs {
+			if r.ch != nil {
+				replyChans.Put(r.ch)
+				r.ch = nil
+			}
+		}
+		return failAll(reqs, err)
 	}
-	cn.pending[id] = ch
+	for _, r := range reqs {
+		if r.ch != nil {
+			cn.pending[r.id] = r.ch
+		}
+	}
 	cn.mu.Unlock()
-
 	// os.File.Write holds the fd's write lock for the whole buffer, so
 	// concurrent requests never interleave on the wire.
-	if _, err := cn.f.Write(msg); err != nil {
-		cn.fail(fmt.Errorf("%w: %w", ErrConnectionLost, err))
+	if len(msg) > 0 {
+		if _, err := cn.f.Write(msg); err != nil {
+			cn.fail(fmt.Errorf("%w: %w", ErrConnectionLost, err))
+		}
+	}
+	return nil
+}
+
+// failAll fails every request not failed yet with err.
+func failAll(reqs []*request, err error) error {
+	for _, r := range reqs {
+		if r.err == nil {
+			r.err = &Error{Op: r.op, Path: r.path, Err: err}
+		}
+	}
+	return reqs[0].err
+}
+
+func (c *Client) nextID() uint32 {
+	id := c.reqID.Add(1)
+	if id == 0 { // req_id 0 is what watch events carry
+		id = c.reqID.Add(1)
+	}
+	return id
+}
+
+// wait returns r's reply payload.
+func (r *request) wait(ctx context.Context) ([]byte, error) {
+	if r.err != nil {
+		return nil, r.err
 	}
 	var fr frame
 	select {
-	case fr = <-ch:
-	case <-cn.dead:
+	case fr = <-r.ch:
+	case <-r.cn.dead:
 		select {
-		case fr = <-ch: // the reply won the race against the failure
+		case fr = <-r.ch: // the reply won the race against the failure
 		default:
-			return nil, &Error{Op: op, Path: path, Err: cn.deadErr()}
+			return nil, &Error{Op: r.op, Path: r.path, Err: r.cn.deadErr()}
 		}
 	case <-ctx.Done():
-		cn.mu.Lock()
-		delete(cn.pending, id)
-		cn.mu.Unlock()
+		r.cn.mu.Lock()
+		delete(r.cn.pending, r.id)
+		r.cn.mu.Unlock()
 		// ch may still receive a late reply: do not return it to the pool.
-		return nil, &Error{Op: op, Path: path, Err: ctx.Err()}
+		return nil, &Error{Op: r.op, Path: r.path, Err: ctx.Err()}
 	}
-	replyChans.Put(ch)
+	replyChans.Put(r.ch)
 	switch fr.typ {
-	case typ:
+	case r.typ:
 		return fr.payload, nil
 	case typeError:
-		return nil, &Error{Op: op, Path: path, Err: parseError(fr.payload)}
+		return nil, &Error{Op: r.op, Path: r.path, Err: parseError(fr.payload)}
 	default:
-		return nil, &Error{Op: op, Path: path, Err: fmt.Errorf("protocol error: reply type %d to request type %d", fr.typ, typ)}
+		return nil, &Error{Op: r.op, Path: r.path, Err: fmt.Errorf("protocol error: reply type %d to request type %d", fr.typ, r.typ)}
 	}
 }
 

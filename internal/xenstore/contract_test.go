@@ -94,6 +94,7 @@ var contract = []struct {
 	run  func(t *testing.T, b *backend)
 }{
 	{"RoundTrip", testRoundTrip},
+	{"Batch", testBatch},
 	{"Errors", testErrors},
 	{"Perms", testPerms},
 	{"TransactionConflict", testTransactionConflict},
@@ -152,6 +153,59 @@ func mustWrite(t *testing.T, o xenstore.Ops, path, value string) {
 	t.Helper()
 	if err := o.Write(testCtx(t), path, value); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// testBatch: a batch's replies come back in order, each as the single call
+// would return it; inside a transaction a batch's writes are kept or dropped
+// with the transaction, and a failed operation does not poison it.
+func testBatch(t *testing.T, b *backend) {
+	ctx := testCtx(t)
+	c := dial(t, b)
+	r := root(t, c)
+	mustWrite(t, c, r+"/a", "1")
+	got := c.Batch(ctx, []xenstore.Op{
+		xenstore.Write(r+"/b", "2"), xenstore.Read(r+"/b"), xenstore.Read(r+"/missing"),
+		xenstore.Directory(r), xenstore.GetPerms(r + "/a"), xenstore.Rm(r + "/a"), xenstore.Read(r + "/a"),
+	})
+	names := got[3].Names
+	slices.Sort(names)
+	switch {
+	case got[0].Err != nil || got[1].Value != "2" || got[1].Err != nil:
+		t.Errorf("write then read in one batch: %v, %q %v", got[0].Err, got[1].Value, got[1].Err)
+	case !errors.Is(got[2].Err, unix.ENOENT):
+		t.Errorf("read of a missing node: %v, want ENOENT", got[2].Err)
+	case !slices.Equal(names, []string{"a", "b"}) || got[3].Err != nil:
+		t.Errorf("directory: %q %v", names, got[3].Err)
+	case len(got[4].Perms) == 0 || got[4].Err != nil:
+		t.Errorf("get-perms: %v %v", got[4].Perms, got[4].Err)
+	case got[5].Err != nil || !errors.Is(got[6].Err, unix.ENOENT):
+		t.Errorf("rm then read: %v, %v", got[5].Err, got[6].Err)
+	}
+	for _, commit := range []bool{false, true} {
+		tx, err := c.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res := tx.Batch(ctx, []xenstore.Op{xenstore.Read(r + "/nothing"), xenstore.Write(r+"/t", strconv.FormatBool(commit))})
+		if !errors.Is(res[0].Err, unix.ENOENT) || res[1].Err != nil {
+			t.Fatalf("batch in a transaction: %v, %v", res[0].Err, res[1].Err)
+		}
+		if commit {
+			err = tx.Commit(ctx)
+		} else {
+			err = tx.Abort(ctx)
+		}
+		if err != nil {
+			t.Fatalf("end (commit %v): %v", commit, err)
+		}
+		v, err := c.Read(ctx, r+"/t")
+		if commit && (err != nil || v != "true") || !commit && !errors.Is(err, unix.ENOENT) {
+			t.Errorf("after a batch in a transaction ended with commit=%v: %q, %v", commit, v, err)
+		}
+	}
+	if got := c.Batch(ctx, nil); len(got) != 0 {
+		t.Errorf("empty batch: %d replies", len(got))
 	}
 }
 
