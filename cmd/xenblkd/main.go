@@ -462,7 +462,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag, daemon.IOPolicy{DirectIO: dio}, log))
-	d.Metrics().RegisterBuildInfo(version)
+	d.RegisterBuildInfo(version)
 	if *metricsListen != "" {
 		ml, err := daemon.ListenMetrics(*metricsListen)
 		if err != nil {

@@ -95,10 +95,10 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	ctx, cancel := context.WithTimeout(ctx, RequestTimeout)
 	defer cancel()
 	if req.Op == api.OpRemove {
-		d.hotplugRemove(ctx, b) // presetup.go
+		d.step(ctx, b, fromRemove, nil) // act.go
 		return api.Response{OK: true}
 	}
-	a, err := d.hotplugAdd(ctx, b) // presetup.go
+	a, err := d.step(ctx, b, fromAdd, nil)
 	if err != nil {
 		d.metrics.countError(api.OpAdd, err)
 		resp := api.Response{Error: err.Error()}
@@ -110,101 +110,6 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 		return resp
 	}
 	return api.Response{OK: true, Attachment: a}
-}
-
-// Who made an add's decision, for its log line (by=).
-const (
-	byScript   = "script"   // the hotplug entry libxl exec'd
-	byPresetup = "presetup" // pre-setup, before libxl exec'd the script
-)
-
-func (d *Daemon) add(ctx context.Context, b hotplug.Backend, by string) (*api.Attachment, error) {
-	start := time.Now()
-	log := d.log.With("domid", b.Domid, "devid", b.Devid)
-	req, err := hotplug.ReadRequest(ctx, d.store, b)
-	if err != nil {
-		err = withReason(ReasonBadParams, err)
-		d.refused(ctx, b, "", by, err)
-		return nil, err
-	}
-	key := model.Key{Domid: b.Domid, Devid: b.Devid}
-	if req.PhysicalDevice != "" {
-		// Called twice, or the daemon set it up already: nothing to do.
-		log.Debug("add: physical-device already set, nothing to do", "physical_device", req.PhysicalDevice)
-		if a, ok := d.model.Lookup(key); ok {
-			return toAPI(a), nil
-		}
-		return nil, nil
-	}
-	params := model.Quote(req.Params, 200)
-	mode, err := model.ParseMode(req.Mode)
-	if err != nil {
-		err = withReason(ReasonBadParams, err)
-		d.refused(ctx, b, params, by, err)
-		return nil, err
-	}
-	backing, target, err := openTarget(req.Params, mode.Writable)
-	if err != nil {
-		err = withReason(ReasonBadParams, err)
-		d.refused(ctx, b, params, by, err)
-		return nil, err
-	}
-	defer backing.Close() // the loop device keeps its own reference
-	for _, why := range req.Frontend.Ignored {
-		log.Warn("not trusted for the same-VM sharing exception", "node", why)
-	}
-	for _, why := range req.Frontend.Unreadable { // the rule in a driver domain: at debug level
-		log.Debug("not trusted for the same-VM sharing exception: unreadable", "node", why)
-	}
-	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target,
-		Domain: domainOf(req.Frontend), Backing: backing})
-	if err != nil {
-		d.refused(ctx, b, params, by, err)
-		return nil, err
-	}
-	err = hotplug.Connect(ctx, d.store, b, hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq})
-	if err != nil {
-		d.model.Remove(key)
-		err = withReason(ReasonXenStore, err)
-		d.refused(ctx, b, params, by, err)
-		return nil, err
-	}
-	d.metrics.attached(a)
-	d.decision(ctx, slog.LevelInfo, "attached", diskLine{b: b, target: target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
-		"mode", mode, "kind", target.Kind.String(), "io", a.IO.String(), "users", a.Users, "by", by, "took", time.Since(start))
-	return toAPI(a), nil
-}
-
-// remove releases the backend's attachment (from our own record: the
-// backend's nodes may be gone) and removes physical-device if still there.
-func (d *Daemon) remove(ctx context.Context, b hotplug.Backend) {
-	log := d.log.With("domid", b.Domid, "devid", b.Devid)
-	if _, ours := d.model.Lookup(model.Key{Domid: b.Domid, Devid: b.Devid}); !ours {
-		// Attached by the stock block script before a takeover and not
-		// adopted yet (stock.go): free its device as the stock remove would.
-		if found, err := d.releaseStock(ctx, b); found && err != nil {
-			log.Error("remove: the stock script's loop device does not check out; not freeing it", "err", err)
-		}
-	}
-	// physical-device goes first: a crash between the two steps then leaves a
-	// held device no backend names (recovery closes it), never a node naming
-	// a device that is gone.
-	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
-		log.Warn("remove: could not clear physical-device", "err", err)
-		d.metrics.countError(api.OpRemove, withReason(ReasonXenStore, err))
-	}
-	a, found := d.model.Remove(model.Key{Domid: b.Domid, Devid: b.Devid})
-	if found {
-		d.decision(ctx, slog.LevelInfo, "released", diskLine{b: b, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
-			"users_left", a.Users)
-	} else {
-		log.Info("remove: not attached here, nothing to release")
-	}
-}
-
-// domainOf is the model's view of what the toolstack says about a domain.
-func domainOf(fe hotplug.Frontend) model.Domain {
-	return model.Domain{VM: fe.VM, TargetVM: fe.TargetVM}
 }
 
 func toAPI(a model.Attachment) *api.Attachment {

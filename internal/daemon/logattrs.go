@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"time"
 
@@ -25,17 +24,15 @@ type diskLine struct {
 	diskseq uint64
 }
 
-// nameReadTimeout bounds the two informational reads of a decision line.
+// nameReadTimeout bounds the informational reads of a decision line.
 const nameReadTimeout = 500 * time.Millisecond
 
-// attrs returns the line's attributes; the two XenStore reads run at once.
+// attrs returns the line's attributes (the labels: one batch).
 func (d *Daemon) attrs(ctx context.Context, l diskLine) []any {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), nameReadTimeout)
 	defer cancel()
-	nameCh := make(chan string, 1)
-	go func() { nameCh <- d.readOptional(ctx, fmt.Sprintf("/local/domain/%d/name", l.b.Domid)) }()
-	vdev := d.readOptional(ctx, l.b.Path()+"/dev")
-	return []any{"domain", <-nameCh, "domid", l.b.Domid, "devid", l.b.Devid, "vdev", vdev, "target", l.target, "dev", l.dev, "diskseq", l.diskseq}
+	lb := hotplug.ReadLabels(ctx, d.store, l.b)[0]
+	return []any{"domain", lb.Domain, "domid", l.b.Domid, "devid", l.b.Devid, "vdev", lb.Vdev, "target", l.target, "dev", l.dev, "diskseq", l.diskseq}
 }
 
 // decision logs one decision line at level.

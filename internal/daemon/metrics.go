@@ -203,26 +203,14 @@ func kindLabel(k model.Kind) string {
 	return "file"
 }
 
-// Metrics returns the daemon's metrics.
-func (d *Daemon) Metrics() *Metrics { return d.metrics }
+// RegisterBuildInfo adds the build-info metric for version (Metrics.RegisterBuildInfo).
+func (d *Daemon) RegisterBuildInfo(version string) { d.metrics.RegisterBuildInfo(version) }
 
 // countRecoveries counts what one start-up recovery did.
 func (x *Metrics) countRecoveries(s RecoverySummary) {
 	x.recoveries.WithLabelValues(RecoveryRestored).Add(float64(s.Restored))
 	x.recoveries.WithLabelValues(RecoveryDropped).Add(float64(s.Closed))
 	x.recoveries.WithLabelValues(RecoveryFailed).Add(float64(s.Rejected + s.Mismatched))
-}
-
-// CountRecovery counts one attachment handled by recovery; result is
-// RecoveryRestored, RecoveryDropped or RecoveryFailed (anything else counts
-// as failed).
-func (x *Metrics) CountRecovery(result string) {
-	switch result {
-	case RecoveryRestored, RecoveryDropped:
-	default:
-		result = RecoveryFailed
-	}
-	x.recoveries.WithLabelValues(result).Inc()
 }
 
 // timeRequest starts timing an add or remove; call the result when done.

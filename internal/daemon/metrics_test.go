@@ -151,8 +151,7 @@ func TestMetricsEndpoint(t *testing.T) {
 		}
 	}
 
-	o.d.Metrics().CountRecovery(RecoveryRestored)
-	o.d.Metrics().CountRecovery("something else")
+	o.d.metrics.countRecoveries(RecoverySummary{Restored: 1, Mismatched: 1})
 	for _, dom := range []int{1, 2, 3} {
 		o.call(t, "remove", fmt.Sprintf("backend/vbd/%d/51712", dom))
 	}
@@ -334,7 +333,7 @@ func TestReason(t *testing.T) {
 // with these label name/value pairs, gathered from d's registry.
 func sampleCount(t *testing.T, d *Daemon, name string, labelPairs ...string) uint64 {
 	t.Helper()
-	families, err := d.Metrics().Registry.Gather()
+	families, err := d.metrics.Registry.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -351,8 +351,8 @@ func TestPresetupStorm(t *testing.T) {
 	for _, b := range bs {
 		e.waitAttached(t, b)
 	}
-	if host.made() != 1 || e.d.model.Devices() != 1 {
-		t.Fatalf("%d devices made, %d held; want 1", host.made(), e.d.model.Devices())
+	if host.made() != 1 || len(e.d.model.Held()) != 1 {
+		t.Fatalf("%d devices made, %d held; want 1", host.made(), len(e.d.model.Held()))
 	}
 	// Everything coalesced and drained: no backlog kept.
 	e.settle(t)
@@ -375,7 +375,7 @@ type countingStore struct {
 	transactions int            // guarded by mu
 }
 
-func (s *countingStore) Transact(ctx context.Context, fn func(ops xenstore.Ops) error) error {
+func (s *countingStore) Transact(ctx context.Context, fn func(tx hotplug.Batcher) error) error {
 	s.mu.Lock()
 	s.transactions++
 	s.mu.Unlock()
@@ -391,14 +391,18 @@ func (s *countingStore) ops(dir string) (reads, transactions int) {
 	return reads, transactions
 }
 
-func (s *countingStore) Read(ctx context.Context, path string) (string, error) {
+func (s *countingStore) Batch(ctx context.Context, ops []xenstore.Op) []xenstore.Reply {
 	s.mu.Lock()
 	if s.reads == nil {
 		s.reads = map[string]int{}
 	}
-	s.reads[path]++
+	for _, op := range ops {
+		if op.Type == xenstore.OpRead {
+			s.reads[op.Path]++
+		}
+	}
 	s.mu.Unlock()
-	return s.Store.Read(ctx, path)
+	return s.Store.Batch(ctx, ops)
 }
 
 // readsUnder returns how many reads were of dir or below it, and resets them.
@@ -472,47 +476,6 @@ func TestEcho(t *testing.T) {
 	check("pre-setup refused", map[string]bool{"": false, "physical-device": false, "sectors": false})
 	bt.set(k, backendState{scriptRan: true})
 	check("script ran", map[string]bool{"": false, "physical-device": true, "hotplug-error": true, "script": false})
-}
-
-func TestBackendNode(t *testing.T) {
-	tests := map[string]string{
-		"backend/vbd/5/51712":                             "",
-		"backend/vbd/5/51712/state":                       "state",
-		"backend/vbd/5/51712/queue-0/ring-ref":            "queue-0",
-		"/local/domain/0/backend/vbd/7/1/physical-device": "physical-device",
-		"/local/domain/0/backend/vbd/7/1":                 "",
-	}
-	for path, want := range tests {
-		if got := backendNode(path); got != want {
-			t.Errorf("backendNode(%q) = %q, want %q", path, got, want)
-		}
-	}
-}
-
-func TestParseEventPath(t *testing.T) {
-	tests := []struct {
-		path  string
-		level eventLevel
-		key   model.Key
-		domid uint32
-	}{
-		{"backend/vbd", levelTree, model.Key{}, 0},
-		{"backend/vbd/5", levelDomain, model.Key{}, 5},
-		{"backend/vbd/5/51712", levelBackend, model.Key{Domid: 5, Devid: 51712}, 5},
-		{"backend/vbd/5/51712/state", levelBackend, model.Key{Domid: 5, Devid: 51712}, 5},
-		{"/local/domain/0/backend/vbd/7/1/params", levelBackend, model.Key{Domid: 7, Devid: 1}, 7},
-		{"backend/vbdx/5", levelNone, model.Key{}, 0},
-		{"backend/vbd/x", levelNone, model.Key{}, 0},
-		{"backend/vbd/5/05", levelNone, model.Key{}, 0},
-		{"backend/vif/5/0", levelNone, model.Key{}, 0},
-		{"/local/domain/0/device/vbd/1", levelNone, model.Key{}, 0},
-	}
-	for _, tt := range tests {
-		key, domid, level := parseEventPath(tt.path)
-		if level != tt.level || key != tt.key || domid != tt.domid {
-			t.Errorf("parseEventPath(%q) = %v, %d, %d; want %v, %d, %d", tt.path, key, domid, level, tt.key, tt.domid, tt.level)
-		}
-	}
 }
 
 func (h *fakeHost) made() int {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"sort"
 	"strconv"
 	"strings"
 
@@ -77,9 +76,11 @@ func (s RecoverySummary) String() string {
 		s.Adopted, s.Reopened, s.Restored, s.Closed, s.Rejected, s.Mismatched, s.Stock, s.Foreign)
 }
 
-// directoryReader lists XenStore children; hotplug.ClientStore has it.
-type directoryReader interface {
-	Directory(ctx context.Context, path string) ([]string, error)
+// recoveryRun is one recovery in progress (Recover, AdoptStock).
+type recoveryRun struct {
+	held map[uint64]*storedDevice // adopted, re-opened or claimed loop devices, by rdev
+	used map[uint64]bool          // those a backend uses, by rdev
+	sum  *RecoverySummary
 }
 
 // Recover rebuilds the daemon's attachments after a restart or crash. Call it
@@ -108,10 +109,9 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 		opts.Tag = DefaultTag
 	}
 	d.tag = opts.Tag
-	held := d.adoptStored(opts.Stored, opts.Tag, &sum) // by rdev
-	used := map[uint64]bool{}
-
-	backends, err := d.ourBackends(ctx)
+	run := &recoveryRun{held: d.adoptStored(opts.Stored, opts.Tag, &sum), used: map[uint64]bool{}, sum: &sum}
+	held, used := run.held, run.used
+	backends, err := hotplug.ListBackends(ctx, d.store)
 	if err != nil {
 		// Without the list nothing can be told apart: keep every adopted device
 		// (closing one a VM uses would be worse than holding an idle one).
@@ -122,7 +122,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 		return sum, err
 	}
 	for _, b := range backends {
-		if err := d.restoreBackend(ctx, b, held, used, &sum); err != nil {
+		if _, err := d.step(ctx, b, fromRecovery, run); err != nil { // act.go
 			d.log.Error("recovery: backend not restored", "domid", b.Domid, "devid", b.Devid, "err", err)
 		}
 	}
@@ -192,64 +192,16 @@ func verifyStored(f fdstore.File, tag string) (*loop.Device, error) {
 	return dev, nil
 }
 
-// ourBackends lists backend/vbd/<domid>/<devid> whose script is ours.
-func (d *Daemon) ourBackends(ctx context.Context) ([]hotplug.Backend, error) {
-	dr, ok := d.store.(directoryReader)
-	if !ok {
-		return nil, errors.New("the XenStore connection cannot list directories")
-	}
-	domains, err := dr.Directory(ctx, "backend/vbd")
-	if errors.Is(err, unix.ENOENT) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("list backend/vbd: %w", err)
-	}
-	var out []hotplug.Backend
-	for _, dom := range domains {
-		devs, err := dr.Directory(ctx, "backend/vbd/"+dom)
-		if errors.Is(err, unix.ENOENT) {
-			continue // domain destroyed meanwhile
-		}
-		if err != nil {
-			return nil, fmt.Errorf("list backend/vbd/%s: %w", dom, err)
-		}
-		for _, dev := range devs {
-			b, err := hotplug.ParseBackendPath("backend/vbd/" + dom + "/" + dev)
-			if err != nil {
-				continue // not libxl's
-			}
-			script, err := d.store.Read(ctx, b.Path()+"/script")
-			if err != nil || !d.Scripts.Ours(script) {
-				continue
-			}
-			out = append(out, b)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool {
-		if out[i].Domid != out[j].Domid {
-			return out[i].Domid < out[j].Domid
-		}
-		return out[i].Devid < out[j].Devid
-	})
-	return out, nil
-}
-
-// restoreBackend rebuilds one backend's attachment, if physical-device is set.
-func (d *Daemon) restoreBackend(ctx context.Context, b hotplug.Backend, held map[uint64]*storedDevice, used map[uint64]bool, sum *RecoverySummary) error {
-	log := d.log.With("domid", b.Domid, "devid", b.Devid)
-	pdev, err := d.store.Read(ctx, b.Path()+"/physical-device")
-	if errors.Is(err, unix.ENOENT) {
-		return nil // not attached (an add that never completed, or removed)
-	}
-	if err != nil {
-		return fmt.Errorf("read physical-device: %w", err)
-	}
-	rdev, err := parseRdev(pdev)
+// restore rebuilds the attachment of backend s.Backend from what
+// physical-device names (the action doRestore, or doAdoptStock when stock:
+// the stock block script's loop device).
+func (d *Daemon) restore(ctx context.Context, s hotplug.Snapshot, stock bool, run *recoveryRun) error {
+	pdev := s.Value(hotplug.PhysicalDevice)
+	rdev, err := hotplug.ParseRdev(pdev)
 	if err != nil {
 		return err
 	}
-	req, err := hotplug.ReadRequest(ctx, d.store, b)
+	req, err := s.Request()
 	if err != nil {
 		return err
 	}
@@ -259,90 +211,109 @@ func (d *Daemon) restoreBackend(ctx context.Context, b hotplug.Backend, held map
 	}
 	backing, target, err := openTarget(req.Params, mode.Writable)
 	if err != nil {
-		if unix.Major(rdev) == 7 {
-			if dev := held[rdev]; dev != nil {
-				used[rdev] = true // a VM may use it: keep it, we cannot tell
-			}
+		if unix.Major(rdev) == loopMajor && run.held[rdev] != nil {
+			run.used[rdev] = true // a VM may use it: keep it, we cannot tell
 		}
 		return fmt.Errorf("physical-device %s: %w", pdev, err)
 	}
 	backing.Close()
-	key := model.Key{Domid: b.Domid, Devid: b.Devid}
-	a := model.Attachment{Key: key, Params: req.Params, Mode: mode, Target: target, Domain: domainOf(req.Frontend)}
-
-	if target.Kind == model.BlockDevice {
-		if target.Rdev != rdev {
-			return fmt.Errorf("physical-device is %s but params %s is now %s; left as it is",
-				pdev, req.Params, hotplug.FormatRdev(target.Rdev))
-		}
-		a.DevPath, a.Rdev = target.Path, target.Rdev
-		if err := d.model.Restore(a, nil); err != nil {
-			return err
-		}
-		sum.Restored++
-		d.decision(ctx, slog.LevelInfo, "recovered", diskLine{b: b, target: target.Path, dev: target.Path}, "mode", mode)
-		return nil
+	a := model.Attachment{Key: keyOf(s.Backend), Params: req.Params, Mode: mode, Target: target}
+	switch {
+	case target.Kind == model.BlockDevice:
+		return d.restoreBlock(ctx, s.Backend, a, rdev, pdev, run)
+	case stock:
+		return d.adoptStock(ctx, s.Backend, stockDevice{pdev: pdev, rdev: rdev, node: s.Value(hotplug.StockNode)}, a, run)
 	}
+	return d.restoreLoop(ctx, s, a, rdev, run)
+}
 
-	seqStr, seqErr := d.store.Read(ctx, b.Path()+"/diskseq")
-	if errors.Is(seqErr, unix.ENOENT) {
-		// No diskseq: the stock block script's device, if it wrote node.
-		if node, err := d.store.Read(ctx, b.Path()+"/node"); err == nil {
-			return d.adoptStock(ctx, b, stockDevice{pdev: pdev, rdev: rdev, node: node}, a, held, used, sum)
-		}
+// restoreBlock restores a block device attachment: params must still be the
+// device physical-device names.
+func (d *Daemon) restoreBlock(ctx context.Context, b hotplug.Backend, a model.Attachment, rdev uint64, pdev string, run *recoveryRun) error {
+	if a.Target.Rdev != rdev {
+		return fmt.Errorf("physical-device is %s but params %s is now %s; left as it is",
+			pdev, a.Params, hotplug.FormatRdev(a.Target.Rdev))
 	}
-	diskseq, serr := strconv.ParseUint(seqStr, 16, 64)
-	dev := held[rdev]
+	a.DevPath, a.Rdev = a.Target.Path, a.Target.Rdev
+	if err := d.model.Restore(a, nil); err != nil {
+		return err
+	}
+	run.sum.Restored++
+	d.decision(ctx, slog.LevelInfo, "recovered", diskLine{b: b, target: a.Target.Path, dev: a.Target.Path}, "mode", a.Mode)
+	return nil
+}
+
+// restoreLoop restores a loop device attachment: the device must still be
+// the one diskseq records (from the fd store, else re-opened by number),
+// bound to params' file, writable if mode is.
+func (d *Daemon) restoreLoop(ctx context.Context, s hotplug.Snapshot, a model.Attachment, rdev uint64, run *recoveryRun) error {
+	seqStr := s.Value(hotplug.DiskSeq)
+	diskseq, serr := hotplug.ParseDiskSeq(seqStr)
+	dev := run.held[rdev]
 	var why error
 	switch {
-	case unix.Major(rdev) != 7:
-		why = fmt.Errorf("physical-device %s is not a loop device but params %s is a file", pdev, req.Params)
+	case unix.Major(rdev) != loopMajor:
+		why = fmt.Errorf("physical-device %s is not a loop device but params %s is a file", s.Value(hotplug.PhysicalDevice), a.Params)
 	case serr != nil || diskseq == 0:
 		why = fmt.Errorf("diskseq %q is missing or malformed: the device cannot be identified", seqStr)
 	case dev != nil && dev.DiskSeq() != diskseq:
 		why = fmt.Errorf("the stored fd of %s has diskseq %d, XenStore records %d", dev.Path(), dev.DiskSeq(), diskseq)
 	case dev == nil:
-		opened, err := loop.Open(int(unix.Minor(rdev)), diskseq)
-		if err != nil {
-			why = err
-			break
+		dev, why = reopen(rdev, diskseq)
+		if why == nil {
+			run.held[rdev] = dev
+			run.sum.Reopened++
 		}
-		dev, err = storeLoop(opened)
-		if err != nil {
-			opened.Close()
-			why = err
-			break
-		}
-		held[rdev] = dev
-		sum.Reopened++
 	}
-	if why == nil && dev.Backing() != loop.FileID(target.File) {
+	if why == nil && dev.Backing() != loop.FileID(a.Target.File) {
 		why = fmt.Errorf("%s (diskseq %d) is bound to file %d:%d, params %s is %d:%d",
-			dev.Path(), diskseq, dev.Backing().Dev, dev.Backing().Ino, req.Params, target.File.Dev, target.File.Ino)
+			dev.Path(), diskseq, dev.Backing().Dev, dev.Backing().Ino, a.Params, a.Target.File.Dev, a.Target.File.Ino)
 	}
-	if why == nil && mode.Writable && dev.ReadOnly() {
-		why = fmt.Errorf("%s is read-only but mode is %s", dev.Path(), mode)
+	if why == nil && a.Mode.Writable && dev.ReadOnly() {
+		why = fmt.Errorf("%s is read-only but mode is %s", dev.Path(), a.Mode)
 	}
 	if why != nil {
-		sum.Mismatched++
-		d.decision(ctx, slog.LevelError, "recovery: the loop device XenStore names is gone or reused; the VM cannot use it safely. "+
-			"Removing physical-device and recording hotplug-error; the device is left alone",
-			diskLine{b: b, target: model.Quote(req.Params, 200), dev: "/dev/loop" + strconv.FormatUint(uint64(unix.Minor(rdev)), 10), diskseq: diskseq},
-			"physical_device", pdev, "err", why)
-		msg := fmt.Sprintf("xenblkd restarted and found physical-device %s (diskseq %s) no longer bound to %s: %v; re-attach the disk",
-			pdev, seqStr, model.Quote(req.Params, 200), why)
-		if err := d.forget(ctx, b, msg); err != nil {
-			log.Error("recovery: could not clear physical-device", "err", err)
-		}
+		run.sum.Mismatched++
+		d.mismatched(ctx, s, rdev, diskseq, why)
 		return nil
 	}
 	if err := d.model.Restore(a, dev); err != nil {
 		return err
 	}
-	used[rdev] = true
-	sum.Restored++
-	d.decision(ctx, slog.LevelInfo, "recovered", diskLine{b: b, target: target.Path, dev: dev.Path(), diskseq: dev.DiskSeq()}, "mode", mode)
+	run.used[rdev] = true
+	run.sum.Restored++
+	d.decision(ctx, slog.LevelInfo, "recovered", diskLine{b: s.Backend, target: a.Target.Path, dev: dev.Path(), diskseq: dev.DiskSeq()}, "mode", a.Mode)
 	return nil
+}
+
+// reopen opens loop device rdev if it still has diskseq, and pushes it to
+// the fd store.
+func reopen(rdev, diskseq uint64) (*storedDevice, error) {
+	opened, err := loop.Open(int(unix.Minor(rdev)), diskseq)
+	if err != nil {
+		return nil, err
+	}
+	dev, err := storeLoop(opened)
+	if err != nil {
+		opened.Close()
+		return nil, err
+	}
+	return dev, nil
+}
+
+// mismatched handles a backend whose loop device is gone or reused: the VM
+// cannot use it safely, so physical-device goes and hotplug-error says why.
+func (d *Daemon) mismatched(ctx context.Context, s hotplug.Snapshot, rdev, diskseq uint64, why error) {
+	b, pdev, params := s.Backend, s.Value(hotplug.PhysicalDevice), model.Quote(s.Value(hotplug.Params), 200)
+	d.decision(ctx, slog.LevelError, "recovery: the loop device XenStore names is gone or reused; the VM cannot use it safely. "+
+		"Removing physical-device and recording hotplug-error; the device is left alone",
+		diskLine{b: b, target: params, dev: "/dev/loop" + strconv.FormatUint(uint64(unix.Minor(rdev)), 10), diskseq: diskseq},
+		"physical_device", pdev, "err", why)
+	msg := fmt.Sprintf("xenblkd restarted and found physical-device %s (diskseq %s) no longer bound to %s: %v; re-attach the disk",
+		pdev, s.Value(hotplug.DiskSeq), params, why)
+	if err := d.forget(ctx, b, msg); err != nil {
+		d.log.Error("recovery: could not clear physical-device", "domid", b.Domid, "devid", b.Devid, "err", err)
+	}
 }
 
 // forget removes physical-device and diskseq, then records msg in
@@ -355,15 +326,4 @@ func (d *Daemon) forget(ctx context.Context, b hotplug.Backend, msg string) erro
 		return err
 	}
 	return nil
-}
-
-// parseRdev parses physical-device ("%x:%x").
-func parseRdev(s string) (uint64, error) {
-	maj, min, ok := strings.Cut(s, ":")
-	a, err1 := strconv.ParseUint(maj, 16, 32)
-	b, err2 := strconv.ParseUint(min, 16, 32)
-	if !ok || err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("physical-device %q is not major:minor in hex", model.Quote(s, 32))
-	}
-	return unix.Mkdev(uint32(a), uint32(b)), nil
 }

@@ -2,11 +2,7 @@ package daemon
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
@@ -25,16 +21,13 @@ func (d *Daemon) statusResponse(ctx context.Context) api.Response {
 	defer cancel()
 	list := d.model.List()
 	out := make([]api.Attachment, len(list))
-	names := map[uint32]string{}
+	bs := make([]hotplug.Backend, len(list))
 	for i, a := range list {
 		out[i] = *toAPI(a)
-		name, seen := names[a.Key.Domid]
-		if !seen {
-			name = d.readOptional(ctx, fmt.Sprintf("/local/domain/%d/name", a.Key.Domid))
-			names[a.Key.Domid] = name
-		}
-		out[i].DomainName = name
-		out[i].Vdev = d.readOptional(ctx, hotplug.Backend{Domid: a.Key.Domid, Devid: a.Key.Devid}.Path()+"/dev")
+		bs[i] = backendOf(a.Key)
+	}
+	for i, l := range hotplug.ReadLabels(ctx, d.store, bs...) {
+		out[i].DomainName, out[i].Vdev = l.Domain, l.Vdev
 	}
 	resp := api.Response{OK: true, Attachments: out}
 	for _, h := range d.model.Held() {
@@ -45,26 +38,4 @@ func (d *Daemon) statusResponse(ctx context.Context) api.Response {
 		}
 	}
 	return resp
-}
-
-// maxStatusValue bounds a name or vdev shown by status.
-const maxStatusValue = 128
-
-// readOptional reads an informational node: "" if it is absent, unreadable
-// or too long.
-func (d *Daemon) readOptional(ctx context.Context, path string) string {
-	if ctx.Err() != nil {
-		return ""
-	}
-	v, err := d.store.Read(ctx, path)
-	if err != nil {
-		if !errors.Is(err, unix.ENOENT) {
-			d.log.Debug("status: cannot read", "path", path, "err", err)
-		}
-		return ""
-	}
-	if len(v) > maxStatusValue {
-		return ""
-	}
-	return v
 }

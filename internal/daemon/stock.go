@@ -14,7 +14,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
 
@@ -48,12 +47,11 @@ func checkStock(s stockDevice) (int, error) {
 // adoptStock takes over the stock script's loop device of backend b (a is the
 // attachment params and mode resolved to) and restores it. A device that does
 // not check out is logged and left alone, with the backend.
-func (d *Daemon) adoptStock(ctx context.Context, b hotplug.Backend, s stockDevice, a model.Attachment,
-	held map[uint64]*storedDevice, used map[uint64]bool, sum *RecoverySummary) error {
+func (d *Daemon) adoptStock(ctx context.Context, b hotplug.Backend, s stockDevice, a model.Attachment, run *recoveryRun) error {
 	log := d.log.With("domid", b.Domid, "devid", b.Devid)
-	dev, err := d.claimStock(s, a, held)
+	dev, err := d.claimStock(s, a, run.held)
 	if err != nil {
-		sum.Foreign++
+		run.sum.Foreign++
 		log.Error("stock script's loop device does not check out; leaving it and the backend as they are "+
 			"(its remove will not free it: check it, then losetup -d it once the domain is gone)",
 			"node", model.Quote(s.node, 64), "physical_device", s.pdev, "params", model.Quote(a.Params, 200), "err", err)
@@ -70,10 +68,10 @@ func (d *Daemon) adoptStock(ctx context.Context, b hotplug.Backend, s stockDevic
 	if err := d.model.Restore(a, dev); err != nil {
 		return err
 	}
-	held[s.rdev] = dev
-	used[s.rdev] = true
-	sum.Stock++
-	sum.Restored++
+	run.held[s.rdev] = dev
+	run.used[s.rdev] = true
+	run.sum.Stock++
+	run.sum.Restored++
 	log.Info("adopted the stock script's loop device", "target", a.Target.Path, "mode", a.Mode, "dev", dev.Path(),
 		"diskseq", dev.DiskSeq(), "autoclear", true)
 	return nil
@@ -123,20 +121,15 @@ func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]*
 // that are attached, or have no physical-device, are left alone.
 func (d *Daemon) AdoptStock(ctx context.Context) (RecoverySummary, error) {
 	var sum RecoverySummary
-	backends, err := d.ourBackends(ctx)
+	backends, err := hotplug.ListBackends(ctx, d.store)
 	if err != nil {
 		return sum, err
 	}
-	held, used := map[uint64]*storedDevice{}, map[uint64]bool{}
+	run := &recoveryRun{held: map[uint64]*storedDevice{}, used: map[uint64]bool{}, sum: &sum}
 	for _, b := range backends {
-		key := keyOf(b)
-		unlock := d.backends.lock(key)
-		if _, ok := d.model.Lookup(key); !ok {
-			if err := d.restoreBackend(ctx, b, held, used, &sum); err != nil {
-				d.log.Error("adopt: backend not taken over", "domid", b.Domid, "devid", b.Devid, "err", err)
-			}
+		if _, err := d.step(ctx, b, fromRecovery, run); err != nil { // act.go
+			d.log.Error("adopt: backend not taken over", "domid", b.Domid, "devid", b.Devid, "err", err)
 		}
-		unlock()
 	}
 	d.log.Info("adoption done", "stock", sum.Stock, "restored", sum.Restored, "foreign", sum.Foreign, "mismatched", sum.Mismatched)
 	return sum, nil
@@ -146,42 +139,26 @@ func (d *Daemon) AdoptStock(ctx context.Context) (RecoverySummary, error) {
 // do not hold (it was attached before the takeover and not adopted yet, e.g.
 // the daemon was down): claimed (AUTOCLEAR) and closed, the kernel frees it
 // once blkback has let go, as `losetup -d $node` in the stock remove would.
-// It reports whether there was such a device.
-func (d *Daemon) releaseStock(ctx context.Context, b hotplug.Backend) (bool, error) {
-	var pdev, node, params string
-	for _, n := range []struct {
-		name string
-		v    *string
-	}{{"physical-device", &pdev}, {"node", &node}, {"params", &params}} {
-		v, err := d.store.Read(ctx, b.Path()+"/"+n.name)
-		if errors.Is(err, unix.ENOENT) {
-			return false, nil
-		}
-		if err != nil {
-			return false, err
-		}
-		*n.v = v
-	}
-	if _, err := d.store.Read(ctx, b.Path()+"/diskseq"); !errors.Is(err, unix.ENOENT) {
-		return false, nil // ours (or unreadable): not the stock script's
-	}
-	rdev, err := parseRdev(pdev)
+// s has the backend's physical-device, node and params (decideRemove).
+func (d *Daemon) releaseStock(s hotplug.Snapshot) error {
+	pdev := s.Value(hotplug.PhysicalDevice)
+	rdev, err := hotplug.ParseRdev(pdev)
 	if err != nil {
-		return true, err
+		return err
 	}
-	backing, target, err := openTarget(params, false)
+	backing, target, err := openTarget(s.Value(hotplug.Params), false)
 	if err != nil {
-		return true, err
+		return err
 	}
 	backing.Close()
 	if target.Kind != model.RegularFile {
-		return false, nil // a phy: disk has nothing to free
+		return nil // a phy: disk has nothing to free
 	}
-	dev, err := d.claimStock(stockDevice{pdev: pdev, rdev: rdev, node: node}, model.Attachment{Target: target}, nil)
+	dev, err := d.claimStock(stockDevice{pdev: pdev, rdev: rdev, node: s.Value(hotplug.StockNode)}, model.Attachment{Target: target}, nil)
 	if err != nil {
-		return true, err
+		return err
 	}
-	d.log.Info("remove: released the stock script's loop device", "domid", b.Domid, "devid", b.Devid,
+	d.log.Info("remove: released the stock script's loop device", "domid", s.Backend.Domid, "devid", s.Backend.Devid,
 		"dev", dev.Path(), "diskseq", dev.DiskSeq())
-	return true, dev.Close()
+	return dev.Close()
 }

@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -80,174 +79,135 @@ func (b Backend) node(name string) string { return b.Path() + "/" + name }
 func (b Backend) String() string { return b.Path() }
 
 // Store is the XenStore access the contract needs. ClientStore adapts a
-// *xenstore.Client; tests may use an in-memory map. Reads, and the operations
-// of one transaction, may be issued concurrently (the client pipelines them).
+// *xenstore.Client; tests may use an in-memory map.
 type Store interface {
-	Read(ctx context.Context, path string) (string, error)
-	GetPerms(ctx context.Context, path string) ([]xenstore.Perm, error)
+	Batcher
+	Directory(ctx context.Context, path string) ([]string, error)
 	// Transact runs fn in one transaction, retrying on EAGAIN.
-	Transact(ctx context.Context, fn func(ops xenstore.Ops) error) error
+	Transact(ctx context.Context, fn func(tx Batcher) error) error
+}
+
+// Batcher sends operations back to back and returns their replies in order
+// (xenstore.Client.Batch): a batch costs one round trip.
+type Batcher interface {
+	Batch(ctx context.Context, ops []xenstore.Op) []xenstore.Reply
 }
 
 // ClientStore is a Store on a real XenStore connection.
 type ClientStore struct{ *xenstore.Client }
 
-func (s ClientStore) Transact(ctx context.Context, fn func(ops xenstore.Ops) error) error {
+func (s ClientStore) Transact(ctx context.Context, fn func(tx Batcher) error) error {
 	return s.Client.Transaction(ctx, func(tx *xenstore.Tx) error { return fn(tx) })
 }
 
-// Request is what the backend asks for.
-type Request struct {
-	Params         string
-	Mode           string
-	PhysicalDevice string // already written (by an earlier add): "" if absent
-	Frontend       Frontend
+// read is a batch of one read.
+func read(ctx context.Context, s Batcher, path string) (string, error) {
+	r := s.Batch(ctx, []xenstore.Op{xenstore.Read(path)})[0]
+	return r.Value, r.Err
 }
 
-// ReadRequest reads params, mode and physical-device and checks their sizes,
-// and reads what the toolstack says about the frontend domain (Frontend).
-// The reads are issued at once: the XenStore client pipelines them, so they
-// cost one round trip (two for a stub domain) instead of seven.
-func ReadRequest(ctx context.Context, s Store, b Backend) (Request, error) {
-	names := [...]string{"params", "mode", "physical-device"}
-	var vals [len(names)]string
-	var errs [len(names)]error
-	var wg sync.WaitGroup
-	for i, name := range names {
-		wg.Go(func() { vals[i], errs[i] = s.Read(ctx, b.node(name)) })
-	}
-	var fe Frontend
-	wg.Go(func() { fe = readFrontend(ctx, s, b.Domid) })
-	wg.Wait()
-	r := Request{Frontend: fe}
-	var err error
-	if r.Params, err = checkRequired(b, "params", vals[0], errs[0], MaxParams); err != nil {
-		return Request{}, err
-	}
-	if r.Mode, err = checkRequired(b, "mode", vals[1], errs[1], MaxMode); err != nil {
-		return Request{}, err
-	}
-	r.PhysicalDevice, err = vals[2], errs[2]
-	if err != nil && !errors.Is(err, unix.ENOENT) {
-		return Request{}, readError(b.node("physical-device"), err)
-	}
-	return r, nil
+// Node names one node of a backend directory a decision may need; a set of
+// them is a mask.
+type Node uint16
+
+const (
+	Script         Node = 1 << iota // the script libxl execs (absolute path)
+	State                           // the backend's xenbus state (blkback writes it)
+	Params                          // the disk's target
+	Mode                            // r, w or w!
+	PhysicalDevice                  // major:minor in hex, as blkback reads it
+	DiskSeq                         // our loop device's diskseq, in hex
+	StockNode                       // "node": the stock block script's loop device
+	HotplugError                    // a failure recorded for libxl
+	Dir                             // the directory itself: whether the backend exists
+	numNodes       = iota
+)
+
+// nodeNames are the nodes' names in the backend directory ("" for Dir).
+var nodeNames = [numNodes]string{"script", "state", "params", "mode", "physical-device", "diskseq", "node", "hotplug-error", ""}
+
+// Snapshot is what one batch read of a backend's nodes found: the input of
+// every decision the daemon makes about the backend.
+type Snapshot struct {
+	Backend Backend
+	Read    Node // the nodes asked for
+	Present Node // those of them that exist
+	values  [numNodes]string
+	Err     error // the first read that failed other than with ENOENT (XenStore trouble)
 }
 
-// ToolstackDomid is the domain whose nodes are trusted to say which VM a
-// domain belongs to: the toolstack (libxl) runs in dom0.
-const ToolstackDomid = 0
-
-// Frontend is what the toolstack says about a frontend domain, for the
-// same-VM and stub-domain sharing exceptions. Each value is read only from a
-// node whose permissions let no one but the toolstack write it; a missing
-// node, an unreadable one or one a guest could write leaves its value "" (and
-// a line in Ignored or Unreadable), so it can never widen sharing.
-type Frontend struct {
-	VM         string   // /local/domain/<domid>/vm
-	Target     int      // a device-model stub domain: the domain it serves (/local/domain/<domid>/target); -1 if none
-	TargetVM   string   // /local/domain/<Target>/vm
-	Ignored    []string // nodes that exist but were not trusted, and why
-	Unreadable []string // nodes that could not be read (e.g. EACCES in a driver domain), and why
+// ReadSnapshot reads the nodes of b in one batch (one round trip).
+func ReadSnapshot(ctx context.Context, s Batcher, b Backend, nodes Node) Snapshot {
+	snap := Snapshot{Backend: b, Read: nodes}
+	var ops []xenstore.Op
+	var which []int
+	for i := range numNodes {
+		if nodes&(1<<i) != 0 {
+			p := b.Path()
+			if nodeNames[i] != "" {
+				p = b.node(nodeNames[i])
+			}
+			ops = append(ops, xenstore.Read(p))
+			which = append(which, i)
+		}
+	}
+	for k, r := range s.Batch(ctx, ops) {
+		i := which[k]
+		switch {
+		case r.Err == nil:
+			snap.Present |= 1 << i
+			snap.values[i] = r.Value
+		case !errors.Is(r.Err, unix.ENOENT) && snap.Err == nil:
+			snap.Err = readError(ops[k].Path, r.Err)
+		}
+	}
+	return snap
 }
 
-// readFrontend reads domid's vm and target nodes and their permissions, then
-// the target's vm (each value with its permissions, pipelined).
-func readFrontend(ctx context.Context, s Store, domid uint32) Frontend {
-	fe := Frontend{Target: -1}
-	dom := fmt.Sprintf("/local/domain/%d", domid)
-	var vm, target string
-	var wg sync.WaitGroup
-	var vmWhy, targetWhy string
-	var vmErr, targetErr bool
-	wg.Go(func() { vm, vmWhy, vmErr = readTrusted(ctx, s, dom+"/vm") })
-	wg.Go(func() { target, targetWhy, targetErr = readTrusted(ctx, s, dom+"/target") })
-	wg.Wait()
-	fe.VM = vm
-	fe.note(vmWhy, vmErr)
-	fe.note(targetWhy, targetErr)
-	if target == "" {
-		return fe
-	}
-	t, err := parseID(target, 0x7fef)
-	if err != nil || t == uint64(domid) {
-		fe.addIgnored(fmt.Sprintf("%s/target: %q is not another domain's id", dom, quote(target)))
-		return fe
-	}
-	fe.Target = int(t)
-	tvm, why, readErr := readTrusted(ctx, s, fmt.Sprintf("/local/domain/%d/vm", t))
-	fe.TargetVM = tvm
-	fe.note(why, readErr)
-	return fe
-}
+// Has reports whether node n was read and exists.
+func (s Snapshot) Has(n Node) bool { return s.Present&n != 0 }
 
-func (fe *Frontend) addIgnored(why string) { fe.note(why, false) }
-
-func (fe *Frontend) note(why string, readErr bool) {
-	switch {
-	case why == "":
-	case readErr:
-		fe.Unreadable = append(fe.Unreadable, why)
-	default:
-		fe.Ignored = append(fe.Ignored, why)
-	}
-}
-
-// readTrusted returns path's value if only the toolstack can write it ("" and
-// why not otherwise, readErr if the node could not be read; "" and "" if the
-// node is simply missing).
-func readTrusted(ctx context.Context, s Store, path string) (value, why string, readErr bool) {
-	var v string
-	var perms []xenstore.Perm
-	var rerr, perr error
-	var wg sync.WaitGroup
-	wg.Go(func() { v, rerr = s.Read(ctx, path) })
-	wg.Go(func() { perms, perr = s.GetPerms(ctx, path) })
-	wg.Wait()
-	switch {
-	case errors.Is(rerr, unix.ENOENT) || errors.Is(perr, unix.ENOENT):
-		return "", "", false
-	case rerr != nil:
-		return "", fmt.Sprintf("%s: %v", path, rerr), true
-	case perr != nil:
-		return "", fmt.Sprintf("%s: %v", path, perr), true
-	case v == "":
-		return "", fmt.Sprintf("%s: empty", path), false
-	}
-	if why := untrusted(perms); why != "" {
-		return "", fmt.Sprintf("%s: %s", path, why), false
-	}
-	return v, "", false
-}
-
-// untrusted says why a node with permissions perms might have been written by
-// someone other than the toolstack ("" if it cannot). The first entry is the
-// owner (who may always write) and everyone's default access.
-func untrusted(perms []xenstore.Perm) string {
-	if len(perms) == 0 {
-		return "no permissions returned"
-	}
-	if perms[0].Domid != ToolstackDomid {
-		return fmt.Sprintf("owned by domain %d, not the toolstack (domain %d)", perms[0].Domid, ToolstackDomid)
-	}
-	if a := perms[0].Access; a == 'w' || a == 'b' {
-		return fmt.Sprintf("every domain may write it (default access %q)", a)
-	}
-	for _, p := range perms[1:] {
-		if p.Domid != ToolstackDomid && (p.Access == 'w' || p.Access == 'b') {
-			return fmt.Sprintf("domain %d may write it", p.Domid)
+// Value returns node n's value ("" if absent or not read).
+func (s Snapshot) Value(n Node) string {
+	for i := range numNodes {
+		if n == 1<<i {
+			return s.values[i]
 		}
 	}
 	return ""
 }
 
-// checkRequired checks the value v (read with err) of a node add needs.
-func checkRequired(b Backend, name, v string, err error, max int) (string, error) {
+// Gone reports whether the backend directory was read and does not exist.
+func (s Snapshot) Gone() bool { return s.Read&Dir != 0 && s.Present&Dir == 0 && s.Err == nil }
+
+// Request is what the backend asks for.
+type Request struct {
+	Params string
+	Mode   string
+}
+
+// Request checks params and mode (read in s) and returns them, or an error a
+// Xen administrator can act on.
+func (s Snapshot) Request() (Request, error) {
+	if s.Err != nil {
+		return Request{}, s.Err
+	}
+	var r Request
+	var err error
+	if r.Params, err = checkRequired(s.Backend, "params", s.Value(Params), s.Has(Params), MaxParams); err != nil {
+		return Request{}, err
+	}
+	if r.Mode, err = checkRequired(s.Backend, "mode", s.Value(Mode), s.Has(Mode), MaxMode); err != nil {
+		return Request{}, err
+	}
+	return r, nil
+}
+
+// checkRequired checks the value v (present: the node exists) of a node add needs.
+func checkRequired(b Backend, name, v string, present bool, max int) (string, error) {
 	switch {
-	case errors.Is(err, unix.ENOENT):
+	case !present:
 		return "", fmt.Errorf("%s is missing in %s: the toolstack did not write the disk's %s", name, b, name)
-	case err != nil:
-		return "", readError(b.node(name), err)
 	case v == "":
 		return "", fmt.Errorf("%s is empty in %s: set the disk's target in the domain configuration", name, b)
 	case len(v) > max:
@@ -270,15 +230,32 @@ func readError(path string, err error) error {
 
 // Result is what add hands to blkback.
 type Result struct {
-	Rdev    uint64 // physical-device
-	DevPath string // physical-device-path
-	DiskSeq uint64 // 0: not a loop device, no diskseq node
+	Rdev       uint64 // physical-device
+	DevPath    string // physical-device-path
+	DiskSeq    uint64 // 0: not a loop device, no diskseq node
+	ClearError bool   // hotplug-error is set (an earlier failed add): remove it
 }
 
 // FormatRdev formats a device number as blkback parses it: "%x:%x".
 func FormatRdev(rdev uint64) string {
 	return fmt.Sprintf("%x:%x", unix.Major(rdev), unix.Minor(rdev))
 }
+
+// ParseRdev parses physical-device as FormatRdev writes it.
+func ParseRdev(s string) (uint64, error) {
+	maj, min, ok := strings.Cut(s, ":")
+	a, err1 := strconv.ParseUint(maj, 16, 32)
+	b, err2 := strconv.ParseUint(min, 16, 32)
+	if !ok || err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("physical-device %q is not major:minor in hex", quote(s))
+	}
+	return unix.Mkdev(uint32(a), uint32(b)), nil
+}
+
+// FormatDiskSeq and ParseDiskSeq are the diskseq node's format (hex).
+func FormatDiskSeq(seq uint64) string { return strconv.FormatUint(seq, 16) }
+
+func ParseDiskSeq(s string) (uint64, error) { return strconv.ParseUint(s, 16, 64) }
 
 // ErrBackendGone: the backend directory was removed (the domain is being
 // destroyed); nothing was written.
@@ -290,60 +267,34 @@ var ErrPhysicalDeviceSet = errors.New("physical-device already set to another de
 
 // Connect writes the result in one transaction: physical-device,
 // physical-device-path, diskseq (loop devices) and hotplug-status=connected,
-// and removes a stale hotplug-error. It writes nothing if the backend is gone
-// or physical-device already names another device. Inside the transaction
-// the reads go out at once, then the writes at once: the XenStore client
-// pipelines them, so the transaction costs four round trips, not nine.
+// and removes hotplug-error if r says it is set. It writes nothing if the
+// backend is gone or physical-device already names another device. The two
+// checks (the directory, physical-device) and the writes go out in one batch:
+// the writes are speculative, and the transaction is aborted, taking them
+// back, if a check fails. Three round trips: start, the batch, end.
 func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 	pdev := FormatRdev(r.Rdev)
-	err := s.Transact(ctx, func(tx xenstore.Ops) error {
-		var old string
-		var dirErr, oldErr, hotplugErr error
-		var wg sync.WaitGroup
-		wg.Go(func() { _, dirErr = tx.Read(ctx, b.Path()) })
-		wg.Go(func() { old, oldErr = tx.Read(ctx, b.node("physical-device")) })
-		wg.Go(func() { _, hotplugErr = tx.Read(ctx, b.node("hotplug-error")) })
-		wg.Wait()
-		if err := existsError(b, dirErr); err != nil {
+	err := s.Transact(ctx, func(tx Batcher) error {
+		ops := []xenstore.Op{xenstore.Read(b.Path()), xenstore.Read(b.node("physical-device")),
+			xenstore.Write(b.node("physical-device"), pdev), xenstore.Write(b.node("physical-device-path"), r.DevPath)}
+		if r.DiskSeq != 0 {
+			ops = append(ops, xenstore.Write(b.node("diskseq"), FormatDiskSeq(r.DiskSeq)))
+		}
+		ops = append(ops, xenstore.Write(b.node("hotplug-status"), "connected"))
+		if r.ClearError {
+			ops = append(ops, xenstore.Rm(b.node("hotplug-error")))
+		}
+		replies := tx.Batch(ctx, ops)
+		if err := existsError(b, replies[0].Err); err != nil {
 			return err
 		}
-		var writes [][2]string
-		switch {
-		case oldErr == nil && old != pdev:
+		switch old, err := replies[1].Value, replies[1].Err; {
+		case err == nil && old != pdev:
 			return fmt.Errorf("%w: %s holds %q, this add made %s", ErrPhysicalDeviceSet, b.node("physical-device"), quote(old), pdev)
-		case oldErr == nil:
-			// Same value: written by an earlier add of ours; confirm the rest.
-		case errors.Is(oldErr, unix.ENOENT):
-			writes = append(writes, [2]string{b.node("physical-device"), pdev})
-		default:
-			return oldErr
+		case err != nil && !errors.Is(err, unix.ENOENT):
+			return err
 		}
-		rmHotplugError := false
-		switch {
-		case hotplugErr == nil:
-			rmHotplugError = true
-		case !errors.Is(hotplugErr, unix.ENOENT):
-			return hotplugErr
-		}
-		writes = append(writes, [2]string{b.node("physical-device-path"), r.DevPath})
-		if r.DiskSeq != 0 {
-			writes = append(writes, [2]string{b.node("diskseq"), strconv.FormatUint(r.DiskSeq, 16)})
-		}
-		writes = append(writes, [2]string{b.node("hotplug-status"), "connected"})
-		errs := make([]error, len(writes)+1)
-		for i, w := range writes {
-			wg.Go(func() { errs[i] = tx.Write(ctx, w[0], w[1]) })
-		}
-		if rmHotplugError {
-			wg.Go(func() { errs[len(writes)] = tx.Rm(ctx, b.node("hotplug-error")) })
-		}
-		wg.Wait()
-		for _, err := range errs {
-			if err != nil {
-				return err
-			}
-		}
-		return nil
+		return firstError(replies[2:])
 	})
 	if err != nil {
 		return fmt.Errorf("write physical-device %s to %s: %w", pdev, b, err)
@@ -351,19 +302,29 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 	return nil
 }
 
+// firstError returns the first failure among replies (ENOENT of an rm is none).
+func firstError(replies []xenstore.Reply) error {
+	for _, r := range replies {
+		if r.Err != nil && !errors.Is(r.Err, unix.ENOENT) {
+			return r.Err
+		}
+	}
+	return nil
+}
+
 // Fail records msg in hotplug-error (libxl logs it) and sets
 // hotplug-status=error, unless the backend directory is gone: writing into it
-// would recreate it.
+// would recreate it (the speculative writes are then aborted with the
+// transaction).
 func Fail(ctx context.Context, s Store, b Backend, msg string) error {
 	msg = quoteN(msg, maxError)
-	err := s.Transact(ctx, func(tx xenstore.Ops) error {
-		if err := exists(ctx, tx, b); err != nil {
+	err := s.Transact(ctx, func(tx Batcher) error {
+		replies := tx.Batch(ctx, []xenstore.Op{xenstore.Read(b.Path()),
+			xenstore.Write(b.node("hotplug-error"), msg), xenstore.Write(b.node("hotplug-status"), "error")})
+		if err := existsError(b, replies[0].Err); err != nil {
 			return err
 		}
-		if err := tx.Write(ctx, b.node("hotplug-error"), msg); err != nil {
-			return err
-		}
-		return tx.Write(ctx, b.node("hotplug-status"), "error")
+		return firstError(replies[1:])
 	})
 	if err != nil {
 		return fmt.Errorf("write hotplug-error to %s: %w", b, err)
@@ -375,18 +336,19 @@ func Fail(ctx context.Context, s Store, b Backend, msg string) error {
 // stock block script's loop device), only while physical-device still is
 // pdev: a backend removed or re-attached meanwhile is left alone.
 func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq uint64) error {
-	err := s.Transact(ctx, func(tx xenstore.Ops) error {
-		old, err := tx.Read(ctx, b.node("physical-device"))
-		if errors.Is(err, unix.ENOENT) {
+	err := s.Transact(ctx, func(tx Batcher) error {
+		replies := tx.Batch(ctx, []xenstore.Op{xenstore.Read(b.node("physical-device")),
+			xenstore.Write(b.node("diskseq"), FormatDiskSeq(diskseq))})
+		old, err := replies[0].Value, replies[0].Err
+		switch {
+		case errors.Is(err, unix.ENOENT):
 			return fmt.Errorf("%w: %s", ErrBackendGone, b)
-		}
-		if err != nil {
+		case err != nil:
 			return err
-		}
-		if old != pdev {
+		case old != pdev:
 			return fmt.Errorf("%w: %s holds %q, not %s", ErrPhysicalDeviceSet, b.node("physical-device"), quote(old), pdev)
 		}
-		return tx.Write(ctx, b.node("diskseq"), strconv.FormatUint(diskseq, 16))
+		return replies[1].Err
 	})
 	if err != nil {
 		return fmt.Errorf("write diskseq to %s: %w", b, err)
@@ -394,38 +356,19 @@ func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq
 	return nil
 }
 
-// Disconnect removes physical-device and diskseq if they still exist, in one
-// transaction whose two removals go out at once (the client pipelines them):
-// three round trips (begin, the removals, commit) instead of six. A node that
+// Disconnect removes physical-device, then diskseq, in one batch (one round
+// trip, no transaction): xenstored applies one connection's requests in
+// order, so at no moment does diskseq go before physical-device. A node that
 // is already gone, or a backend directory that is, is not an error.
 func Disconnect(ctx context.Context, s Store, b Backend) error {
-	err := s.Transact(ctx, func(tx xenstore.Ops) error {
-		nodes := [...]string{b.node("physical-device"), b.node("diskseq")}
-		var errs [len(nodes)]error
-		var wg sync.WaitGroup
-		for i, node := range nodes {
-			wg.Go(func() { errs[i] = tx.Rm(ctx, node) })
-		}
-		wg.Wait()
-		for _, err := range errs {
-			if err != nil && !errors.Is(err, unix.ENOENT) {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
+	replies := s.Batch(ctx, []xenstore.Op{xenstore.Rm(b.node("physical-device")), xenstore.Rm(b.node("diskseq"))})
+	if err := firstError(replies); err != nil {
 		return fmt.Errorf("remove physical-device from %s: %w", b, err)
 	}
 	return nil
 }
 
-func exists(ctx context.Context, ops xenstore.Ops, b Backend) error {
-	_, err := ops.Read(ctx, b.Path())
-	return existsError(b, err)
-}
-
-// existsError is exists' verdict on the read of b's directory.
+// existsError is the verdict on the read of b's directory.
 func existsError(b Backend, err error) error {
 	if errors.Is(err, unix.ENOENT) {
 		return fmt.Errorf("%w: %s", ErrBackendGone, b)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -33,7 +32,23 @@ func (m mapStore) Rm(ctx context.Context, p string) error {
 	}
 	return nil
 }
-func (m mapStore) Directory(ctx context.Context, p string) ([]string, error) { return nil, nil }
+func (m mapStore) Directory(ctx context.Context, p string) ([]string, error) {
+	seen := map[string]bool{}
+	var names []string
+	for k := range m {
+		if rest, ok := strings.CutPrefix(k, p+"/"); ok && !strings.Contains(rest, permsSuffix) {
+			name, _, _ := strings.Cut(rest, "/")
+			if !seen[name] {
+				seen[name] = true
+				names = append(names, name)
+			}
+		}
+	}
+	if _, ok := m[p]; !ok && len(names) == 0 {
+		return nil, &xenstore.Error{Op: "directory", Path: p, Err: unix.ENOENT}
+	}
+	return names, nil
+}
 
 // GetPerms returns the permissions stored under p+permsSuffix ("n0 r5"),
 // else the toolstack's "n0" for every node that exists.
@@ -59,12 +74,37 @@ func (m mapStore) GetPerms(ctx context.Context, p string) ([]xenstore.Perm, erro
 const permsSuffix = "\x00perms"
 
 func (m mapStore) SetPerms(ctx context.Context, p string, perms []xenstore.Perm) error { return nil }
-func (m mapStore) Transact(ctx context.Context, fn func(xenstore.Ops) error) error {
+func (m mapStore) Batch(ctx context.Context, ops []xenstore.Op) []xenstore.Reply {
+	return batchOn(ctx, m, ops)
+}
+
+// batchOn runs ops one after the other on o, as xenstored does a batch.
+func batchOn(ctx context.Context, o xenstore.Ops, ops []xenstore.Op) []xenstore.Reply {
+	out := make([]xenstore.Reply, len(ops))
+	for i, op := range ops {
+		r := &out[i]
+		switch op.Type {
+		case xenstore.OpRead:
+			r.Value, r.Err = o.Read(ctx, op.Path)
+		case xenstore.OpWrite:
+			r.Err = o.Write(ctx, op.Path, op.Value)
+		case xenstore.OpRm:
+			r.Err = o.Rm(ctx, op.Path)
+		case xenstore.OpDirectory:
+			r.Names, r.Err = o.Directory(ctx, op.Path)
+		case xenstore.OpGetPerms:
+			r.Perms, r.Err = o.GetPerms(ctx, op.Path)
+		}
+	}
+	return out
+}
+
+func (m mapStore) Transact(ctx context.Context, fn func(Batcher) error) error {
 	tx := mapStore{}
 	for k, v := range m {
 		tx[k] = v
 	}
-	if err := fn(syncOps{&sync.Mutex{}, tx}); err != nil {
+	if err := fn(tx); err != nil {
 		return err
 	}
 	for k := range m {
@@ -74,49 +114,6 @@ func (m mapStore) Transact(ctx context.Context, fn func(xenstore.Ops) error) err
 		m[k] = v
 	}
 	return nil
-}
-
-// syncOps serialises a transaction's operations on the map: Connect issues
-// them concurrently (the real client pipelines them).
-type syncOps struct {
-	mu  *sync.Mutex
-	ops xenstore.Ops
-}
-
-func (s syncOps) Read(ctx context.Context, p string) (string, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ops.Read(ctx, p)
-}
-func (s syncOps) Write(ctx context.Context, p, v string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ops.Write(ctx, p, v)
-}
-func (s syncOps) Mkdir(ctx context.Context, p string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ops.Mkdir(ctx, p)
-}
-func (s syncOps) Rm(ctx context.Context, p string) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ops.Rm(ctx, p)
-}
-func (s syncOps) Directory(ctx context.Context, p string) ([]string, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ops.Directory(ctx, p)
-}
-func (s syncOps) GetPerms(ctx context.Context, p string) ([]xenstore.Perm, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ops.GetPerms(ctx, p)
-}
-func (s syncOps) SetPerms(ctx context.Context, p string, perms []xenstore.Perm) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ops.SetPerms(ctx, p, perms)
 }
 
 func TestParseBackendPath(t *testing.T) {
@@ -189,7 +186,7 @@ func TestReadRequest(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r, err := ReadRequest(ctx, backendStore(tt.params, tt.mode), be)
+			r, err := ReadSnapshot(ctx, backendStore(tt.params, tt.mode), be, Params|Mode).Request()
 			if tt.wantErr == "" {
 				if err != nil || r.Params != tt.params || r.Mode != tt.mode {
 					t.Fatalf("got %+v, %v", r, err)
@@ -207,7 +204,7 @@ func TestConnectFailDisconnect(t *testing.T) {
 	ctx := context.Background()
 	s := backendStore("/srv/img", "w")
 	s[be.node("hotplug-error")] = "stale"
-	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab}
+	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true}
 	if err := Connect(ctx, s, be, r); err != nil {
 		t.Fatal(err)
 	}
@@ -293,11 +290,7 @@ func TestReadFrontend(t *testing.T) {
 			for k, v := range tt.nodes {
 				s[k] = v
 			}
-			r, err := ReadRequest(ctx, s, be)
-			if err != nil {
-				t.Fatal(err)
-			}
-			got := r.Frontend
+			got := ReadFrontend(ctx, s, be.Domid)
 			ignored := strings.Join(got.Ignored, "; ")
 			if len(got.Unreadable) > 0 {
 				ignored += "unreadable: " + strings.Join(got.Unreadable, "; ")
@@ -309,5 +302,89 @@ func TestReadFrontend(t *testing.T) {
 				t.Errorf("ignored %q, want %q", ignored, tt.ignored)
 			}
 		})
+	}
+}
+
+func TestReadSnapshot(t *testing.T) {
+	ctx := context.Background()
+	s := backendStore("/srv/img", "w")
+	s[be.node("script")] = "/etc/xen/scripts/xenblkd"
+	got := ReadSnapshot(ctx, s, be, Script|Params|PhysicalDevice|Dir)
+	switch {
+	case got.Err != nil:
+		t.Fatal(got.Err)
+	case !got.Has(Script) || got.Value(Script) != "/etc/xen/scripts/xenblkd" || got.Value(Params) != "/srv/img":
+		t.Errorf("values: %+v", got)
+	case got.Has(PhysicalDevice) || got.Has(Mode) || got.Gone():
+		t.Errorf("presence: %+v", got)
+	}
+	if gone := ReadSnapshot(ctx, mapStore{}, be, Script|Dir); !gone.Gone() || gone.Has(Script) {
+		t.Errorf("removed backend: %+v", gone)
+	}
+	if notAsked := ReadSnapshot(ctx, mapStore{}, be, Script); notAsked.Gone() {
+		t.Error("Gone without reading the directory")
+	}
+}
+
+func TestParseRdev(t *testing.T) {
+	for _, rdev := range []uint64{unix.Mkdev(7, 0), unix.Mkdev(7, 300), unix.Mkdev(259, 1<<19), unix.Mkdev(8, 17)} {
+		if got, err := ParseRdev(FormatRdev(rdev)); err != nil || got != rdev {
+			t.Errorf("ParseRdev(FormatRdev(%d)) = %d, %v", rdev, got, err)
+		}
+	}
+	for _, bad := range []string{"", "7", "7:", ":1", "g:1", "7:1:2", "100000000:0"} {
+		if _, err := ParseRdev(bad); err == nil {
+			t.Errorf("ParseRdev(%q): no error", bad)
+		}
+	}
+}
+
+func FuzzParseRdev(f *testing.F) {
+	f.Add("7:12c")
+	f.Add("fe:0")
+	f.Fuzz(func(t *testing.T, s string) {
+		if rdev, err := ParseRdev(s); err == nil {
+			if again, err := ParseRdev(FormatRdev(rdev)); err != nil || again != rdev {
+				t.Fatalf("ParseRdev(%q) = %d does not round-trip: %d, %v", s, rdev, again, err)
+			}
+		}
+	})
+}
+
+func TestListBackends(t *testing.T) {
+	s := mapStore{"backend/vbd/7/51728/params": "x", "backend/vbd/7/51712/params": "y", "backend/vbd/3/768/params": "z",
+		"backend/vbd/3/bad/params": "w"}
+	got, err := ListBackends(context.Background(), s)
+	want := []Backend{{3, 768}, {7, 51712}, {7, 51728}}
+	if err != nil || len(got) != len(want) || got[0] != want[0] || got[1] != want[1] || got[2] != want[2] {
+		t.Fatalf("ListBackends = %v, %v; want %v", got, err, want)
+	}
+	if got, err := ListBackends(context.Background(), mapStore{}); err != nil || len(got) != 0 {
+		t.Fatalf("no tree: %v, %v", got, err)
+	}
+}
+
+func TestParseEvent(t *testing.T) {
+	tests := []struct {
+		path string
+		want Event
+	}{
+		{"backend/vbd", Event{Level: LevelTree}},
+		{"backend/vbd/5", Event{Level: LevelDomain, Domid: 5}},
+		{"backend/vbd/5/51712", Event{Level: LevelBackend, Domid: 5, Backend: Backend{5, 51712}}},
+		{"backend/vbd/5/51712/state", Event{Level: LevelBackend, Domid: 5, Backend: Backend{5, 51712}, Node: "state"}},
+		{"backend/vbd/5/51712/queue-0/ring-ref", Event{Level: LevelBackend, Domid: 5, Backend: Backend{5, 51712}, Node: "queue-0"}},
+		{"/local/domain/0/backend/vbd/7/1/params", Event{Level: LevelBackend, Domid: 7, Backend: Backend{7, 1}, Node: "params"}},
+		{"/local/domain/0/backend/vbd/7/1", Event{Level: LevelBackend, Domid: 7, Backend: Backend{7, 1}}},
+		{"backend/vbdx/5", Event{}},
+		{"backend/vbd/x", Event{}},
+		{"backend/vbd/5/05", Event{}},
+		{"backend/vif/5/0", Event{}},
+		{"/local/domain/0/device/vbd/1", Event{}},
+	}
+	for _, tt := range tests {
+		if got := ParseEvent(tt.path); got != tt.want {
+			t.Errorf("ParseEvent(%q) = %+v, want %+v", tt.path, got, tt.want)
+		}
 	}
 }

@@ -18,6 +18,8 @@ import (
 	"sort"
 	"sync"
 	"time"
+
+	"xenblkd/internal/keyed"
 )
 
 // Key identifies a backend: the frontend domain and the virtual device number,
@@ -144,8 +146,11 @@ type AddRequest struct {
 	Params  string // BE/params as read, for the record and messages
 	Mode    Mode
 	Target  Target
-	Domain  Domain   // the frontend domain, for the same-VM and stub-domain exceptions
 	Backing *os.File // opened with the access Mode asks for; the caller closes it
+	// Domains says what the toolstack says about a domain, for the same-VM
+	// and stub-domain exceptions. It is asked only when a target that one of
+	// the two uses writable is shared across domains; nil: nothing is known.
+	Domains func(ctx context.Context, domid uint32) Domain
 }
 
 // Attachment is a snapshot of one backend's attachment.
@@ -154,7 +159,6 @@ type Attachment struct {
 	Params  string
 	Mode    Mode
 	Target  Target
-	Domain  Domain    // the frontend domain as read at attach time
 	DevPath string    // physical-device-path
 	Rdev    uint64    // physical-device
 	DiskSeq uint64    // loop devices only; 0 for block devices
@@ -235,7 +239,7 @@ func (a *attachment) snapshot() Attachment {
 type Model struct {
 	host  Host
 	log   *slog.Logger
-	locks keyedMutex
+	locks keyed.Mutex[targetID] // lock order: internal/keyed
 
 	mu          sync.Mutex
 	attachments map[Key]*attachment              // guarded by mu
@@ -276,7 +280,7 @@ func New(host Host, log *slog.Logger) *Model {
 // with the same mode returns the existing attachment (idempotent).
 func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 	tid := req.Target.id()
-	unlock := m.locks.lockAll(req.Target.lockIDs())
+	unlock := m.locks.LockAll(req.Target.lockIDs())
 	defer unlock()
 	if err := ctx.Err(); err != nil {
 		return Attachment{}, err
@@ -291,22 +295,22 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 		return Attachment{}, fmt.Errorf("%s is already attached to %s %s (mode %s): remove it first",
 			req.Key, a.Target.Kind, a.Target.Path, a.Mode)
 	}
-	var conflict error
+	var others []*attachment
 	if !req.Mode.Force {
-		conflict = m.conflictLocked(req)
+		others = m.sharersLocked(req)
 	}
 	m.mu.Unlock()
-	if conflict != nil {
-		return Attachment{}, conflict
-	}
 	if !req.Mode.Force {
+		if err := m.excuse(ctx, req, others); err != nil {
+			return Attachment{}, err
+		}
 		if err := m.checkHost(ctx, req); err != nil {
 			return Attachment{}, err
 		}
 	}
 
 	a := &attachment{Attachment: Attachment{
-		Key: req.Key, Params: req.Params, Mode: req.Mode, Target: req.Target, Domain: req.Domain, Since: time.Now(),
+		Key: req.Key, Params: req.Params, Mode: req.Mode, Target: req.Target, Since: time.Now(),
 	}}
 	if req.Target.Kind == BlockDevice {
 		a.DevPath, a.Rdev = req.Target.Path, req.Target.Rdev
@@ -454,7 +458,7 @@ func (m *Model) Remove(key Key) (Attachment, bool) {
 	if a == nil {
 		return Attachment{}, false
 	}
-	unlock := m.locks.lockAll(a.Target.lockIDs())
+	unlock := m.locks.LockAll(a.Target.lockIDs())
 	defer unlock()
 
 	m.mu.Lock()
@@ -482,7 +486,7 @@ func (m *Model) Remove(key Key) (Attachment, bool) {
 // plus the backend's XenStore record). Backends naming the same read-only
 // device share it. dev is nil for block devices.
 func (m *Model) Restore(a Attachment, dev Device) error {
-	unlock := m.locks.lockAll(a.Target.lockIDs())
+	unlock := m.locks.LockAll(a.Target.lockIDs())
 	defer unlock()
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -528,66 +532,9 @@ func (m *Model) List() []Attachment {
 	return out
 }
 
-// Devices returns how many loop devices the model holds.
-func (m *Model) Devices() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return len(m.devices)
-}
-
 func less(a, b Key) bool {
 	if a.Domid != b.Domid {
 		return a.Domid < b.Domid
 	}
 	return a.Devid < b.Devid
-}
-
-// keyedMutex is a mutex per target, created on demand and dropped when unused.
-type keyedMutex struct {
-	mu    sync.Mutex
-	locks map[targetID]*keyedLock // guarded by mu
-}
-
-type keyedLock struct {
-	mu   sync.Mutex
-	refs int // guarded by keyedMutex.mu
-}
-
-// lockAll locks each of ids, which must be in lessID order (so that two
-// callers sharing some never wait on each other crosswise).
-func (k *keyedMutex) lockAll(ids []targetID) (unlock func()) {
-	unlocks := make([]func(), len(ids))
-	for i, id := range ids {
-		unlocks[i] = k.lock(id)
-	}
-	return func() {
-		for i := len(unlocks) - 1; i >= 0; i-- {
-			unlocks[i]()
-		}
-	}
-}
-
-func (k *keyedMutex) lock(id targetID) (unlock func()) {
-	k.mu.Lock()
-	if k.locks == nil {
-		k.locks = map[targetID]*keyedLock{}
-	}
-	l := k.locks[id]
-	if l == nil {
-		l = &keyedLock{}
-		k.locks[id] = l
-	}
-	l.refs++
-	k.mu.Unlock()
-
-	l.mu.Lock()
-	return func() {
-		l.mu.Unlock()
-		k.mu.Lock()
-		l.refs--
-		if l.refs == 0 {
-			delete(k.locks, id)
-		}
-		k.mu.Unlock()
-	}
 }

@@ -100,9 +100,21 @@ func add(t *testing.T, m *Model, domid, devid uint32, tg Target, mode Mode) (Att
 	return addAs(t, m, domid, devid, tg, mode, Domain{})
 }
 
+// testDomains is what the toolstack says about each model's domains: addAs
+// records the domain it adds as (*Model → *sync.Map of domid → Domain).
+var testDomains sync.Map
+
 func addAs(t *testing.T, m *Model, domid, devid uint32, tg Target, mode Mode, dom Domain) (Attachment, error) {
 	t.Helper()
-	return m.Add(context.Background(), AddRequest{Key: Key{domid, devid}, Params: tg.Path, Mode: mode, Target: tg, Domain: dom})
+	v, _ := testDomains.LoadOrStore(m, &sync.Map{})
+	doms := v.(*sync.Map)
+	doms.Store(domid, dom)
+	domains := func(_ context.Context, domid uint32) Domain {
+		d, _ := doms.Load(domid)
+		dom, _ := d.(Domain)
+		return dom
+	}
+	return m.Add(context.Background(), AddRequest{Key: Key{domid, devid}, Params: tg.Path, Mode: mode, Target: tg, Domains: domains})
 }
 
 func TestSharingRules(t *testing.T) {
@@ -439,8 +451,8 @@ func TestConcurrentAddRemove(t *testing.T) {
 		go func() { defer wg.Done(); m.Remove(Key{uint32(i + 1), 51712}) }()
 	}
 	wg.Wait()
-	if h.open != 0 || m.Devices() != 0 || len(m.List()) != 0 {
-		t.Fatalf("after removes: %d devices open, %d held, %d attachments", h.open, m.Devices(), len(m.List()))
+	if h.open != 0 || len(m.Held()) != 0 || len(m.List()) != 0 {
+		t.Fatalf("after removes: %d devices open, %d held, %d attachments", h.open, len(m.Held()), len(m.List()))
 	}
 }
 

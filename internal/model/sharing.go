@@ -121,30 +121,55 @@ func lessID(a, b targetID) bool {
 	return a.b < b.b
 }
 
-// conflictLocked applies the sharing rules against our own attachments.
-func (m *Model) conflictLocked(req AddRequest) error {
+// sharersLocked returns our attachments that occupy what req's target does
+// and need an exception to be shared with it: another domain's, with one of
+// the two writable. Ordered by key.
+func (m *Model) sharersLocked(req AddRequest) []*attachment {
 	seen := map[Key]bool{}
 	var others []*attachment
 	for _, k := range req.Target.probeKeys() {
 		for key, a := range m.byShare[k] {
-			if !seen[key] {
-				seen[key] = true
-				others = append(others, a)
+			if seen[key] {
+				continue
 			}
+			seen[key] = true
+			if a.Key.Domid == req.Key.Domid {
+				continue // the same domain may attach it again
+			}
+			if !req.Mode.Writable && !a.Mode.Writable {
+				continue // read-only everywhere
+			}
+			others = append(others, a)
 		}
 	}
 	sort.Slice(others, func(i, j int) bool { return less(others[i].Key, others[j].Key) })
+	return others
+}
+
+// excuse applies the same-VM and stub-domain exceptions to others (from
+// sharersLocked): it asks req.Domains about the domains involved, only now
+// that they matter, and returns the conflict with the first one not excused.
+// The target locks keep others attached meanwhile; mu is not held.
+func (m *Model) excuse(ctx context.Context, req AddRequest, others []*attachment) error {
+	if len(others) == 0 {
+		return nil
+	}
+	known := map[uint32]Domain{}
+	domainOf := func(domid uint32) Domain {
+		d, ok := known[domid]
+		if !ok && req.Domains != nil {
+			d = req.Domains(ctx, domid)
+			known[domid] = d
+		}
+		return d
+	}
+	this := domainOf(req.Key.Domid)
 	for _, other := range others {
-		if other.Key.Domid == req.Key.Domid {
-			continue // the same domain may attach it again
-		}
-		if !req.Mode.Writable && !other.Mode.Writable {
-			continue // read-only everywhere
-		}
-		if why := sameVM(req.Domain, other.Domain); why != "" {
+		od := domainOf(other.Key.Domid)
+		if why := sameVM(this, od); why != "" {
 			m.log.Info("sharing allowed", "domid", req.Key.Domid, "devid", req.Key.Devid, "why", why,
 				"other_domid", other.Key.Domid, "other_devid", other.Key.Devid, "other_mode", other.Mode.String(),
-				"vm", req.Domain.VM, "target_vm", req.Domain.TargetVM, "other_vm", other.Domain.VM)
+				"vm", this.VM, "target_vm", this.TargetVM, "other_vm", od.VM)
 			continue
 		}
 		return &ConflictError{Key: req.Key, Target: req.Target, Reason: conflictReason(req, other)}

@@ -1,0 +1,74 @@
+// Package keyed provides a mutex per key, created on demand and dropped when
+// no one holds or waits for it.
+//
+// The daemon's locks, in the one order they are taken (a lock is never
+// taken while holding one later in this list):
+//
+//  1. the backend lock (daemon: a Mutex by backend), held across one whole
+//     lifecycle step of a backend: snapshot, decision, action;
+//  2. the target locks (model: a Mutex by target), held across the slow work
+//     of one add or remove (sharing checks, loop setup); an add takes all of
+//     its target's locks at once with LockAll, in one global order;
+//  3. the leaf mutexes guarding maps (model.mu, the daemon's backend state,
+//     a Mutex's own): never held across I/O or while taking another lock.
+package keyed
+
+import "sync"
+
+// Mutex is a mutex per key. The zero value is ready to use.
+type Mutex[K comparable] struct {
+	mu    sync.Mutex
+	locks map[K]*entry // guarded by mu
+}
+
+type entry struct {
+	mu   sync.Mutex
+	refs int // guarded by Mutex.mu: holders and waiters
+}
+
+// Lock locks key's mutex and returns its unlock.
+func (m *Mutex[K]) Lock(key K) (unlock func()) {
+	m.mu.Lock()
+	if m.locks == nil {
+		m.locks = map[K]*entry{}
+	}
+	e := m.locks[key]
+	if e == nil {
+		e = &entry{}
+		m.locks[key] = e
+	}
+	e.refs++
+	m.mu.Unlock()
+
+	e.mu.Lock()
+	return func() {
+		e.mu.Unlock()
+		m.mu.Lock()
+		if e.refs--; e.refs == 0 {
+			delete(m.locks, key)
+		}
+		m.mu.Unlock()
+	}
+}
+
+// LockAll locks each of keys in the order given, which must be one order
+// every caller agrees on (so that two callers sharing some keys never wait on
+// each other crosswise), and returns the unlock of them all.
+func (m *Mutex[K]) LockAll(keys []K) (unlock func()) {
+	unlocks := make([]func(), len(keys))
+	for i, k := range keys {
+		unlocks[i] = m.Lock(k)
+	}
+	return func() {
+		for i := len(unlocks) - 1; i >= 0; i-- {
+			unlocks[i]()
+		}
+	}
+}
+
+// held returns how many keys have an entry (for tests).
+func (m *Mutex[K]) held() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.locks)
+}
