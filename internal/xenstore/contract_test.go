@@ -165,7 +165,7 @@ func testBatch(t *testing.T, b *backend) {
 	r := root(t, c)
 	mustWrite(t, c, r+"/a", "1")
 	got := c.Batch(ctx, []xenstore.Op{
-		xenstore.Write(r+"/b", "2"), xenstore.Read(r+"/b"), xenstore.Read(r+"/missing"),
+		xenstore.Write(r+"/b", "2"), xenstore.Read(r + "/b"), xenstore.Read(r + "/missing"),
 		xenstore.Directory(r), xenstore.GetPerms(r + "/a"), xenstore.Rm(r + "/a"), xenstore.Read(r + "/a"),
 	})
 	names := got[3].Names
