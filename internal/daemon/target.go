@@ -46,23 +46,9 @@ func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 	if err := unix.Fstat(pathFd, &st); err != nil {
 		return nil, model.Target{}, fmt.Errorf("params %q: stat: %w", q(params), err)
 	}
-	target := model.Target{Path: p}
-	switch st.Mode & unix.S_IFMT {
-	case unix.S_IFBLK:
-		target.Kind, target.Rdev = model.BlockDevice, st.Rdev
-	case unix.S_IFREG:
-		target.Kind, target.File = model.RegularFile, model.FileID{Dev: st.Dev, Ino: st.Ino}
-		if st.Nlink == 0 {
-			// e.g. /proc/<pid>/fd/<n> of a deleted image: nothing else could
-			// ever find it to check sharing, and its data dies with the last fd.
-			return nil, model.Target{}, fmt.Errorf("params %q: the file has been deleted (no name links to it any more); restore it under a name and use that", q(params))
-		}
-		if writable && st.Mode&0o222 == 0 {
-			return nil, model.Target{}, fmt.Errorf("params %q: the file is read-only (permissions %#o) but mode is w: use mode r, or make the file writable",
-				q(params), st.Mode&0o7777)
-		}
-	default:
-		return nil, model.Target{}, fmt.Errorf("params %q is a %s: expected a block device or a regular image file", q(params), fileType(st.Mode))
+	target, err := targetOf(params, p, &st, writable)
+	if err != nil {
+		return nil, model.Target{}, err
 	}
 
 	flags := unix.O_RDONLY
@@ -89,6 +75,30 @@ func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 		}
 	}
 	return f, target, nil
+}
+
+// targetOf says what the node p (params, resolved) with status st is, and
+// refuses what cannot be attached with mode's access.
+func targetOf(params, p string, st *unix.Stat_t, writable bool) (model.Target, error) {
+	target := model.Target{Path: p}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFBLK:
+		target.Kind, target.Rdev = model.BlockDevice, st.Rdev
+	case unix.S_IFREG:
+		target.Kind, target.File = model.RegularFile, model.FileID{Dev: st.Dev, Ino: st.Ino}
+		if st.Nlink == 0 {
+			// e.g. /proc/<pid>/fd/<n> of a deleted image: nothing else could
+			// ever find it to check sharing, and its data dies with the last fd.
+			return model.Target{}, fmt.Errorf("params %q: the file has been deleted (no name links to it any more); restore it under a name and use that", q(params))
+		}
+		if writable && st.Mode&0o222 == 0 {
+			return model.Target{}, fmt.Errorf("params %q: the file is read-only (permissions %#o) but mode is w: use mode r, or make the file writable",
+				q(params), st.Mode&0o7777)
+		}
+	default:
+		return model.Target{}, fmt.Errorf("params %q is a %s: expected a block device or a regular image file", q(params), fileType(st.Mode))
+	}
+	return target, nil
 }
 
 // blockFacts fills in what the block device open on f stands for: the file

@@ -164,6 +164,21 @@ func ReadSnapshot(ctx context.Context, s Batcher, b Backend, nodes Node) Snapsho
 	return snap
 }
 
+// SnapshotOf is the snapshot a read of the nodes read would return when the
+// nodes in present exist with those values and other reads fail with err
+// (nil: ENOENT): for fakes and table tests.
+func SnapshotOf(b Backend, read Node, present map[Node]string, err error) Snapshot {
+	s := Snapshot{Backend: b, Read: read, Err: err}
+	for i := range numNodes {
+		n := Node(1) << i
+		if v, ok := present[n]; ok && read&n != 0 {
+			s.Present |= n
+			s.values[i] = v
+		}
+	}
+	return s
+}
+
 // Has reports whether node n was read and exists.
 func (s Snapshot) Has(n Node) bool { return s.Present&n != 0 }
 
