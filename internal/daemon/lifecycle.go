@@ -97,7 +97,9 @@ func nodesFor(o origin, h holding) hotplug.Node {
 		return removeNodes
 	case fromPresetup:
 		switch {
-		case h.state.scriptRan:
+		case h.state.scriptRan || h.state.presetup:
+			// Attached by pre-setup, or the script ran: only the backend
+			// going away changes anything.
 			return hotplug.Dir
 		case h.known():
 			return presetupNodes | hotplug.Dir
@@ -165,11 +167,14 @@ func decideRemove(f facts) decision {
 func decidePresetup(f facts) decision {
 	s, h := f.snap, f.hold
 	switch {
-	case h.state.scriptRan:
-		if s.Gone() {
+	case h.state.scriptRan || h.state.presetup:
+		switch {
+		case s.Gone() && h.state.presetup:
+			return decision{do: doRelease, why: "gone before its script ran"}
+		case s.Gone():
 			return decision{do: doRelease, why: "gone after its script ran"}
 		}
-		return decision{why: "its script ran: the script's remove decides"}
+		return decision{why: "attached, or its script ran: the script decides"}
 	case s.Err != nil:
 		return decision{why: "XenStore trouble: the exec'd add does the work"}
 	case !s.Has(hotplug.Script):
@@ -179,7 +184,7 @@ func decidePresetup(f facts) decision {
 		return decision{why: "gone, or libxl's nodes not written yet"}
 	case !f.ours:
 		return decision{why: "another script's backend: never touched"}
-	case s.Has(hotplug.PhysicalDevice) || h.state.presetup:
+	case s.Has(hotplug.PhysicalDevice):
 		return decision{why: "physical-device is set (never rewritten)"}
 	case s.Has(hotplug.HotplugError):
 		// e.g. recovery found the device it named gone: only the exec'd add

@@ -165,8 +165,11 @@ func TestPresetupAttachesBeforeExec(t *testing.T) {
 		t.Errorf("timed: %d pre-setup attaches, %d adds; want 1, 1", pre, add)
 	}
 	// The confirm is answered from what the daemon knows.
-	if reads, txs := e.store.ops(b.Path()); reads != 0 || txs != 0 {
-		t.Errorf("confirm did %d XenStore reads and %d transactions; want none", reads, txs)
+	e.store.mu.Lock()
+	requests := e.store.requests
+	e.store.mu.Unlock()
+	if reads, txs := e.store.ops(b.Path()); reads != 0 || txs != 0 || requests != 0 {
+		t.Errorf("confirm did %d XenStore reads, %d transactions, %d requests in all; want none", reads, txs, requests)
 	}
 	if host.devices() != 1 || host.made() != 1 {
 		t.Fatalf("after exec: %d devices open, %d made; want 1, 1", host.devices(), host.made())
@@ -373,6 +376,7 @@ type countingStore struct {
 	mu           sync.Mutex
 	reads        map[string]int // guarded by mu
 	transactions int            // guarded by mu
+	requests     int            // guarded by mu: every operation of a batch, any path
 }
 
 func (s *countingStore) Transact(ctx context.Context, fn func(tx hotplug.Batcher) error) error {
@@ -388,6 +392,7 @@ func (s *countingStore) ops(dir string) (reads, transactions int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	transactions, s.transactions = s.transactions, 0
+	s.requests = 0
 	return reads, transactions
 }
 
@@ -396,6 +401,7 @@ func (s *countingStore) Batch(ctx context.Context, ops []xenstore.Op) []xenstore
 	if s.reads == nil {
 		s.reads = map[string]int{}
 	}
+	s.requests += len(ops)
 	for _, op := range ops {
 		if op.Type == xenstore.OpRead {
 			s.reads[op.Path]++
