@@ -171,7 +171,6 @@ func (d *Daemon) heldKeys(domid uint32, all bool) []model.Key {
 // presetup watches hotplug.Tree and sets up new backends of ours.
 type presetup struct {
 	d   *Daemon
-	xs  *xenstore.Client
 	log *slog.Logger
 
 	mu      sync.Mutex
@@ -191,7 +190,7 @@ func (d *Daemon) StartPresetup(ctx context.Context, xs *xenstore.Client, opts Pr
 	if opts.Workers <= 0 {
 		opts.Workers = DefaultPresetupWorkers
 	}
-	p := &presetup{d: d, xs: xs, log: d.log.With("presetup", true), pending: map[model.Key]bool{}}
+	p := &presetup{d: d, log: d.log.With("presetup", true), pending: map[model.Key]bool{}}
 	p.cond = sync.NewCond(&p.mu)
 	ctx, cancel := context.WithCancel(ctx)
 	w, err := xs.Watch(ctx, hotplug.Tree, "xenblkd-presetup")

@@ -235,7 +235,8 @@ func (a *attachment) snapshot() Attachment {
 // work of one add or remove (sharing checks against the host, loop setup) so
 // two requests for targets that may conflict serialise, and requests for
 // unrelated targets never wait on each other. mu guards the maps below and is
-// never held across slow work.
+// never held across slow work. The order against the daemon's locks is
+// written down once, in internal/keyed.
 type Model struct {
 	host  Host
 	log   *slog.Logger
