@@ -59,7 +59,7 @@ func (d *Daemon) act(ctx context.Context, o origin, f facts, dec decision, run *
 		d.log.Debug("add refused (found by pre-setup)", "domid", b.Domid, "devid", b.Devid, "err", err)
 		return nil, err
 	case doRefuse:
-		return nil, d.refuse(ctx, b, o, dec.err)
+		return nil, d.refuse(ctx, f.snap, o, dec.err)
 	case doReleaseStock:
 		if err := d.releaseStock(f.snap); err != nil { // stock.go
 			d.log.Error("remove: the stock script's loop device does not check out; not freeing it",
@@ -77,12 +77,12 @@ func (d *Daemon) act(ctx context.Context, o origin, f facts, dec decision, run *
 }
 
 // refuse reports a request that cannot be acted on.
-func (d *Daemon) refuse(ctx context.Context, b hotplug.Backend, o origin, err error) error {
+func (d *Daemon) refuse(ctx context.Context, s hotplug.Snapshot, o origin, err error) error {
 	if o == fromRecovery {
 		return err // Recover logs it per backend
 	}
 	err = withReason(ReasonBadParams, err)
-	d.refused(ctx, b, "", byOrigin(o), err)
+	d.refused(ctx, diskLine{b: s.Backend, labels: labelsOf(s)}, byOrigin(o), err)
 	return err
 }
 
@@ -132,11 +132,11 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o origin) (*api
 	b, by := s.Backend, byOrigin(o)
 	req, err := s.Request() // checked by decide
 	if err != nil {
-		return nil, d.refuse(ctx, b, o, err)
+		return nil, d.refuse(ctx, s, o, err)
 	}
-	params := model.Quote(req.Params, 200)
+	line := diskLine{b: b, target: model.Quote(req.Params, 200), labels: labelsOf(s)}
 	refuse := func(err error) (*api.Attachment, error) {
-		d.refused(ctx, b, params, by, err)
+		d.refused(ctx, line, by, err)
 		return nil, err
 	}
 	mode, err := model.ParseMode(req.Mode)
@@ -161,7 +161,8 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o origin) (*api
 		return refuse(withReason(ReasonXenStore, err))
 	}
 	d.metrics.attached(a)
-	d.decision(ctx, slog.LevelInfo, "attached", diskLine{b: b, target: target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
+	line.target, line.dev, line.diskseq = target.Path, a.DevPath, a.DiskSeq
+	d.decision(ctx, slog.LevelInfo, "attached", line,
 		"mode", mode, "kind", target.Kind.String(), "io", a.IO.String(), "users", a.Users, "by", by, "took", time.Since(start))
 	return toAPI(a), nil
 }
@@ -185,7 +186,8 @@ func (d *Daemon) detach(ctx context.Context, b hotplug.Backend) {
 	// physical-device goes first: a crash between the two steps then leaves a
 	// held device no backend names (recovery closes it), never a node naming
 	// a device that is gone.
-	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
+	var lb hotplug.Labels
+	if err := hotplug.Disconnect(ctx, d.store, b, &lb); err != nil {
 		d.log.Warn("remove: could not clear physical-device", "domid", b.Domid, "devid", b.Devid, "err", err)
 		d.metrics.countError(api.OpRemove, withReason(ReasonXenStore, err))
 	}
@@ -194,7 +196,7 @@ func (d *Daemon) detach(ctx context.Context, b hotplug.Backend) {
 		d.log.Info("remove: not attached here, nothing to release", "domid", b.Domid, "devid", b.Devid)
 		return
 	}
-	d.decision(ctx, slog.LevelInfo, "released", diskLine{b: b, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
+	d.decision(ctx, slog.LevelInfo, "released", diskLine{b: b, labels: &lb, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
 		"users_left", a.Users)
 }
 
@@ -217,6 +219,14 @@ func (d *Daemon) release(b hotplug.Backend, h holding) {
 		d.decision(context.Background(), slog.LevelInfo, why,
 			diskLine{b: b, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq}, "users_left", a.Users)
 	}
+}
+
+// labelsOf returns the labels s read, nil if it did not.
+func labelsOf(s hotplug.Snapshot) *hotplug.Labels {
+	if lb, ok := s.Labels(); ok {
+		return &lb
+	}
+	return nil
 }
 
 func keyOf(b hotplug.Backend) model.Key { return model.Key{Domid: b.Domid, Devid: b.Devid} }

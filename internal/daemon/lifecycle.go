@@ -75,7 +75,7 @@ type decision struct {
 
 // The nodes each origin's decision may need.
 const (
-	addNodes      = hotplug.Params | hotplug.Mode | hotplug.PhysicalDevice | hotplug.HotplugError
+	addNodes      = hotplug.Params | hotplug.Mode | hotplug.PhysicalDevice | hotplug.HotplugError | hotplug.Names // Names: the log line's, in the same round trip
 	removeNodes   = hotplug.PhysicalDevice | hotplug.StockNode | hotplug.Params | hotplug.DiskSeq
 	presetupNodes = hotplug.Script | hotplug.State | hotplug.PhysicalDevice | hotplug.Params | hotplug.Mode | hotplug.HotplugError
 	recoveryNodes = hotplug.Script | hotplug.PhysicalDevice | hotplug.Params | hotplug.Mode | hotplug.DiskSeq | hotplug.StockNode

@@ -19,6 +19,7 @@ import (
 // device has no diskseq from us).
 type diskLine struct {
 	b       hotplug.Backend
+	labels  *hotplug.Labels // read with the step's other requests; nil: read for the line
 	target  string
 	dev     string
 	diskseq uint64
@@ -27,11 +28,14 @@ type diskLine struct {
 // nameReadTimeout bounds the informational reads of a decision line.
 const nameReadTimeout = 500 * time.Millisecond
 
-// attrs returns the line's attributes (the labels: one batch).
+// attrs returns the line's attributes (the labels, unless read already: one batch).
 func (d *Daemon) attrs(ctx context.Context, l diskLine) []any {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), nameReadTimeout)
-	defer cancel()
-	lb := hotplug.ReadLabels(ctx, d.store, l.b)[0]
+	lb := l.labels
+	if lb == nil {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), nameReadTimeout)
+		defer cancel()
+		lb = &hotplug.ReadLabels(ctx, d.store, l.b)[0]
+	}
 	return []any{"domain", lb.Domain, "domid", l.b.Domid, "devid", l.b.Devid, "vdev", lb.Vdev, "target", l.target, "dev", l.dev, "diskseq", l.diskseq}
 }
 
@@ -43,11 +47,11 @@ func (d *Daemon) decision(ctx context.Context, level slog.Level, msg string, l d
 	d.log.Log(ctx, level, msg, append(d.attrs(ctx, l), extra...)...)
 }
 
-// refused logs a failed add once, where params is known: a refusal (bad
+// refused logs a failed add once, where params (l.target) is known: a refusal (bad
 // params or mode, a missing target, a sharing conflict) at warning, a failure
 // of XenStore or the loop API at error, and a transient error (XenStore
 // connection lost, backend gone) at debug: its caller retries or says so.
-func (d *Daemon) refused(ctx context.Context, b hotplug.Backend, params, by string, err error) {
+func (d *Daemon) refused(ctx context.Context, l diskLine, by string, err error) {
 	level, msg := slog.LevelWarn, "refused"
 	switch {
 	case transient(err):
@@ -55,5 +59,5 @@ func (d *Daemon) refused(ctx context.Context, b hotplug.Backend, params, by stri
 	case Reason(err) == ReasonXenStore || Reason(err) == ReasonLoop || Reason(err) == ReasonOther:
 		level, msg = slog.LevelError, "add failed"
 	}
-	d.decision(ctx, level, msg, diskLine{b: b, target: params}, "reason", Reason(err), "by", by, "err", err)
+	d.decision(ctx, level, msg, l, "reason", Reason(err), "by", by, "err", err)
 }

@@ -319,7 +319,7 @@ func (d *Daemon) mismatched(ctx context.Context, s hotplug.Snapshot, rdev, disks
 // forget removes physical-device and diskseq, then records msg in
 // hotplug-error (not if the backend is gone meanwhile).
 func (d *Daemon) forget(ctx context.Context, b hotplug.Backend, msg string) error {
-	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
+	if err := hotplug.Disconnect(ctx, d.store, b, nil); err != nil {
 		return err
 	}
 	if err := hotplug.Fail(ctx, d.store, b, msg); err != nil && !errors.Is(err, hotplug.ErrBackendGone) {

@@ -135,26 +135,32 @@ type Labels struct {
 
 // ReadLabels reads the labels of each backend, in one batch.
 func ReadLabels(ctx context.Context, s Batcher, bs ...Backend) []Labels {
-	ops := make([]xenstore.Op, 0, 2*len(bs))
-	for _, b := range bs {
-		ops = append(ops, xenstore.Read(fmt.Sprintf("/local/domain/%d/name", b.Domid)), xenstore.Read(b.node("dev")))
-	}
 	out := make([]Labels, len(bs))
 	if ctx.Err() != nil {
 		return out
 	}
+	ops := make([]xenstore.Op, 0, 2*len(bs))
+	for _, b := range bs {
+		ops = append(ops, labelOps(b)...)
+	}
+	replies := s.Batch(ctx, ops)
+	for i := range out {
+		out[i] = parseLabels(replies[2*i : 2*i+2])
+	}
+	return out
+}
+
+// labelOps are the two reads of b's labels; parseLabels decodes their replies.
+func labelOps(b Backend) []xenstore.Op {
+	return []xenstore.Op{xenstore.Read(fmt.Sprintf("/local/domain/%d/name", b.Domid)), xenstore.Read(b.node("dev"))}
+}
+
+func parseLabels(replies []xenstore.Reply) Labels {
 	label := func(r xenstore.Reply) string {
 		if r.Err != nil || len(r.Value) > maxLabel {
 			return ""
 		}
 		return r.Value
 	}
-	for i, r := range s.Batch(ctx, ops) {
-		if i%2 == 0 {
-			out[i/2].Domain = label(r)
-		} else {
-			out[i/2].Vdev = label(r)
-		}
-	}
-	return out
+	return Labels{Domain: label(replies[0]), Vdev: label(replies[1])}
 }

@@ -123,6 +123,10 @@ const (
 	numNodes       = iota
 )
 
+// Names asks ReadSnapshot for the backend's Labels too (for a log line), in
+// the same batch.
+const Names Node = 1 << numNodes
+
 // nodeNames are the nodes' names in the backend directory ("" for Dir).
 var nodeNames = [numNodes]string{"script", "state", "params", "mode", "physical-device", "diskseq", "node", "hotplug-error", ""}
 
@@ -133,6 +137,7 @@ type Snapshot struct {
 	Read    Node // the nodes asked for
 	Present Node // those of them that exist
 	values  [numNodes]string
+	labels  Labels
 	Err     error // the first read that failed other than with ENOENT (XenStore trouble)
 }
 
@@ -151,7 +156,15 @@ func ReadSnapshot(ctx context.Context, s Batcher, b Backend, nodes Node) Snapsho
 			which = append(which, i)
 		}
 	}
-	for k, r := range s.Batch(ctx, ops) {
+	if nodes&Names != 0 {
+		ops = append(ops, labelOps(b)...)
+	}
+	replies := s.Batch(ctx, ops)
+	if nodes&Names != 0 {
+		snap.labels = parseLabels(replies[len(which):])
+		replies = replies[:len(which)]
+	}
+	for k, r := range replies {
 		i := which[k]
 		switch {
 		case r.Err == nil:
@@ -191,6 +204,9 @@ func (s Snapshot) Value(n Node) string {
 	}
 	return ""
 }
+
+// Labels returns the backend's labels, if the snapshot read Names.
+func (s Snapshot) Labels() (Labels, bool) { return s.labels, s.Read&Names != 0 }
 
 // Gone reports whether the backend directory was read and does not exist.
 func (s Snapshot) Gone() bool { return s.Read&Dir != 0 && s.Present&Dir == 0 && s.Err == nil }
@@ -374,10 +390,18 @@ func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq
 // Disconnect removes physical-device, then diskseq, in one batch (one round
 // trip, no transaction): xenstored applies one connection's requests in
 // order, so at no moment does diskseq go before physical-device. A node that
-// is already gone, or a backend directory that is, is not an error.
-func Disconnect(ctx context.Context, s Store, b Backend) error {
-	replies := s.Batch(ctx, []xenstore.Op{xenstore.Rm(b.node("physical-device")), xenstore.Rm(b.node("diskseq"))})
-	if err := firstError(replies); err != nil {
+// is already gone, or a backend directory that is, is not an error. If
+// labels is not nil, the backend's labels are read into it in the same batch.
+func Disconnect(ctx context.Context, s Store, b Backend, labels *Labels) error {
+	ops := []xenstore.Op{xenstore.Rm(b.node("physical-device")), xenstore.Rm(b.node("diskseq"))}
+	if labels != nil {
+		ops = append(ops, labelOps(b)...)
+	}
+	replies := s.Batch(ctx, ops)
+	if labels != nil {
+		*labels = parseLabels(replies[2:])
+	}
+	if err := firstError(replies[:2]); err != nil {
 		return fmt.Errorf("remove physical-device from %s: %w", b, err)
 	}
 	return nil

@@ -228,8 +228,10 @@ func TestConnectFailDisconnect(t *testing.T) {
 	if got := s[be.node("physical-device-path")]; got != "/dev/loop300" {
 		t.Fatalf("physical-device-path rewritten to %q", got)
 	}
-	if err := Disconnect(ctx, s, be); err != nil {
-		t.Fatal(err)
+	var lb Labels
+	s[be.node("dev")] = "xvda"
+	if err := Disconnect(ctx, s, be, &lb); err != nil || lb.Vdev != "xvda" {
+		t.Fatalf("Disconnect: %v, labels %+v", err, lb)
 	}
 	for _, node := range []string{"physical-device", "diskseq"} {
 		if _, ok := s[be.node(node)]; ok {
@@ -247,7 +249,7 @@ func TestConnectFailDisconnect(t *testing.T) {
 	if err := Fail(ctx, gone, be, "x"); !errors.Is(err, ErrBackendGone) || len(gone) != 0 {
 		t.Fatalf("fail on a removed backend: %v, wrote %v", err, gone)
 	}
-	if err := Disconnect(ctx, gone, be); err != nil || len(gone) != 0 {
+	if err := Disconnect(ctx, gone, be, nil); err != nil || len(gone) != 0 {
 		t.Fatalf("disconnect a removed backend: %v, wrote %v", err, gone)
 	}
 }
@@ -317,6 +319,14 @@ func TestReadSnapshot(t *testing.T) {
 		t.Errorf("values: %+v", got)
 	case got.Has(PhysicalDevice) || got.Has(Mode) || got.Gone():
 		t.Errorf("presence: %+v", got)
+	}
+	s["/local/domain/1/name"], s[be.node("dev")] = "guest", "xvda"
+	lb, ok := ReadSnapshot(ctx, s, be, Params|Names).Labels()
+	if !ok || lb != (Labels{Domain: "guest", Vdev: "xvda"}) {
+		t.Errorf("labels in the snapshot: %+v, %v", lb, ok)
+	}
+	if _, ok := got.Labels(); ok {
+		t.Error("labels without Names")
 	}
 	if gone := ReadSnapshot(ctx, mapStore{}, be, Script|Dir); !gone.Gone() || gone.Has(Script) {
 		t.Errorf("removed backend: %+v", gone)
