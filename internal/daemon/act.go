@@ -25,7 +25,9 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o origin, run *rec
 		f.ours = f.snap.Has(hotplug.Script) && d.Scripts.Ours(f.snap.Value(hotplug.Script))
 	}
 	dec := decide(o, f)
-	if dec.do != doNothing || o != fromPresetup {
+	switch {
+	case dec.do == doConfirm, dec.do == doReportFailure: // act logs them, with more
+	case dec.do != doNothing || o != fromPresetup: // pre-setup's "nothing" is most events
 		d.log.Debug("lifecycle", "domid", b.Domid, "devid", b.Devid, "origin", o.String(), "action", dec.do.String(), "why", dec.why)
 	}
 	if o == fromRemove {
