@@ -500,7 +500,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	if err := fdstore.Notify("READY=1\nSTATUS=recovered: " + sum.String()); err != nil {
 		log.Warn("could not notify systemd", "err", err)
 	}
-	log.Info("serving", "socket", l.Addr().String(), "socket_activated", activated, "version", version, "pid", os.Getpid())
+	log.Info("serving", "socket", l.Addr().String(), "socket_activated", activated, "xenstore", xs.Target(), "version", version, "pid", os.Getpid())
 	if interval := watchdogInterval(os.Getenv, os.Getpid()); interval > 0 {
 		wctx, stopWatchdog := context.WithCancel(ctx)
 		watchdogDone := make(chan struct{})

@@ -268,6 +268,8 @@ func TestDaemonWaitsForXenstored(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitLog(t, logPath, `msg=serving `)
+	// The line names the transport it dialled (in a driver domain /dev/xen/xenbus).
+	waitLog(t, logPath, "xenstore="+late.Socket+" ")
 }
 
 func exitCode(err error) int {

@@ -133,6 +133,10 @@ func OpenXenbus(ctx context.Context, path string) (*Client, error) {
 	return dialTransports(ctx, []transport{{path: path}})
 }
 
+// Target is the socket or device path the client dialled (and redials): in a
+// driver domain /dev/xen/xenbus, in dom0 xenstored's socket.
+func (c *Client) Target() string { return c.target }
+
 // newClient returns a client that dials with open; it connects on first use.
 func newClient(target string, open func() (*os.File, error)) *Client {
 	return &Client{target: target, open: open, watches: make(map[string]*Watch), done: make(chan struct{})}

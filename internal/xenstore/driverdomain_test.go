@@ -57,8 +57,8 @@ func TestDialDriverDomain(t *testing.T) {
 				t.Fatalf("Dial: %v", err)
 			}
 			defer c.Close()
-			if c.target != tc.wantTarget {
-				t.Errorf("Dial chose %s, want %s", c.target, tc.wantTarget)
+			if c.Target() != tc.wantTarget {
+				t.Errorf("Dial chose %s, want %s", c.Target(), tc.wantTarget)
 			}
 		})
 	}
