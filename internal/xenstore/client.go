@@ -84,6 +84,7 @@ var (
 type Client struct {
 	target string                   // socket or device path, for errors
 	open   func() (*os.File, error) // dials the transport
+	serial bool                     // one request in flight at a time (a xenbus device: see conn.inflight)
 
 	reqID atomic.Uint32
 
@@ -105,6 +106,22 @@ type Client struct {
 // conn is one transport connection; a Client replaces it after it dies.
 type conn struct {
 	f *os.File
+
+	// inflight, on a xenbus device, holds a token from a request's write
+	// until a reply arrives: one request in flight at a time, as
+	// libxenstore does. Linux's xenbus device (drivers/xen/xenbus/
+	// xenbus_dev_frontend.c, xenbus_dev_request_and_reply in xenbus_xs.c)
+	// queues a request with its body still pointing into the file's single
+	// message buffer and returns from write(2) before the xenbus thread has
+	// copied it to the ring; the next write overwrites that buffer, so a
+	// pipelined request goes out with a later request's body under its own
+	// header. Seen in the testbed's driver domain: reads failed with EINVAL
+	// ("path\0" plus stray bytes), and a write could store another request's
+	// bytes. The reader gives the token back on every reply (any reply is the
+	// one request's), so a caller that gave up waiting still holds the next
+	// request back until the kernel is done with the buffer. nil on sockets,
+	// which copy what is written.
+	inflight chan struct{}
 
 	mu      sync.Mutex // guards pending and err
 	pending map[uint32]chan frame
@@ -140,6 +157,16 @@ func (c *Client) Target() string { return c.target }
 // newClient returns a client that dials with open; it connects on first use.
 func newClient(target string, open func() (*os.File, error)) *Client {
 	return &Client{target: target, open: open, watches: make(map[string]*Watch), done: make(chan struct{})}
+}
+
+// newConn returns a connection on f; serial: one request in flight at a time
+// (conn.inflight).
+func newConn(f *os.File, serial bool) *conn {
+	cn := &conn{f: f, pending: make(map[uint32]chan frame), dead: make(chan struct{})}
+	if serial {
+		cn.inflight = make(chan struct{}, 1)
+	}
+	return cn
 }
 
 // Redial backoff after a lost connection: from redialMin, doubling, at most
@@ -261,7 +288,7 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	if err != nil {
 		return nil, &Error{Op: "dial", Path: c.target, Err: err}
 	}
-	cn := &conn{f: f, pending: make(map[uint32]chan frame), dead: make(chan struct{})}
+	cn := newConn(f, c.serial)
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -366,6 +393,12 @@ func (cn *conn) readLoop(c *Client) {
 		ch, ok := cn.pending[fr.reqID]
 		delete(cn.pending, fr.reqID)
 		cn.mu.Unlock()
+		if cn.inflight != nil {
+			select {
+			case <-cn.inflight: // the request is done with the device's buffer
+			default:
+			}
+		}
 		if ok {
 			ch <- fr // buffered: never blocks
 		}
@@ -450,6 +483,10 @@ func (c *Client) send(ctx context.Context, pin *conn, txID uint32, reqs []*reque
 			return failAll(reqs, err)
 		}
 	}
+	if cn.inflight != nil {
+		c.sendOneByOne(ctx, cn, txID, reqs, sizes)
+		return nil
+	}
 	total := 0
 	for _, n := range sizes {
 		total += headerSize + n
@@ -492,6 +529,47 @@ func (c *Client) send(ctx context.Context, pin *conn, txID uint32, reqs []*reque
 		}
 	}
 	return nil
+}
+
+// sendOneByOne is send on a xenbus device: each request is written alone,
+// once the reply to the one before it has come (conn.inflight). The device
+// also takes only one message per write(2): it copies the whole write into
+// its message buffer, handles the first message and drops the rest, so a
+// batch written back to back would lose all but its first request. A request
+// that cannot be sent carries the error for wait.
+func (c *Client) sendOneByOne(ctx context.Context, cn *conn, txID uint32, reqs []*request, sizes []int) {
+	for i, r := range reqs {
+		if r.err != nil {
+			continue
+		}
+		select {
+		case cn.inflight <- struct{}{}:
+		case <-cn.dead:
+			r.err = &Error{Op: r.op, Path: r.path, Err: cn.deadErr()}
+			continue
+		case <-ctx.Done():
+			r.err = &Error{Op: r.op, Path: r.path, Err: ctx.Err()}
+			continue
+		}
+		r.cn, r.id = cn, c.nextID()
+		msg := make([]byte, headerSize, headerSize+sizes[i])
+		putHeader(msg, r.typ, r.id, txID, uint32(sizes[i]))
+		for _, a := range r.args {
+			msg = append(msg, a...)
+		}
+		cn.mu.Lock()
+		if cn.err != nil {
+			r.err = &Error{Op: r.op, Path: r.path, Err: cn.err}
+			cn.mu.Unlock()
+			continue
+		}
+		r.ch = replyChans.Get().(chan frame)
+		cn.pending[r.id] = r.ch
+		cn.mu.Unlock()
+		if _, err := cn.f.Write(msg); err != nil {
+			cn.fail(fmt.Errorf("%w: %w", ErrConnectionLost, err))
+		}
+	}
 }
 
 // failAll fails every request not failed yet with err.

@@ -23,6 +23,10 @@ type transport struct {
 	unix bool
 }
 
+// serial reports whether requests on this transport go one at a time: on a
+// xenbus device (conn.inflight), not on a socket.
+func (t transport) serial() bool { return !t.unix }
+
 func (t transport) open() (*os.File, error) {
 	if t.unix {
 		return dialUnix(t.path)
@@ -69,7 +73,8 @@ func dialTransports(ctx context.Context, ts []transport) (*Client, error) {
 			return nil, firstErr
 		}
 		c := newClient(t.path, t.open)
-		cn := &conn{f: f, pending: make(map[uint32]chan frame), dead: make(chan struct{})}
+		c.serial = t.serial()
+		cn := newConn(f, c.serial)
 		c.conn = cn // before the reader starts: it reads c.conn when cn dies
 		go cn.readLoop(c)
 		return c, nil
