@@ -2,7 +2,8 @@
 // xenstored, or /dev/xen/xenbus). It knows nothing of Xen policy.
 //
 // One Client is one connection. Requests from many goroutines are pipelined
-// on it and matched to their replies by req_id; a single reader goroutine
+// on it (on a xenbus device: one at a time, see conn.inflight) and matched
+// to their replies by req_id; a single reader goroutine
 // demultiplexes replies and watch events. The package does not import net:
 // the socket is a raw AF_UNIX fd wrapped in an *os.File, so it integrates
 // with the runtime poller without net's init cost.
