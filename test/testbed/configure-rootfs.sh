@@ -61,6 +61,42 @@ mkdir -p "$rootfs/root/domu"
 cp "$rootfs/boot/vmlinuz-$kver" "$rootfs/root/domu/vmlinuz"
 rm -rf "$domu"
 
+# The storage driver domain (tests.d/60-driverdomain.sh): the same kernel, with an initramfs of
+# busybox, Debian's xl (for `xl devd`) and xenstore client with their libraries (ldd in the chroot),
+# /etc/xen/xl.conf, and xen-blkback, loop and the xen device modules (privcmd for libxl, gntdev,
+# evtchn) in modprobe's load order; image/driverdom-init is its /init. No xenstored, no systemd.
+# xenblkd and the test's /xbd/init are appended at test time (a second cpio archive), so the base
+# is padded to a 4-byte boundary: the kernel looks for an uncompressed archive there.
+dd=$(mktemp -d)
+mkdir -p "$dd"/{bin,dev,proc,sys,run,tmp,srv,xbd,usr/bin,usr/sbin,lib/modules,etc/xen/scripts,var/log/xen,var/lib/xen}
+cp "$rootfs/bin/busybox" "$dd/bin/busybox"
+for bin in /usr/lib/xen-4.17/bin/xl /usr/bin/xenstore; do
+	for f in "$bin" $(chroot "$rootfs" ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+		mkdir -p "$dd$(dirname "$f")"
+		cp -L "$rootfs$f" "$dd$f"
+	done
+done
+ln -s ../lib/xen-4.17/bin/xl "$dd/usr/sbin/xl"
+# One binary for every xenstore-* command (it dispatches on argv[0]).
+for c in read write exists list ls rm watch chmod; do ln -s xenstore "$dd/usr/bin/xenstore-$c"; done
+cp "$rootfs/etc/xen/xl.conf" "$dd/etc/xen/xl.conf"
+: >"$dd/lib/modules/load.list"
+for ko in $(chroot "$rootfs" modprobe -S "$kver" --show-depends -a xen-blkback loop xen-privcmd xen-gntdev xen-evtchn |
+	awk '$1 == "insmod" {print $2}'); do
+	b=$(basename "$ko")
+	grep -qxF "${b%.xz}" "$dd/lib/modules/load.list" && continue
+	case $ko in
+	*.xz) b=${b%.xz}; xz -dc "$rootfs$ko" >"$dd/lib/modules/$b" ;;
+	*) cp "$rootfs$ko" "$dd/lib/modules/$b" ;;
+	esac
+	echo "$b" >>"$dd/lib/modules/load.list"
+done
+install -m 755 "$here/image/driverdom-init" "$dd/init"
+mkdir -p "$rootfs/root/driverdom"
+(cd "$dd" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -9) >"$rootfs/root/driverdom/initrd-base.gz"
+truncate -s %4 "$rootfs/root/driverdom/initrd-base.gz"
+rm -rf "$dd"
+
 # Boot files for QEMU's multiboot loader, which needs the uncompressed (32-bit ELF) xen.
 xengz=$(ls "$rootfs"/boot/xen-*.gz | sort -V | tail -1)
 gzip -dc "$xengz" >"$out/xen"
