@@ -253,9 +253,8 @@ EOF
 		fi
 
 		say "$p: xl destroy of $g (domain $gid)"
-		t0=$EPOCHREALTIME
-		timeout 120 xl destroy "$g"
-		report "INFO $p: xl destroy of the guest: $(elapsed "$t0")s"
+		destroy "$g"
+		check "$p: xl destroy of the guest (${DESTROY_S}s)" "rc=$DESTROY_RC" test "$DESTROY_RC" = 0
 		check "$p: xl destroy frees the loop device in the driver domain and devd removes the backend" "still there" \
 			dd_freed "$gid" 60
 		check "$p: xl devd in the driver domain logs the hotplug add and remove as succeeded" "see its log on the driver domain's console" \
