@@ -190,12 +190,7 @@ func nodeValue(i int) string { return fmt.Sprintf("value-%d-%s", i, nodeName(i))
 // fake device returns wrong answers, as the testbed's driver domain saw
 // (EINVAL for reads whose body carried another request's bytes).
 func TestXenbusDeviceOneRequestInFlight(t *testing.T) {
-	s := xenstoretest.NewServer(t, xenstoretest.Options{})
-	direct, err := DialUnix(context.Background(), s.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer direct.Close()
+	s, direct := serverAndDirect(t)
 	const n = 16
 	for i := range n {
 		if err := direct.Write(context.Background(), fmt.Sprintf("/local/domain/1/backend/vbd/%d/51712/%s", i, nodeName(i)), nodeValue(i)); err != nil {
@@ -226,12 +221,7 @@ func TestXenbusDeviceOneRequestInFlight(t *testing.T) {
 // path and stray bytes as its value).
 func TestXenbusDeviceTimeoutKeepsOrder(t *testing.T) {
 	ctx := context.Background()
-	s := xenstoretest.NewServer(t, xenstoretest.Options{})
-	direct, err := DialUnix(ctx, s.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer direct.Close()
+	s, direct := serverAndDirect(t)
 	const (
 		long  = "/local/domain/1/backend/vbd/0/51712/hotplug-error"
 		short = "/local/domain/1/backend/vbd/1/51712/mode"
@@ -265,12 +255,7 @@ func TestXenbusDeviceTimeoutKeepsOrder(t *testing.T) {
 // the device (the control: they time out).
 func TestXenbusDeviceBatch(t *testing.T) {
 	ctx := context.Background()
-	s := xenstoretest.NewServer(t, xenstoretest.Options{})
-	direct, err := DialUnix(ctx, s.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer direct.Close()
+	s, direct := serverAndDirect(t)
 	const n = 6
 	var ops []Op
 	for i := range n {
@@ -312,4 +297,17 @@ func TestXenbusDeviceBatch(t *testing.T) {
 			t.Errorf("%d of %d operations of a batch in one write failed; want all but the first (the fake no longer drops the rest of a write)", lost, len(ops))
 		}
 	})
+}
+
+// serverAndDirect starts a fake xenstored and a client on its socket
+// directly (no fake device), to set up and check nodes.
+func serverAndDirect(t *testing.T) (*xenstoretest.Server, *Client) {
+	t.Helper()
+	s := xenstoretest.NewServer(t, xenstoretest.Options{})
+	direct, err := DialUnix(context.Background(), s.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { direct.Close() })
+	return s, direct
 }
