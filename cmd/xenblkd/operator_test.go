@@ -289,6 +289,20 @@ func (d *daemon) logText() string {
 	return d.log.String()
 }
 
+// logged reports whether the daemon logs want within 10 s. Its output reaches
+// the test through a pipe, so a line the daemon wrote before answering a
+// request may not be in logText yet when the request returns.
+func (d *daemon) logged(want string) bool {
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if strings.Contains(d.logText(), want) {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+}
+
 // TestDaemonRejectsBadDirectIO: a bad --direct-io is a usage error, before
 // the daemon touches XenStore or the socket.
 func TestDaemonRejectsBadDirectIO(t *testing.T) {

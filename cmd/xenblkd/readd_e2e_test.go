@@ -56,7 +56,7 @@ func TestReAddWhileReleasedDeviceHeld(t *testing.T) {
 				mustHotplug(t, d, "add", be2)
 				t.Logf("re-add took %v (probe held %s for %v)", time.Since(start), dev, tt.hold)
 				standIn(t, be2, sig, true)
-				if !strings.Contains(d.logText(), "the loop device xenblkd released is freed") {
+				if !d.logged("the loop device xenblkd released is freed") {
 					t.Errorf("the daemon did not log its wait:\n%s", d.logText())
 				}
 				mustHotplug(t, d, "remove", be2)

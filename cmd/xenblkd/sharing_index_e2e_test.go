@@ -15,7 +15,7 @@ func TestForeignLoopDeviceIndexed(t *testing.T) {
 	be := vbdSetup(t, 320, 51712, first, "w")
 	mustHotplug(t, d, "add", be)
 	t.Cleanup(func() { hotplug(t, d, "remove", be) })
-	if !strings.Contains(d.logText(), "loop devices indexed by backing file") {
+	if !d.logged("loop devices indexed by backing file") {
 		t.Fatalf("the daemon did not start answering from its loop index:\n%s", d.logText())
 	}
 
