@@ -156,8 +156,12 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o origin) (*api
 	if err != nil {
 		return refuse(err)
 	}
-	err = hotplug.Connect(ctx, d.store, b, hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq,
-		ClearError: s.Has(hotplug.HotplugError)})
+	res := hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq, ClearError: s.Has(hotplug.HotplugError)}
+	if line.labels == nil { // pre-setup's snapshot: the log line's labels come with the writes
+		res.Labels = &hotplug.Labels{}
+		line.labels = res.Labels
+	}
+	err = hotplug.Connect(ctx, d.store, b, res)
 	if err != nil {
 		d.model.Remove(key)
 		return refuse(withReason(ReasonXenStore, err))

@@ -265,6 +265,9 @@ type Result struct {
 	DevPath    string // physical-device-path
 	DiskSeq    uint64 // 0: not a loop device, no diskseq node
 	ClearError bool   // hotplug-error is set (an earlier failed add): remove it
+	// Labels, if not nil, receives the backend's labels, read in the same
+	// batch (for the log line of a step whose snapshot did not read them).
+	Labels *Labels
 }
 
 // FormatRdev formats a device number as blkback parses it: "%x:%x".
@@ -300,9 +303,10 @@ var ErrPhysicalDeviceSet = errors.New("physical-device already set to another de
 // physical-device-path, diskseq (loop devices) and hotplug-status=connected,
 // and removes hotplug-error if r says it is set. It writes nothing if the
 // backend is gone or physical-device already names another device. The two
-// checks (the directory, physical-device) and the writes go out in one batch:
-// the writes are speculative, and the transaction is aborted, taking them
-// back, if a check fails. Three round trips: start, the batch, end.
+// checks (the directory, physical-device) and the writes (and r.Labels'
+// reads) go out in one batch: the writes are speculative, and the transaction
+// is aborted, taking them back, if a check fails. Three round trips: start,
+// the batch, end.
 func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 	pdev := FormatRdev(r.Rdev)
 	err := s.Transact(ctx, func(tx Batcher) error {
@@ -315,7 +319,14 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 		if r.ClearError {
 			ops = append(ops, xenstore.Rm(b.node("hotplug-error")))
 		}
+		writes := len(ops)
+		if r.Labels != nil {
+			ops = append(ops, labelOps(b)...)
+		}
 		replies := tx.Batch(ctx, ops)
+		if r.Labels != nil {
+			*r.Labels = parseLabels(replies[writes:])
+		}
 		if err := existsError(b, replies[0].Err); err != nil {
 			return err
 		}
@@ -325,7 +336,7 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 		case err != nil && !errors.Is(err, unix.ENOENT):
 			return err
 		}
-		return firstError(replies[2:])
+		return firstError(replies[2:writes])
 	})
 	if err != nil {
 		return fmt.Errorf("write physical-device %s to %s: %w", pdev, b, err)

@@ -3,6 +3,7 @@ package hotplug
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -204,9 +205,15 @@ func TestConnectFailDisconnect(t *testing.T) {
 	ctx := context.Background()
 	s := backendStore("/srv/img", "w")
 	s[be.node("hotplug-error")] = "stale"
-	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true}
+	s[be.node("dev")] = "xvda"
+	s[fmt.Sprintf("/local/domain/%d/name", be.Domid)] = "guest1"
+	var connected Labels
+	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true, Labels: &connected}
 	if err := Connect(ctx, s, be, r); err != nil {
 		t.Fatal(err)
+	}
+	if connected != (Labels{Domain: "guest1", Vdev: "xvda"}) {
+		t.Errorf("labels read with Connect: %+v, want guest1/xvda", connected)
 	}
 	for node, want := range map[string]string{
 		"physical-device": "7:12c", "physical-device-path": "/dev/loop300", "diskseq": "ab", "hotplug-status": "connected",
@@ -229,7 +236,6 @@ func TestConnectFailDisconnect(t *testing.T) {
 		t.Fatalf("physical-device-path rewritten to %q", got)
 	}
 	var lb Labels
-	s[be.node("dev")] = "xvda"
 	if err := Disconnect(ctx, s, be, &lb); err != nil || lb.Vdev != "xvda" {
 		t.Fatalf("Disconnect: %v, labels %+v", err, lb)
 	}
