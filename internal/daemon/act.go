@@ -18,8 +18,8 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o origin, run *rec
 	key := keyOf(b)
 	unlock := d.backends.lock(key)
 	defer unlock()
-	_, attached := d.model.Lookup(key)
-	f := facts{hold: holding{attached: attached, state: d.backends.get(key)}, snap: hotplug.Snapshot{Backend: b}}
+	a, attached := d.model.Lookup(key)
+	f := facts{hold: holding{attached: attached, attachment: a, state: d.backends.get(key)}, snap: hotplug.Snapshot{Backend: b}}
 	if nodes := nodesFor(o, f.hold); nodes != 0 {
 		f.snap = hotplug.ReadSnapshot(ctx, d.store, b, nodes)
 		f.ours = f.snap.Has(hotplug.Script) && d.Scripts.Ours(f.snap.Value(hotplug.Script))
@@ -39,9 +39,9 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o origin, run *rec
 		// Ends after remember set the state: no gap for our own events.
 		defer d.backends.startWriting(key)()
 	}
-	a, err := d.act(ctx, o, f, dec, run)
-	d.remember(o, f, dec, a, err, start)
-	return a, err
+	done, err := d.act(ctx, o, f, dec, run)
+	d.remember(o, f, dec, done, err, start)
+	return done, err
 }
 
 // act carries out dec.
@@ -51,11 +51,12 @@ func (d *Daemon) act(ctx context.Context, o origin, f facts, dec decision, run *
 	case doAttach:
 		return d.attach(ctx, f.snap, o)
 	case doConfirm:
-		if a, ok := d.model.Lookup(keyOf(b)); ok {
-			d.log.Debug("add: confirmed", "domid", b.Domid, "devid", b.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "why", dec.why)
-			return toAPI(a), nil
+		if !f.hold.attached {
+			return nil, nil // physical-device written by someone else: nothing of ours
 		}
-		return nil, nil // physical-device written by someone else: nothing of ours
+		a := f.hold.attachment // looked up under this same lock by step
+		d.log.Debug("add: confirmed", "domid", b.Domid, "devid", b.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "why", dec.why)
+		return toAPI(a), nil
 	case doReportFailure:
 		err := f.hold.state.failure.err // logged when pre-setup refused it
 		d.log.Debug("add refused (found by pre-setup)", "domid", b.Domid, "devid", b.Devid, "err", err)

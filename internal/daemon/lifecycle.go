@@ -13,6 +13,7 @@ package daemon
 
 import (
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/model"
 )
 
 // origin is who asks for a lifecycle step.
@@ -31,8 +32,9 @@ func (o origin) String() string {
 
 // holding is what the daemon holds for one backend.
 type holding struct {
-	attached bool         // the model has an attachment for it
-	state    backendState // pre-setup's memory of it (presetup.go)
+	attached   bool             // the model has an attachment for it
+	attachment model.Attachment // that attachment, if attached
+	state      backendState     // pre-setup's memory of it (presetup.go)
 }
 
 // known reports whether there is anything to drop once the backend is gone.
