@@ -92,6 +92,7 @@ func batch(ctx context.Context, c *Client, pin *conn, txID uint32, list []Op) []
 // reply decodes one payload as the single call of op's type would.
 func reply(ctx context.Context, op Op, o ops, p []byte, err error) Reply {
 	if op.Type == OpDirectory && errors.Is(err, unix.E2BIG) {
+		// The names do not fit one 4096-byte reply: list them in parts.
 		names, err := o.directoryParts(ctx, op.Path)
 		return Reply{Names: names, Err: err}
 	}

@@ -630,17 +630,24 @@ type ops struct {
 	txID uint32
 }
 
-func (o ops) read(ctx context.Context, path string) (string, error) {
-	p, err := o.c.do(ctx, o.pin, typeRead, o.txID, "read", path, path, "\x00")
-	if err != nil {
-		return "", err
+// one runs a single op as a batch of one would, without the batch's slices:
+// the request is encoded and the reply decoded in one place (batch.go).
+func (o ops) one(ctx context.Context, op Op) Reply {
+	r := op.request()
+	if r.err != nil {
+		return Reply{Err: r.err}
 	}
-	return string(p), nil
+	p, err := o.c.do(ctx, o.pin, r.typ, o.txID, r.op, r.path, r.args...)
+	return reply(ctx, op, o, p, err)
+}
+
+func (o ops) read(ctx context.Context, path string) (string, error) {
+	r := o.one(ctx, Read(path))
+	return r.Value, r.Err
 }
 
 func (o ops) write(ctx context.Context, path, value string) error {
-	_, err := o.c.do(ctx, o.pin, typeWrite, o.txID, "write", path, path, "\x00", value)
-	return err
+	return o.one(ctx, Write(path, value)).Err
 }
 
 func (o ops) mkdir(ctx context.Context, path string) error {
@@ -649,21 +656,15 @@ func (o ops) mkdir(ctx context.Context, path string) error {
 }
 
 func (o ops) rm(ctx context.Context, path string) error {
-	_, err := o.c.do(ctx, o.pin, typeRm, o.txID, "rm", path, path, "\x00")
-	return err
+	return o.one(ctx, Rm(path)).Err
 }
 
+// directory lists path; names that do not fit one 4096-byte reply (e.g.
+// backend/vbd of a host with ~700 domains or more) are listed in parts
+// (reply, directoryParts).
 func (o ops) directory(ctx context.Context, path string) ([]string, error) {
-	p, err := o.c.do(ctx, o.pin, typeDirectory, o.txID, "directory", path, path, "\x00")
-	if errors.Is(err, unix.E2BIG) {
-		// The names do not fit one 4096-byte reply (e.g. backend/vbd of a
-		// host with ~700 domains or more): list them in parts.
-		return o.directoryParts(ctx, path)
-	}
-	if err != nil {
-		return nil, err
-	}
-	return parseDirectory(p), nil
+	r := o.one(ctx, Directory(path))
+	return r.Names, r.Err
 }
 
 // maxDirectoryRestarts bounds how often a listing in parts starts again
@@ -710,15 +711,8 @@ func (o ops) directoryParts(ctx context.Context, path string) ([]string, error) 
 }
 
 func (o ops) getPerms(ctx context.Context, path string) ([]Perm, error) {
-	p, err := o.c.do(ctx, o.pin, typeGetPerms, o.txID, "get-perms", path, path, "\x00")
-	if err != nil {
-		return nil, err
-	}
-	perms, err := parsePerms(p)
-	if err != nil {
-		return nil, &Error{Op: "get-perms", Path: path, Err: err}
-	}
-	return perms, nil
+	r := o.one(ctx, GetPerms(path))
+	return r.Perms, r.Err
 }
 
 func (o ops) setPerms(ctx context.Context, path string, perms []Perm) error {
