@@ -26,7 +26,7 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o origin, run *rec
 	}
 	dec := decide(o, f)
 	switch {
-	case dec.do == doConfirm, dec.do == doReportFailure: // act logs them, with more
+	case dec.do == doConfirm: // act logs it, with more
 	case dec.do != doNothing || o != fromPresetup: // pre-setup's "nothing" is most events
 		d.log.Debug("lifecycle", "domid", b.Domid, "devid", b.Devid, "origin", o.String(), "action", dec.do.String(), "why", dec.why)
 	}
@@ -57,10 +57,6 @@ func (d *Daemon) act(ctx context.Context, o origin, f facts, dec decision, run *
 		a := f.hold.attachment // looked up under this same lock by step
 		d.log.Debug("add: confirmed", "domid", b.Domid, "devid", b.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "why", dec.why)
 		return toAPI(a), nil
-	case doReportFailure:
-		err := f.hold.state.failure.err // logged when pre-setup refused it
-		d.log.Debug("add refused (found by pre-setup)", "domid", b.Domid, "devid", b.Devid, "err", err)
-		return nil, err
 	case doRefuse:
 		return nil, d.refuse(ctx, f.snap, o, dec.err)
 	case doReleaseStock:
@@ -106,13 +102,14 @@ func (d *Daemon) remember(o origin, f facts, dec decision, a *api.Attachment, er
 		d.backends.set(key, backendState{})
 		d.log.Warn("pre-setup failed; the script's add will retry", "domid", key.Domid, "devid", key.Devid, "err", err)
 	default:
-		fl := &presetupFailure{params: f.snap.Value(hotplug.Params), mode: f.snap.Value(hotplug.Mode), err: err}
+		// Remembered so that pre-setup does not try again on every event; the
+		// exec'd add decides afresh, and reports (hotplug-error, the warning):
+		// libxl reads hotplug-error only after the script failed, and the
+		// backend may still go away unused.
+		fl := &presetupFailure{params: f.snap.Value(hotplug.Params), mode: f.snap.Value(hotplug.Mode)}
 		if !d.backends.set(key, backendState{failure: fl}) {
 			d.log.Warn("pre-setup: too many failures remembered; the script's add will retry", "domid", key.Domid, "devid", key.Devid)
 		}
-		// hotplug-error is left to the exec'd add: libxl reads it only after
-		// the script failed, and the backend may still go away unused.
-		d.log.Debug("pre-setup refused; the script's add will report it", "domid", key.Domid, "devid", key.Devid, "err", err)
 	}
 }
 

@@ -51,19 +51,18 @@ type facts struct {
 type action int
 
 const (
-	doNothing       action = iota
-	doAttach               // open params, attach it, write physical-device (Connect)
-	doConfirm              // answer from the model: attached already
-	doReportFailure        // answer with the failure pre-setup found for the same request
-	doRefuse               // answer with decision.err (an unusable request, XenStore trouble)
-	doDetach               // remove physical-device and diskseq, release our attachment
-	doReleaseStock         // free the stock script's loop device (not adopted yet), then detach
-	doRelease              // the backend is gone: drop what we hold for it
-	doRestore              // rebuild the attachment physical-device names (recovery)
-	doAdoptStock           // take over the stock script's loop device, then restore
+	doNothing      action = iota
+	doAttach              // open params, attach it, write physical-device (Connect)
+	doConfirm             // answer from the model: attached already
+	doRefuse              // answer with decision.err (an unusable request, XenStore trouble)
+	doDetach              // remove physical-device and diskseq, release our attachment
+	doReleaseStock        // free the stock script's loop device (not adopted yet), then detach
+	doRelease             // the backend is gone: drop what we hold for it
+	doRestore             // rebuild the attachment physical-device names (recovery)
+	doAdoptStock          // take over the stock script's loop device, then restore
 )
 
-var actionNames = [...]string{"nothing", "attach", "confirm", "report-failure", "refuse", "detach",
+var actionNames = [...]string{"nothing", "attach", "confirm", "refuse", "detach",
 	"release-stock", "release", "restore", "adopt-stock"}
 
 func (a action) String() string { return actionNames[a] }
@@ -139,17 +138,15 @@ func decideAdd(f facts) decision {
 		// the directory goes: what it wrote is still there.
 		return decision{do: doConfirm, why: "attached by pre-setup"}
 	}
-	req, err := s.Request()
-	if err != nil {
+	if _, err := s.Request(); err != nil {
 		return decision{do: doRefuse, why: "unusable request", err: err}
 	}
-	pdev := s.Has(hotplug.PhysicalDevice)
-	if fl := st.failure; fl != nil && fl.params == req.Params && fl.mode == req.Mode && !pdev {
-		return decision{do: doReportFailure, why: "refused by pre-setup"}
-	}
-	if pdev {
+	if s.Has(hotplug.PhysicalDevice) {
 		return decision{do: doConfirm, why: "physical-device already set"}
 	}
+	// A refusal by pre-setup is decided afresh: what it met (another
+	// domain's disk, a missing image) may have changed since, and the stock
+	// script too decides when it is exec'd. Refusals are not the fast path.
 	return decision{do: doAttach, why: "new backend"}
 }
 

@@ -24,7 +24,7 @@ func TestDecide(t *testing.T) {
 		return out
 	}
 	fresh := with(req, hotplug.Script, "/etc/xen/scripts/xenblkd", hotplug.State, "2", hotplug.Dir, "")
-	failed := backendState{failure: &presetupFailure{params: "/srv/a.img", mode: "w", err: errors.New("conflict")}}
+	failed := backendState{failure: &presetupFailure{params: "/srv/a.img", mode: "w"}}
 	trouble := errors.New("xenstore: connection lost")
 	attached := holding{attached: true}
 	tests := []struct {
@@ -43,7 +43,7 @@ func TestDecide(t *testing.T) {
 		{"add: physical-device set", fromAdd, attached, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, doConfirm, addNodes},
 		{"add: params missing", fromAdd, holding{}, nodes{hotplug.Mode: "w"}, nil, false, doRefuse, addNodes},
 		{"add: XenStore trouble", fromAdd, holding{}, req, trouble, false, doRefuse, addNodes},
-		{"add: pre-setup's failure", fromAdd, holding{state: failed}, req, nil, false, doReportFailure, addNodes},
+		{"add: pre-setup's refusal, decided again", fromAdd, holding{state: failed}, req, nil, false, doAttach, addNodes},
 		{"add: failure for another params", fromAdd, holding{state: failed}, with(req, hotplug.Params, "/srv/b.img"), nil, false, doAttach, addNodes},
 		{"add: failure, then attached by someone", fromAdd, holding{state: failed}, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, doConfirm, addNodes},
 		{"add: after a remove, again", fromAdd, holding{state: backendState{scriptRan: true}}, req, nil, false, doAttach, addNodes},

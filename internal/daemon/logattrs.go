@@ -51,9 +51,13 @@ func (d *Daemon) decision(ctx context.Context, level slog.Level, msg string, l d
 // params or mode, a missing target, a sharing conflict) at warning, a failure
 // of XenStore or the loop API at error, and a transient error (XenStore
 // connection lost, backend gone) at debug: its caller retries or says so.
+// Pre-setup's refusals are at debug too: the exec'd add decides again, and
+// reports what it finds then.
 func (d *Daemon) refused(ctx context.Context, l diskLine, by string, err error) {
 	level, msg := slog.LevelWarn, "refused"
 	switch {
+	case by == byPresetup:
+		level, msg = slog.LevelDebug, "pre-setup refused; the script's add decides again"
 	case transient(err):
 		level, msg = slog.LevelDebug, "add interrupted"
 	case Reason(err) == ReasonXenStore || Reason(err) == ReasonLoop || Reason(err) == ReasonOther:

@@ -36,7 +36,7 @@ func (s *syncBuffer) lines() []string {
 
 // TestDecisionLines: with pre-setup on, an attach, a release and a refusal
 // each give exactly one line at info or above (the refusal once, at warning,
-// although pre-setup and then the exec'd add both meet it), naming domain,
+// by the exec'd add that decided it again after pre-setup met it), naming domain,
 // domid, devid, vdev, target, dev and diskseq in that order.
 func TestDecisionLines(t *testing.T) {
 	srv := xenstoretest.NewServer(t, xenstoretest.Options{EventsBeforeReply: true})
@@ -97,7 +97,7 @@ func TestDecisionLines(t *testing.T) {
 	want := []*regexp.Regexp{
 		regexp.MustCompile(`^level=INFO msg=attached domain=web domid=3 devid=51712 vdev=xvda target=` + regexp.QuoteMeta(img) + ` dev=/dev/loop1001 diskseq=\d+ mode=w kind=file io=\S+ users=1 by=presetup$`),
 		regexp.MustCompile(`^level=INFO msg=released domain=web domid=3 devid=51712 vdev=xvda target=` + regexp.QuoteMeta(img) + ` dev=/dev/loop1001 diskseq=\d+ users_left=0$`),
-		regexp.MustCompile(`^level=WARN msg=refused domain=web domid=3 devid=51728 vdev=xvda target=` + regexp.QuoteMeta(missing) + ` dev="" diskseq=0 reason=not_found by=presetup err=.*no such file`),
+		regexp.MustCompile(`^level=WARN msg=refused domain=web domid=3 devid=51728 vdev=xvda target=` + regexp.QuoteMeta(missing) + ` dev="" diskseq=0 reason=not_found by=script err=.*no such file`),
 	}
 	if len(decisions) != len(want) {
 		t.Fatalf("%d lines at info or above, want %d (one per decision):\n%s", len(decisions), len(want), strings.Join(decisions, "\n"))

@@ -6,7 +6,7 @@ package daemon
 // watches its backend tree and does the add as soon as that transaction
 // commits; blkback's watch on physical-device fires at registration, so a
 // value written before its probe is picked up (§4.2). The exec'd add then
-// only confirms, or reports the failure pre-setup found.
+// only confirms what pre-setup attached; a refusal it decides afresh.
 //
 // Pre-setup's check of a backend is a lifecycle step (lifecycle.go) like the
 // exec'd add and remove, under the same backend lock, so an exec'd add racing
@@ -61,10 +61,11 @@ type backendState struct {
 }
 
 // presetupFailure is a refusal, with the request it was for: a backend
-// re-created with other params or mode is not the one that failed.
+// re-created with other params or mode is not the one that failed. Only
+// pre-setup reads it (not to try again on every event); the exec'd add
+// decides afresh.
 type presetupFailure struct {
 	params, mode string
-	err          error
 }
 
 // lock serialises the lifecycle steps of one backend.

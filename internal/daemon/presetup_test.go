@@ -489,3 +489,32 @@ func (h *fakeHost) made() int {
 	defer h.mu.Unlock()
 	return h.next
 }
+
+// TestPresetupRefusalDecidedAgain: a refusal found by pre-setup is decided
+// afresh by the exec'd add. Domain A holds an image read-write, so pre-setup
+// refuses B's backend for it; A's disk is removed before B's script runs, and
+// B's exec'd add then attaches it.
+func TestPresetupRefusalDecidedAgain(t *testing.T) {
+	host := &fakeHost{}
+	e := startPresetup(t, host, 1, nil)
+	a := libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
+	e.waitAttached(t, a)
+	b := libxlBackend(t, e.xs, 4, 51712, ourScript, e.img, "w")
+	waitFor(t, "pre-setup's refusal", func() bool { return e.d.backends.get(keyOf(b)).failure != nil })
+	if resp := e.exec(t, api.OpRemove, a); !resp.OK {
+		t.Fatalf("remove of A: %+v", resp)
+	}
+	if err := e.xs.Rm(context.Background(), a.Path()); err != nil {
+		t.Fatal(err)
+	}
+	resp := e.exec(t, api.OpAdd, b)
+	if !resp.OK || resp.Attachment == nil {
+		t.Fatalf("B's exec'd add after A let go: %+v; want it attached", resp)
+	}
+	if v, ok := e.node(t, b, "hotplug-error"); ok {
+		t.Errorf("hotplug-error = %q after a successful add", v)
+	}
+	if host.devices() != 1 {
+		t.Errorf("%d devices open, want 1 (B's)", host.devices())
+	}
+}
