@@ -46,11 +46,15 @@
 #define XENBLKD_BIN "/usr/sbin/xenblkd"
 #endif
 
+/* api.DefaultSocket; internal/api's TestEntryAgrees compares them. */
 #define DEFAULT_SOCKET "/run/xenblkd/api.sock"
 
-/* Below libxl's 40 s SIGKILL of the script and above the daemon's own 30 s
- * bound on a request, so the daemon's error still arrives. */
+/* api.ReplyTimeout (TestEntryAgrees): below libxl's 40 s SIGKILL of the
+ * script and above the daemon's own 30 s bound on a request, so the
+ * daemon's error still arrives. */
 #define REPLY_TIMEOUT_SEC 35
+#define STR(x) #x
+#define XSTR(x) STR(x)
 
 /* A reply larger than this is not one this program can pass on in an
  * environment variable (MAX_ARG_STRLEN is 128 KiB); the daemon's replies to
@@ -191,7 +195,7 @@ int main(int argc, char **argv)
 			continue;
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
 			return handover(argv, "XENBLKD_ENTRY_ERROR",
-				"the xenblkd daemon did not answer within 35 s (see its log)");
+				"the xenblkd daemon did not answer within " XSTR(REPLY_TIMEOUT_SEC) " s (see its log)");
 		if (n < 0)
 			return handover(argv, "XENBLKD_ENTRY_ERROR",
 				"lost the connection to the xenblkd daemon before its answer (see its log)");

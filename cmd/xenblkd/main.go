@@ -23,6 +23,7 @@ import (
 	"xenblkd/internal/doctor"
 	"xenblkd/internal/fdstore"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/unixsock"
 	"xenblkd/internal/xenstore"
 )
 
@@ -414,12 +415,12 @@ func parseFlags(fs *flag.FlagSet, args []string, usage string, stdout, stderr io
 func runDaemon(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("daemon", flag.ContinueOnError)
 	socket := fs.String("socket", socketPath(), "API socket")
-	tag := fs.String("tag", daemon.DefaultTag, "lo_file_name prefix of loop devices")
+	tag := fs.String("tag", api.DefaultTag, "lo_file_name prefix of loop devices")
 	metricsListen := fs.String("metrics-listen", "", "serve Prometheus metrics on this address (off if empty)")
 	presetup := fs.Bool("presetup", true, "set disks up as soon as libxl writes their backend (presetup.go)")
 	scripts := fs.String("scripts", "", "comma-separated extra script paths that name xenblkd")
 	directIO := fs.String("direct-io", string(daemon.DirectIOAuto), "direct I/O on loop devices: auto, on or off")
-	entry := fs.String("hotplug-entry", daemon.DefaultEntry, "the hotplug entry; a script that is the same file is ours")
+	entry := fs.String("hotplug-entry", api.DefaultEntry, "the hotplug entry; a script that is the same file is ours")
 	if code, ok := parseFlags(fs, args, daemonUsage, stdout, stderr, exitConfig); !ok {
 		return code
 	}
@@ -456,7 +457,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	l, activated, err := listenAPI(*socket, sockets)
 	if err != nil {
 		log.Error("cannot serve the API", "err", err)
-		if errors.Is(err, daemon.ErrUnsafeSocketDir) {
+		if errors.Is(err, unixsock.ErrUnsafeDir) {
 			return exitConfig
 		}
 		return 1

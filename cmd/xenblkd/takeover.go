@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"time"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/takeover"
@@ -124,9 +123,8 @@ func runTakeover(args []string, stdout, stderr io.Writer) int {
 	if *noAdopt {
 		return 0
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	resp, err := api.Call(ctx, *socket, api.Request{Op: api.OpAdopt})
+	// As long as it takes: the daemon bounds each backend (api.Timeout).
+	resp, err := api.Call(context.Background(), *socket, api.Request{Op: api.OpAdopt})
 	switch {
 	case errors.Is(err, api.ErrDaemonUnreachable):
 		fmt.Fprintln(stdout, "The daemon is not running: every disk now needs it. Start it (systemctl start xenblkd); "+

@@ -16,8 +16,43 @@ import (
 )
 
 // DefaultSocket is where the daemon listens unless --socket or
-// $XENBLKD_SOCKET say otherwise.
+// $XENBLKD_SOCKET say otherwise (the C entry's DEFAULT_SOCKET: a test
+// compares them).
 const DefaultSocket = "/run/xenblkd/api.sock"
+
+// DefaultEntry is the hotplug entry libxl execs for script=xenblkd (the C
+// program, cmd/xenblkd-hotplug).
+const DefaultEntry = "/etc/xen/scripts/xenblkd"
+
+// DefaultTag prefixes lo_file_name of every loop device the daemon makes.
+const DefaultTag = "xenblkd:"
+
+// How long things may take, all derived from the one limit libxl sets: it
+// SIGKILLs a hotplug script that has not exited after HotplugTimeout
+// (LIBXL_HOTPLUG_TIMEOUT), and the script's error must reach hotplug-error
+// before that.
+const (
+	HotplugTimeout = 40 * time.Second
+	// ReplyTimeout is how long the entries (C and Go) wait for the daemon's
+	// reply to an add or remove: the Go entry still has time to write
+	// hotplug-error itself. The C entry's REPLY_TIMEOUT_SEC (a test
+	// compares them).
+	ReplyTimeout = HotplugTimeout - 5*time.Second
+	// RequestTimeout bounds the daemon's work on one add or remove (and on
+	// one backend of an adoption), so its reply, with the error it wrote to
+	// hotplug-error, arrives before the entry stops waiting.
+	RequestTimeout = ReplyTimeout - 5*time.Second
+)
+
+// Timeout is how long a client waits for the reply to op; 0: as long as it
+// takes. An adoption works through every backend of the host, each bounded
+// by RequestTimeout: no fixed bound on the whole fits every host.
+func Timeout(op string) time.Duration {
+	if op == OpAdopt {
+		return 0
+	}
+	return ReplyTimeout
+}
 
 // SocketFDName is the FileDescriptorName= of the API socket in
 // dist/xenblkd.socket: under socket activation the daemon finds the
@@ -101,13 +136,13 @@ type Attachment struct {
 var ErrDaemonUnreachable = errors.New("xenblkd daemon is not running")
 
 // Call sends req to the daemon at socket and returns its reply. The deadline
-// of ctx (or 35 s, below libxl's 40 s SIGKILL) bounds the whole exchange.
+// of ctx (or Timeout(req.Op)) bounds the whole exchange.
 func Call(ctx context.Context, socket string, req Request) (Response, error) {
 	line, err := json.Marshal(req)
 	if err != nil {
 		return Response{}, err
 	}
-	reply, err := exchange(ctx, socket, append(line, '\n'))
+	reply, err := exchangeWith(ctx, socket, append(line, '\n'), Timeout(req.Op), false)
 	if err != nil {
 		return Response{}, err
 	}
@@ -140,7 +175,7 @@ func CallHotplug(ctx context.Context, socket string, req Request, opts HotplugOp
 	line = append(line, '\n')
 	retryUntil := time.Now().Add(opts.ConnectWait)
 	for {
-		reply, err := exchangeWith(ctx, socket, line, true)
+		reply, err := exchangeWith(ctx, socket, line, Timeout(req.Op), true)
 		if errors.Is(err, ErrDaemonUnreachable) && time.Now().Before(retryUntil) && ctx.Err() == nil {
 			time.Sleep(min(100*time.Millisecond, time.Until(retryUntil)))
 			continue
@@ -165,27 +200,25 @@ func DecodeReply(socket string, reply []byte) (Response, error) {
 	return resp, nil
 }
 
-// exchange sends line on a new connection to socket and returns the reply
-// line. The deadline of ctx (or 35 s) bounds it.
-func exchange(ctx context.Context, socket string, line []byte) ([]byte, error) {
-	return exchangeWith(ctx, socket, line, false)
-}
-
-// exchangeWith is exchange; with rootOnly it sends nothing to a peer that
-// does not run as root (SO_PEERCRED).
-func exchangeWith(ctx context.Context, socket string, line []byte, rootOnly bool) ([]byte, error) {
+// exchangeWith sends line on a new connection to socket and returns the
+// reply line. The deadline of ctx, else timeout (0: none), bounds it. With
+// rootOnly it sends nothing to a peer that does not run as root
+// (SO_PEERCRED).
+func exchangeWith(ctx context.Context, socket string, line []byte, timeout time.Duration, rootOnly bool) ([]byte, error) {
 	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = time.Now().Add(35 * time.Second)
+	if !ok && timeout > 0 {
+		deadline, ok = time.Now().Add(timeout), true
 	}
 	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("create socket: %w", err)
 	}
 	defer unix.Close(fd)
-	tv := unix.NsecToTimeval(max(time.Until(deadline), time.Millisecond).Nanoseconds())
-	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
-	_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+	if ok {
+		tv := unix.NsecToTimeval(max(time.Until(deadline), time.Millisecond).Nanoseconds())
+		_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+		_ = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+	}
 
 	if err := retryEINTR(func() error { return unix.Connect(fd, &unix.SockaddrUnix{Name: socket}) }); err != nil {
 		if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ECONNREFUSED) {

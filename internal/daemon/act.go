@@ -8,6 +8,7 @@ import (
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/model"
+	"xenblkd/internal/text"
 )
 
 // step runs one lifecycle step of backend b for origin o (lifecycle.go):
@@ -134,7 +135,7 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o origin) (*api
 	if err != nil {
 		return nil, d.refuse(ctx, s, o, err)
 	}
-	line := diskLine{b: b, target: model.Quote(req.Params, 200), labels: labelsOf(s)}
+	line := diskLine{b: b, target: text.Truncate(req.Params, 200), labels: labelsOf(s)}
 	refuse := func(err error) (*api.Attachment, error) {
 		d.refused(ctx, line, by, err)
 		return nil, err

@@ -13,20 +13,13 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"time"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
+	"xenblkd/internal/text"
 )
-
-// DefaultTag prefixes lo_file_name of every loop device the daemon makes.
-const DefaultTag = "xenblkd:"
-
-// RequestTimeout bounds one add or remove, below libxl's 40 s SIGKILL of the
-// hotplug script, so the error still reaches hotplug-error.
-const RequestTimeout = 30 * time.Second
 
 // Daemon handles add, remove and status requests.
 type Daemon struct {
@@ -41,13 +34,13 @@ type Daemon struct {
 	// Recover and StartPresetup, which both decide by it.
 	Scripts Scripts
 
-	tag string // lo_file_name prefix of our devices, as Recover was told (claims of stock devices use it)
+	tag string // lo_file_name prefix of our devices: api.DefaultTag, or what Recover was told (claims of stock devices use it)
 }
 
 // New returns a daemon on store (XenStore) and host (loop devices, mounts).
 func New(log *slog.Logger, store hotplug.Store, host model.Host) *Daemon {
 	m := model.New(host, log)
-	return &Daemon{log: log, store: store, model: m, metrics: newMetrics(m)}
+	return &Daemon{log: log, store: store, model: m, metrics: newMetrics(m), tag: api.DefaultTag}
 }
 
 // NewHost returns the real machine: loop devices tagged with tag, doing I/O
@@ -72,9 +65,7 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	case api.OpStatus:
 		return d.statusResponse(ctx) // status.go
 	case api.OpAdopt:
-		ctx, cancel := context.WithTimeout(ctx, 5*RequestTimeout)
-		defer cancel()
-		sum, err := d.AdoptStock(ctx) // stock.go
+		sum, err := d.AdoptStock(ctx) // stock.go: each backend bounded by api.RequestTimeout
 		if err != nil {
 			return api.Response{Error: err.Error()}
 		}
@@ -84,7 +75,7 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 		return api.Response{OK: true}
 	case api.OpAdd, api.OpRemove:
 	default:
-		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove, status, adopt or ping", model.Quote(req.Op, 32))}
+		return api.Response{Error: fmt.Sprintf("unknown operation %q: expected add, remove, status, adopt or ping", text.Truncate(req.Op, 32))}
 	}
 	defer d.metrics.timeRequest(req.Op)()
 	b, err := hotplug.ParseBackendPath(req.Path)
@@ -92,7 +83,7 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 		d.metrics.countError(req.Op, withReason(ReasonBadParams, err))
 		return api.Response{Error: err.Error()}
 	}
-	ctx, cancel := context.WithTimeout(ctx, RequestTimeout)
+	ctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
 	defer cancel()
 	if req.Op == api.OpRemove {
 		d.step(ctx, b, fromRemove, nil) // act.go

@@ -8,13 +8,14 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"xenblkd/internal/unixsock"
 )
 
 // The metrics endpoint: net/http and promhttp. The daemon is no longer exec'd
@@ -36,14 +37,7 @@ func ListenMetrics(addr string) (net.Listener, error) {
 		if !filepath.IsAbs(path) {
 			return nil, fmt.Errorf("metrics address %q: the socket path must be absolute (unix:/run/xenblkd/metrics.sock)", addr)
 		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("metrics address %q: something already listens there", addr)
-		}
-		if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-			os.Remove(path) // stale: nobody answered
-		}
-		l, err := net.Listen("unix", path)
+		l, err := unixsock.Listen(path, 0) // the umask decides its mode (docs/metrics.md)
 		if err != nil {
 			return nil, fmt.Errorf("metrics address %q: %w", addr, err)
 		}

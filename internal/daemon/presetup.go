@@ -22,6 +22,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/keyed"
 	"xenblkd/internal/model"
@@ -291,7 +292,7 @@ func (p *presetup) work(ctx context.Context) {
 			p.scan(ctx)
 			continue
 		}
-		cctx, cancel := context.WithTimeout(ctx, RequestTimeout)
+		cctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
 		p.check(cctx, key)
 		cancel()
 	}

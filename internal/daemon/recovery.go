@@ -14,6 +14,7 @@ import (
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
+	"xenblkd/internal/text"
 )
 
 // storedDevice is a loop device whose fd is also in systemd's fd store under
@@ -51,7 +52,7 @@ func storeLoop(dev *loop.Device) (*storedDevice, error) {
 
 // RecoverOptions say which backends are ours.
 type RecoverOptions struct {
-	// Tag is the lo_file_name prefix of our devices (DefaultTag if empty).
+	// Tag is the lo_file_name prefix of our devices (api.DefaultTag if empty).
 	// Fds from the store whose device carries another tag are not adopted.
 	Tag string
 	// Stored are the fds the service manager passed back from the fd store
@@ -105,11 +106,10 @@ type recoveryRun struct {
 // opened the device yet, never opens whatever now has that number.
 func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySummary, error) {
 	var sum RecoverySummary
-	if opts.Tag == "" {
-		opts.Tag = DefaultTag
+	if opts.Tag != "" {
+		d.tag = opts.Tag
 	}
-	d.tag = opts.Tag
-	run := &recoveryRun{held: d.adoptStored(opts.Stored, opts.Tag, &sum), used: map[uint64]bool{}, sum: &sum}
+	run := &recoveryRun{held: d.adoptStored(opts.Stored, d.tag, &sum), used: map[uint64]bool{}, sum: &sum}
 	held, used := run.held, run.used
 	backends, err := hotplug.ListBackends(ctx, d.store)
 	if err != nil {
@@ -211,7 +211,7 @@ func (d *Daemon) restore(ctx context.Context, s hotplug.Snapshot, stock bool, ru
 	}
 	backing, target, err := openTarget(req.Params, mode.Writable)
 	if err != nil {
-		if unix.Major(rdev) == loopMajor && run.held[rdev] != nil {
+		if unix.Major(rdev) == loop.Major && run.held[rdev] != nil {
 			run.used[rdev] = true // a VM may use it: keep it, we cannot tell
 		}
 		return fmt.Errorf("physical-device %s: %w", pdev, err)
@@ -252,7 +252,7 @@ func (d *Daemon) restoreLoop(ctx context.Context, s hotplug.Snapshot, a model.At
 	dev := run.held[rdev]
 	var why error
 	switch {
-	case unix.Major(rdev) != loopMajor:
+	case unix.Major(rdev) != loop.Major:
 		why = fmt.Errorf("physical-device %s is not a loop device but params %s is a file", s.Value(hotplug.PhysicalDevice), a.Params)
 	case serr != nil || diskseq == 0:
 		why = fmt.Errorf("diskseq %q is missing or malformed: the device cannot be identified", seqStr)
@@ -304,7 +304,7 @@ func reopen(rdev, diskseq uint64) (*storedDevice, error) {
 // mismatched handles a backend whose loop device is gone or reused: the VM
 // cannot use it safely, so physical-device goes and hotplug-error says why.
 func (d *Daemon) mismatched(ctx context.Context, s hotplug.Snapshot, rdev, diskseq uint64, why error) {
-	b, pdev, params := s.Backend, s.Value(hotplug.PhysicalDevice), model.Quote(s.Value(hotplug.Params), 200)
+	b, pdev, params := s.Backend, s.Value(hotplug.PhysicalDevice), text.Truncate(s.Value(hotplug.Params), 200)
 	d.decision(ctx, slog.LevelError, "recovery: the loop device XenStore names is gone or reused; the VM cannot use it safely. "+
 		"Removing physical-device and recording hotplug-error; the device is left alone",
 		diskLine{b: b, target: params, dev: "/dev/loop" + strconv.FormatUint(uint64(unix.Minor(rdev)), 10), diskseq: diskseq},

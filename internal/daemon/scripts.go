@@ -3,22 +3,20 @@ package daemon
 import (
 	"path"
 	"strings"
+	"xenblkd/internal/api"
 
 	"golang.org/x/sys/unix"
 )
 
-// DefaultEntry is the hotplug entry libxl execs for script=xenblkd.
-const DefaultEntry = "/etc/xen/scripts/xenblkd"
-
 // Scripts decides which backends are ours, from their script node (the
 // absolute path libxl writes to BE/script and execs). It is the one answer
 // pre-setup, recovery and adoption all use. The zero value knows only the
-// base name xenblkd and DefaultEntry.
+// base name xenblkd and api.DefaultEntry.
 type Scripts struct {
 	// Extra are more scripts that name xenblkd (--scripts): an entry with a
 	// "/" is compared with the whole path, one without with its base name.
 	Extra []string
-	// Entry is the hotplug entry (DefaultEntry if empty). A script that
+	// Entry is the hotplug entry (api.DefaultEntry if empty). A script that
 	// resolves to the same file, by device and inode, is ours: so
 	// /etc/xen/scripts/block is recognised once `xenblkd takeover` made it a
 	// link to the entry, and no longer after `xenblkd takeover --undo`.
@@ -51,7 +49,7 @@ func (s Scripts) Ours(script string) bool {
 	}
 	entry := s.Entry
 	if entry == "" {
-		entry = DefaultEntry
+		entry = api.DefaultEntry
 	}
 	// Two stats per decision (a few µs): cached identities would go stale
 	// when a package upgrade replaces the binary or takeover is undone.
@@ -65,7 +63,7 @@ func (s Scripts) Ours(script string) bool {
 func (s Scripts) String() string {
 	entry := s.Entry
 	if entry == "" {
-		entry = DefaultEntry
+		entry = api.DefaultEntry
 	}
 	return strings.Join(append([]string{"xenblkd", "same file as " + entry}, s.Extra...), ",")
 }

@@ -17,67 +17,18 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/api"
+	"xenblkd/internal/unixsock"
 )
-
-// ErrUnsafeSocketDir: the API socket's directory (or one above it) can be
-// written by a user other than root (or the daemon's own uid), who could then
-// replace the socket and answer hotplug calls in the daemon's place.
-var ErrUnsafeSocketDir = errors.New("unsafe socket directory")
 
 // Listen creates the API socket: its directory 0700 if missing, the socket
 // 0600. A stale socket (nobody answers) is replaced; a live one is an error.
-// It refuses a directory that non-root users can write (ErrUnsafeSocketDir).
+// It refuses a directory that non-root users can write (unixsock.ErrUnsafeDir).
 func Listen(path string) (*net.UnixListener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return nil, fmt.Errorf("create socket directory: %w", err)
-	}
-	if err := checkSocketDir(filepath.Dir(path)); err != nil {
-		return nil, err
-	}
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
+	l, err := unixsock.Listen(path, 0o600)
+	if errors.Is(err, unixsock.ErrInUse) {
 		return nil, fmt.Errorf("listen on %s: another xenblkd daemon is already running there", path)
 	}
-	if fi, err := os.Lstat(path); err == nil && fi.Mode()&os.ModeSocket != 0 {
-		os.Remove(path) // stale: nobody answered
-	}
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("listen on %s: %w", path, err)
-	}
-	return l, nil
-}
-
-// checkSocketDir checks dir and every directory above it: each must be
-// owned by root or the daemon's uid and not writable by group or others,
-// except that a sticky directory (/tmp) only protects its entries, which is
-// enough when the next step down is safe.
-func checkSocketDir(dir string) error {
-	dir, err := filepath.Abs(dir)
-	if err != nil {
-		return err
-	}
-	self := uint32(os.Getuid())
-	for d := dir; ; d = filepath.Dir(d) {
-		var st unix.Stat_t
-		if err := unix.Stat(d, &st); err != nil {
-			return fmt.Errorf("check socket directory %s: %w", d, err)
-		}
-		mode := os.FileMode(st.Mode & 0o7777)
-		switch {
-		case st.Uid != 0 && st.Uid != self:
-			return fmt.Errorf("%w: %s is owned by uid %d, not root: chown root %s (or choose a root-owned --socket directory)", ErrUnsafeSocketDir, d, st.Uid, d)
-		case st.Mode&0o022 != 0 && (d == dir || st.Mode&unix.S_ISVTX == 0):
-			return fmt.Errorf("%w: %s is writable by non-root users (mode %04o): chmod go-w %s (or choose a root-only --socket directory such as /run/xenblkd)", ErrUnsafeSocketDir, d, mode, d)
-		}
-		if d == "/" {
-			return nil
-		}
-	}
+	return l, err
 }
 
 // ListenFD takes over fd, a listening unix stream socket passed by the
@@ -102,7 +53,7 @@ func ListenFD(fd int) (*net.UnixListener, error) {
 	// The same directory check as Listen's (a few stats): a socket that
 	// lives in a directory non-root users can write could be replaced.
 	if path := ul.Addr().String(); filepath.IsAbs(path) {
-		if err := checkSocketDir(filepath.Dir(path)); err != nil {
+		if err := unixsock.CheckDir(filepath.Dir(path)); err != nil {
 			ul.Close()
 			return nil, err
 		}
@@ -140,7 +91,9 @@ func (d *Daemon) Serve(ctx context.Context, l *net.UnixListener) error {
 
 func (d *Daemon) serveConn(ctx context.Context, c *net.UnixConn) {
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(RequestTimeout + 5*time.Second))
+	// Reading the request and answering it fit in the entry's wait
+	// (api.ReplyTimeout); an adoption's reply comes when it is done.
+	c.SetDeadline(time.Now().Add(api.ReplyTimeout))
 	uid, pid, err := peerCred(c)
 	if err != nil {
 		d.log.Error("read peer credentials", "err", err)
@@ -172,6 +125,9 @@ func (d *Daemon) serveConn(ctx context.Context, c *net.UnixConn) {
 	if err := json.Unmarshal(line, &req); err != nil {
 		writeReply(c, api.Response{Error: fmt.Sprintf("malformed request: %v", err)})
 		return
+	}
+	if api.Timeout(req.Op) == 0 {
+		c.SetDeadline(time.Time{})
 	}
 	writeReply(c, d.Handle(ctx, req))
 }

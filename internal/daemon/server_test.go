@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/api"
+	"xenblkd/internal/unixsock"
 )
 
 // TestListenRefusesUnsafeDirectory: the API socket is not served from a
@@ -63,8 +64,8 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 			if pl != nil {
 				pl.Close()
 			}
-			if (tt.wantErr == "") != (perr == nil) || perr != nil && (!errors.Is(perr, ErrUnsafeSocketDir) || !strings.Contains(perr.Error(), tt.wantErr)) {
-				t.Errorf("ListenFD: %v; want ErrUnsafeSocketDir %q", perr, tt.wantErr)
+			if (tt.wantErr == "") != (perr == nil) || perr != nil && (!errors.Is(perr, unixsock.ErrUnsafeDir) || !strings.Contains(perr.Error(), tt.wantErr)) {
+				t.Errorf("ListenFD: %v; want unixsock.ErrUnsafeDir %q", perr, tt.wantErr)
 			}
 			l, err := Listen(filepath.Join(dir, "api.sock"))
 			if l != nil {
@@ -76,8 +77,8 @@ func TestListenRefusesUnsafeDirectory(t *testing.T) {
 				}
 				return
 			}
-			if !errors.Is(err, ErrUnsafeSocketDir) || !strings.Contains(err.Error(), tt.wantErr) {
-				t.Fatalf("Listen: %v; want ErrUnsafeSocketDir, %q", err, tt.wantErr)
+			if !errors.Is(err, unixsock.ErrUnsafeDir) || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("Listen: %v; want unixsock.ErrUnsafeDir, %q", err, tt.wantErr)
 			}
 			if _, err := os.Lstat(filepath.Join(dir, "api.sock")); err == nil {
 				t.Error("socket created in an unsafe directory")

@@ -19,9 +19,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
+	"xenblkd/internal/text"
 )
 
 // stockDevice is what the stock script wrote for a backend.
@@ -34,12 +36,12 @@ type stockDevice struct {
 // checkStock verifies what the stock script recorded, without touching the
 // device: it returns the loop device number.
 func checkStock(s stockDevice) (int, error) {
-	if unix.Major(s.rdev) != 7 {
+	if unix.Major(s.rdev) != loop.Major {
 		return 0, fmt.Errorf("physical-device %s is not a loop device but params is a file", s.pdev)
 	}
 	n := int(unix.Minor(s.rdev))
 	if want := "/dev/loop" + strconv.Itoa(n); s.node != want {
-		return 0, fmt.Errorf("node %q does not name physical-device %s (%s)", model.Quote(s.node, 64), s.pdev, want)
+		return 0, fmt.Errorf("node %q does not name physical-device %s (%s)", text.Truncate(s.node, 64), s.pdev, want)
 	}
 	return n, nil
 }
@@ -54,7 +56,7 @@ func (d *Daemon) adoptStock(ctx context.Context, b hotplug.Backend, s stockDevic
 		run.sum.Foreign++
 		log.Error("stock script's loop device does not check out; leaving it and the backend as they are "+
 			"(its remove will not free it: check it, then losetup -d it once the domain is gone)",
-			"node", model.Quote(s.node, 64), "physical_device", s.pdev, "params", model.Quote(a.Params, 200), "err", err)
+			"node", text.Truncate(s.node, 64), "physical_device", s.pdev, "params", text.Truncate(a.Params, 200), "err", err)
 		return nil
 	}
 	if dev.Rdev() != s.rdev {
@@ -92,11 +94,7 @@ func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]*
 		}
 		return dev, nil
 	}
-	tag := d.tag
-	if tag == "" {
-		tag = DefaultTag
-	}
-	dev, err := loop.Claim(number, want, tag)
+	dev, err := loop.Claim(number, want, d.tag)
 	if err != nil {
 		return nil, err
 	}
@@ -119,15 +117,24 @@ func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]*
 // every backend that is ours (by Scripts) and not attached yet: what
 // `xenblkd takeover` asks for once /etc/xen/scripts/block is ours. Backends
 // that are attached, or have no physical-device, are left alone.
+//
+// Each XenStore listing and each backend is bounded by api.RequestTimeout,
+// as an exec'd add is (an add of the same backend waits for its lock), and
+// the whole by nothing: it takes as long as the host has backends.
 func (d *Daemon) AdoptStock(ctx context.Context) (RecoverySummary, error) {
 	var sum RecoverySummary
-	backends, err := hotplug.ListBackends(ctx, d.store)
+	lctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
+	backends, err := hotplug.ListBackends(lctx, d.store)
+	cancel()
 	if err != nil {
 		return sum, err
 	}
 	run := &recoveryRun{held: map[uint64]*storedDevice{}, used: map[uint64]bool{}, sum: &sum}
 	for _, b := range backends {
-		if _, err := d.step(ctx, b, fromRecovery, run); err != nil { // act.go
+		bctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
+		_, err := d.step(bctx, b, fromRecovery, run) // act.go
+		cancel()
+		if err != nil {
 			d.log.Error("adopt: backend not taken over", "domid", b.Domid, "devid", b.Devid, "err", err)
 		}
 	}

@@ -13,6 +13,7 @@ import (
 
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
+	"xenblkd/internal/text"
 )
 
 // openTarget opens params with the access mode asks for and decides by fstat
@@ -26,7 +27,7 @@ func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 		// As the stock script treats phy:sdb, but never out of /dev.
 		for _, elem := range strings.Split(p, "/") {
 			if elem == ".." {
-				return nil, model.Target{}, fmt.Errorf("params %q: a relative params names a node under /dev and may not contain \"..\"; give the absolute path", q(params))
+				return nil, model.Target{}, fmt.Errorf("params %q: a relative params names a node under /dev and may not contain \"..\"; give the absolute path", text.Truncate(params, 200))
 			}
 		}
 		p = "/dev/" + p
@@ -35,16 +36,16 @@ func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 	if err != nil {
 		if errors.Is(err, unix.ENOENT) {
 			if !filepath.IsAbs(params) {
-				return nil, model.Target{}, &notFoundError{fmt.Sprintf("params %q: no such device %s (a relative params names a node under /dev)", q(params), q(p))}
+				return nil, model.Target{}, &notFoundError{fmt.Sprintf("params %q: no such device %s (a relative params names a node under /dev)", text.Truncate(params, 200), text.Truncate(p, 200))}
 			}
-			return nil, model.Target{}, &notFoundError{fmt.Sprintf("params %q: no such file or device", q(params))}
+			return nil, model.Target{}, &notFoundError{fmt.Sprintf("params %q: no such file or device", text.Truncate(params, 200))}
 		}
-		return nil, model.Target{}, fmt.Errorf("params %q: open %s: %w", q(params), q(p), err)
+		return nil, model.Target{}, fmt.Errorf("params %q: open %s: %w", text.Truncate(params, 200), text.Truncate(p, 200), err)
 	}
 	defer unix.Close(pathFd)
 	var st unix.Stat_t
 	if err := unix.Fstat(pathFd, &st); err != nil {
-		return nil, model.Target{}, fmt.Errorf("params %q: stat: %w", q(params), err)
+		return nil, model.Target{}, fmt.Errorf("params %q: stat: %w", text.Truncate(params, 200), err)
 	}
 	target, err := targetOf(params, p, &st, writable)
 	if err != nil {
@@ -65,13 +66,13 @@ func openTarget(params string, writable bool) (*os.File, model.Target, error) {
 		if errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
 			hint = ": use mode r, or make it writable"
 		}
-		return nil, model.Target{}, fmt.Errorf("params %q: cannot open %s for %s: %w%s", q(params), q(p), how, err, hint)
+		return nil, model.Target{}, fmt.Errorf("params %q: cannot open %s for %s: %w%s", text.Truncate(params, 200), text.Truncate(p, 200), how, err, hint)
 	}
 	f := os.NewFile(uintptr(fd), p)
 	if target.Kind == model.BlockDevice {
 		if err := blockFacts(f, &target, "/sys"); err != nil {
 			f.Close()
-			return nil, model.Target{}, fmt.Errorf("params %q: %w", q(params), err)
+			return nil, model.Target{}, fmt.Errorf("params %q: %w", text.Truncate(params, 200), err)
 		}
 	}
 	return f, target, nil
@@ -89,14 +90,14 @@ func targetOf(params, p string, st *unix.Stat_t, writable bool) (model.Target, e
 		if st.Nlink == 0 {
 			// e.g. /proc/<pid>/fd/<n> of a deleted image: nothing else could
 			// ever find it to check sharing, and its data dies with the last fd.
-			return model.Target{}, fmt.Errorf("params %q: the file has been deleted (no name links to it any more); restore it under a name and use that", q(params))
+			return model.Target{}, fmt.Errorf("params %q: the file has been deleted (no name links to it any more); restore it under a name and use that", text.Truncate(params, 200))
 		}
 		if writable && st.Mode&0o222 == 0 {
 			return model.Target{}, fmt.Errorf("params %q: the file is read-only (permissions %#o) but mode is w: use mode r, or make the file writable",
-				q(params), st.Mode&0o7777)
+				text.Truncate(params, 200), st.Mode&0o7777)
 		}
 	default:
-		return model.Target{}, fmt.Errorf("params %q is a %s: expected a block device or a regular image file", q(params), fileType(st.Mode))
+		return model.Target{}, fmt.Errorf("params %q is a %s: expected a block device or a regular image file", text.Truncate(params, 200), fileType(st.Mode))
 	}
 	return target, nil
 }
@@ -105,7 +106,7 @@ func targetOf(params, p string, st *unix.Stat_t, writable bool) (model.Target, e
 // bound to it if it is a loop device (refused if nothing is), its whole disk
 // if it is a partition, its partitions if it has any (from sysfs).
 func blockFacts(f *os.File, t *model.Target, sysfs string) error {
-	if unix.Major(t.Rdev) == loopMajor {
+	if unix.Major(t.Rdev) == loop.Major {
 		b, err := loop.BindingOf(f)
 		if errors.Is(err, loop.ErrNotBound) {
 			return fmt.Errorf("loop device %s has no file bound to it, so the guest would get an empty disk; bind one (losetup %s FILE) or name the file itself", t.Path, t.Path)
@@ -155,9 +156,6 @@ func blockFacts(f *os.File, t *model.Target, sysfs string) error {
 	return nil
 }
 
-// loopMajor is LOOP_MAJOR (include/uapi/linux/major.h).
-const loopMajor = 7
-
 // readDevNumber reads a sysfs dev file ("major:minor").
 func readDevNumber(path string) (uint64, error) {
 	b, err := os.ReadFile(path)
@@ -188,8 +186,6 @@ func fileType(mode uint32) string {
 	}
 	return "special file"
 }
-
-func q(s string) string { return model.Quote(s, 200) }
 
 // mounts returns the mounts of the devices devs according to mountinfo
 // (proc(5)): field 3 is "major:minor" in decimal, field 5 the mount point,

@@ -12,6 +12,8 @@ import (
 	"context"
 	"os"
 	"time"
+
+	"xenblkd/internal/api"
 )
 
 // Severity says what a failed check means for the host.
@@ -37,12 +39,10 @@ type Check struct {
 
 // Default paths, as on a Debian or Qubes dom0.
 const (
-	DefaultSocket       = "/run/xenblkd/api.sock"
 	DefaultLoopControl  = "/dev/loop-control"
 	DefaultXenbus       = "/dev/xen/xenbus"
 	DefaultSystemdDir   = "/run/systemd/system"
 	DefaultUnit         = "xenblkd.service"
-	DefaultTagPrefix    = "xenblkd:"
 	defaultDialTimeout  = 2 * time.Second
 	defaultXenstoreSock = "/run/xenstored/socket"
 	legacyXenstoreSock  = "/var/run/xenstored/socket"
@@ -51,7 +51,7 @@ const (
 // Options are the paths and hooks the checks use. The zero value checks this
 // host with the default paths; tests override fields.
 type Options struct {
-	Socket      string // daemon API socket; default $XENBLKD_SOCKET, else DefaultSocket
+	Socket      string // daemon API socket; default $XENBLKD_SOCKET, else api.DefaultSocket
 	LoopControl string // default DefaultLoopControl
 	DevDir      string // where loopN nodes live; default /dev
 	SysBlock    string // default /sys/block
@@ -59,10 +59,10 @@ type Options struct {
 	SysBus      string // default /sys/bus
 	SystemdDir  string // exists when systemd is PID 1; default DefaultSystemdDir
 	Unit        string // default DefaultUnit
-	TagPrefix   string // lo_file_name prefix of our devices; default DefaultTagPrefix
+	TagPrefix   string // lo_file_name prefix of our devices; default api.DefaultTag
 	TempDir     string // for the probe's backing file; default os.TempDir()
 	// SysHypervisor is /sys/hypervisor/type; ScriptLink is what libxl execs
-	// for script=xenblkd. Defaults DefaultSysHypervisor, DefaultScriptLink.
+	// for script=xenblkd. Defaults DefaultSysHypervisor, api.DefaultEntry.
 	SysHypervisor string
 	ScriptLink    string
 	// XenStorePaths are tried in order, as xenstore.Dial does; default
@@ -96,7 +96,7 @@ func (o Options) withDefaults() Options {
 	if o.Socket == "" {
 		o.Socket = os.Getenv("XENBLKD_SOCKET")
 	}
-	def(&o.Socket, DefaultSocket)
+	def(&o.Socket, api.DefaultSocket)
 	def(&o.LoopControl, DefaultLoopControl)
 	def(&o.DevDir, "/dev")
 	def(&o.SysBlock, "/sys/block")
@@ -104,10 +104,10 @@ func (o Options) withDefaults() Options {
 	def(&o.SysBus, "/sys/bus")
 	def(&o.SystemdDir, DefaultSystemdDir)
 	def(&o.Unit, DefaultUnit)
-	def(&o.TagPrefix, DefaultTagPrefix)
+	def(&o.TagPrefix, api.DefaultTag)
 	def(&o.TempDir, os.TempDir())
 	def(&o.SysHypervisor, DefaultSysHypervisor)
-	def(&o.ScriptLink, DefaultScriptLink)
+	def(&o.ScriptLink, api.DefaultEntry)
 	if o.XenStorePaths == nil {
 		if p := os.Getenv("XENSTORED_PATH"); p != "" {
 			o.XenStorePaths = []string{p}

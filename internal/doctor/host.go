@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"xenblkd/internal/api"
 )
 
 // Check names of host.go.
@@ -19,7 +21,6 @@ const (
 // Default paths of host.go.
 const (
 	DefaultSysHypervisor = "/sys/hypervisor/type"
-	DefaultScriptLink    = "/etc/xen/scripts/xenblkd"
 	tcpMetricsDropIn     = "/usr/share/doc/xenblkd/examples/metrics-tcp.conf"
 )
 
@@ -92,7 +93,7 @@ func checkUnitFlags(ctx context.Context, o *Options) Check {
 	var problems, fixes []string
 	socket := flags["socket"]
 	if socket == "" {
-		socket = DefaultSocket
+		socket = api.DefaultSocket
 	}
 	if socket != o.Socket {
 		c.Severity = Required

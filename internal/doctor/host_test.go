@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"xenblkd/internal/api"
 )
 
 func TestHypervisor(t *testing.T) {
@@ -40,7 +42,7 @@ func TestUnitFlags(t *testing.T) {
 	exec := func(argv string) string {
 		return "ExecStart={ path=/usr/sbin/xenblkd ; argv[]=" + argv + " ; ignore_errors=no ; start_time=[n/a] ; stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }\n"
 	}
-	o.Socket = DefaultSocket
+	o.Socket = api.DefaultSocket
 	tests := []struct {
 		name   string
 		out    string

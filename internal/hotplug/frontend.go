@@ -7,6 +7,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/text"
 	"xenblkd/internal/xenstore"
 )
 
@@ -43,7 +44,7 @@ func ReadFrontend(ctx context.Context, s Batcher, domid uint32) Frontend {
 	}
 	t, err := parseID(target, 0x7fef)
 	if err != nil || t == uint64(domid) {
-		fe.note(trusted{why: fmt.Sprintf("%s/target: %q is not another domain's id", dom, quote(target))})
+		fe.note(trusted{why: fmt.Sprintf("%s/target: %q is not another domain's id", dom, text.Truncate(target, 64))})
 		return fe
 	}
 	fe.Target = int(t)

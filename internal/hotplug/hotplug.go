@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/text"
 	"xenblkd/internal/xenstore"
 )
 
@@ -45,12 +46,12 @@ func ParseBackendPath(p string) (Backend, error) {
 	}
 	parts := strings.Split(p, "/")
 	if len(parts) != 4 || parts[0] != "backend" || parts[1] != "vbd" {
-		return Backend{}, fmt.Errorf("%w %q: want backend/vbd/<domid>/<devid>", ErrBadPath, quote(p))
+		return Backend{}, fmt.Errorf("%w %q: want backend/vbd/<domid>/<devid>", ErrBadPath, text.Truncate(p, 64))
 	}
 	domid, err1 := parseID(parts[2], 0x7fef) // DOMID_FIRST_RESERVED-1
 	devid, err2 := parseID(parts[3], 1<<32-1)
 	if err1 != nil || err2 != nil {
-		return Backend{}, fmt.Errorf("%w %q: domid and devid must be decimal numbers", ErrBadPath, quote(p))
+		return Backend{}, fmt.Errorf("%w %q: domid and devid must be decimal numbers", ErrBadPath, text.Truncate(p, 64))
 	}
 	return Backend{Domid: uint32(domid), Devid: uint32(devid)}, nil
 }
@@ -242,7 +243,7 @@ func checkRequired(b Backend, name, v string, present bool, max int) (string, er
 	case v == "":
 		return "", fmt.Errorf("%s is empty in %s: set the disk's target in the domain configuration", name, b)
 	case len(v) > max:
-		return "", fmt.Errorf("%s in %s is %d bytes long (%q); the limit is %d", name, b, len(v), quote(v), max)
+		return "", fmt.Errorf("%s in %s is %d bytes long (%q); the limit is %d", name, b, len(v), text.Truncate(v, 64), max)
 	}
 	return v, nil
 }
@@ -281,7 +282,7 @@ func ParseRdev(s string) (uint64, error) {
 	a, err1 := strconv.ParseUint(maj, 16, 32)
 	b, err2 := strconv.ParseUint(min, 16, 32)
 	if !ok || err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("physical-device %q is not major:minor in hex", quote(s))
+		return 0, fmt.Errorf("physical-device %q is not major:minor in hex", text.Truncate(s, 64))
 	}
 	return unix.Mkdev(uint32(a), uint32(b)), nil
 }
@@ -332,7 +333,7 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 		}
 		switch old, err := replies[1].Value, replies[1].Err; {
 		case err == nil && old != pdev:
-			return fmt.Errorf("%w: %s holds %q, this add made %s", ErrPhysicalDeviceSet, b.node("physical-device"), quote(old), pdev)
+			return fmt.Errorf("%w: %s holds %q, this add made %s", ErrPhysicalDeviceSet, b.node("physical-device"), text.Truncate(old, 64), pdev)
 		case err != nil && !errors.Is(err, unix.ENOENT):
 			return err
 		}
@@ -359,7 +360,7 @@ func firstError(replies []xenstore.Reply) error {
 // would recreate it (the speculative writes are then aborted with the
 // transaction).
 func Fail(ctx context.Context, s Store, b Backend, msg string) error {
-	msg = quoteN(msg, maxError)
+	msg = text.Truncate(msg, maxError)
 	err := s.Transact(ctx, func(tx Batcher) error {
 		replies := tx.Batch(ctx, []xenstore.Op{xenstore.Read(b.Path()),
 			xenstore.Write(b.node("hotplug-error"), msg), xenstore.Write(b.node("hotplug-status"), "error")})
@@ -388,7 +389,7 @@ func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq
 		case err != nil:
 			return err
 		case old != pdev:
-			return fmt.Errorf("%w: %s holds %q, not %s", ErrPhysicalDeviceSet, b.node("physical-device"), quote(old), pdev)
+			return fmt.Errorf("%w: %s holds %q, not %s", ErrPhysicalDeviceSet, b.node("physical-device"), text.Truncate(old, 64), pdev)
 		}
 		return replies[1].Err
 	})
@@ -424,13 +425,4 @@ func existsError(b Backend, err error) error {
 		return fmt.Errorf("%w: %s", ErrBackendGone, b)
 	}
 	return err
-}
-
-func quote(s string) string { return quoteN(s, 64) }
-
-func quoteN(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "..."
 }

@@ -12,12 +12,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// loopMajor is LOOP_MAJOR (include/uapi/linux/major.h). Whole loop devices
-// always use it: the minor space (20 bits) covers every index loop_add can
-// hand out; only partitions spill over to BLOCK_EXT_MAJOR, and they are not
-// loop devices.
-const loopMajor = 7
-
 func devPath(index int) string { return "/dev/loop" + strconv.Itoa(index) }
 
 // readBinding reads the binding of the loop device open on fd. While fd is
@@ -106,7 +100,7 @@ func adopt(fd int) (*Device, error) {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return nil, &OpError{Op: "adopt", Dev: name, Err: err}
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFBLK || unix.Major(uint64(st.Rdev)) != loopMajor {
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK || unix.Major(uint64(st.Rdev)) != Major {
 		return nil, &OpError{Op: "adopt", Dev: name, Err: ErrNotLoop}
 	}
 	b, err := readBinding(fd, name)

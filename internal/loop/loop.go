@@ -5,6 +5,12 @@ import (
 	"sync"
 )
 
+// Major is LOOP_MAJOR (include/uapi/linux/major.h). Whole loop devices
+// always use it: the minor space (20 bits) covers every index loop_add can
+// hand out; only partitions spill over to BLOCK_EXT_MAJOR, and they are not
+// loop devices.
+const Major = 7
+
 // Options says how Attach configures a loop device.
 type Options struct {
 	ReadOnly bool // LO_FLAGS_READ_ONLY; the backing file may be opened O_RDONLY
@@ -27,7 +33,7 @@ type FileID struct {
 type Binding struct {
 	Number  int
 	Path    string // /dev/loopN
-	Rdev    uint64 // unix.Mkdev(7, N) (major may differ with large minors)
+	Rdev    uint64 // unix.Mkdev(Major, N)
 	DiskSeq uint64 // 0 on kernels without BLKGETDISKSEQ (< 5.15)
 	Backing FileID
 	Flags   uint32 // lo_flags

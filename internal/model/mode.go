@@ -1,6 +1,8 @@
 package model
 
 import (
+	"xenblkd/internal/text"
+
 	"fmt"
 	"strings"
 )
@@ -18,7 +20,7 @@ func ParseMode(s string) (Mode, error) {
 		return Mode{}, fmt.Errorf("mode is empty: expected r, w, r! or w!")
 	}
 	if len(s) > 8 || strings.Trim(s, "rw!") != "" {
-		return Mode{}, fmt.Errorf("unknown mode %q: expected r, w, r! or w!", Quote(s, 16))
+		return Mode{}, fmt.Errorf("unknown mode %q: expected r, w, r! or w!", text.Truncate(s, 16))
 	}
 	m := Mode{Writable: strings.Contains(s, "w"), Force: strings.Contains(s, "!")}
 	if !m.Writable && !strings.Contains(s, "r") {
@@ -37,13 +39,4 @@ func (m Mode) String() string {
 		s += "!"
 	}
 	return s
-}
-
-// Quote shortens s to at most n bytes for use in a message, so a hostile or
-// mistaken oversized value cannot push the message past XenStore's 4 KiB limit.
-func Quote(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "..."
 }
