@@ -129,7 +129,23 @@ const (
 const Names Node = 1 << numNodes
 
 // nodeNames are the nodes' names in the backend directory ("" for Dir).
-var nodeNames = [numNodes]string{"script", "state", "params", "mode", "physical-device", "diskseq", "node", "hotplug-error", ""}
+var nodeNames = [numNodes]string{nameScript, nameState, nameParams, nameMode, namePhysicalDevice, nameDiskSeq, nameStockNode, nameHotplugError, ""}
+
+// The names of the backend's nodes, in one place: the snapshot reads them,
+// Connect, Fail and Disconnect write them, and the watch (tree.go) tells
+// them apart.
+const (
+	nameScript             = "script"
+	nameState              = "state"
+	nameParams             = "params"
+	nameMode               = "mode"
+	namePhysicalDevice     = "physical-device"
+	namePhysicalDevicePath = "physical-device-path"
+	nameDiskSeq            = "diskseq"
+	nameStockNode          = "node"
+	nameHotplugError       = "hotplug-error"
+	nameHotplugStatus      = "hotplug-status"
+)
 
 // Snapshot is what one batch read of a backend's nodes found: the input of
 // every decision the daemon makes about the backend.
@@ -226,10 +242,10 @@ func (s Snapshot) Request() (Request, error) {
 	}
 	var r Request
 	var err error
-	if r.Params, err = checkRequired(s.Backend, "params", s.Value(Params), s.Has(Params), MaxParams); err != nil {
+	if r.Params, err = checkRequired(s.Backend, nameParams, s.Value(Params), s.Has(Params), MaxParams); err != nil {
 		return Request{}, err
 	}
-	if r.Mode, err = checkRequired(s.Backend, "mode", s.Value(Mode), s.Has(Mode), MaxMode); err != nil {
+	if r.Mode, err = checkRequired(s.Backend, nameMode, s.Value(Mode), s.Has(Mode), MaxMode); err != nil {
 		return Request{}, err
 	}
 	return r, nil
@@ -311,14 +327,14 @@ var ErrPhysicalDeviceSet = errors.New("physical-device already set to another de
 func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 	pdev := FormatRdev(r.Rdev)
 	err := s.Transact(ctx, func(tx Batcher) error {
-		ops := []xenstore.Op{xenstore.Read(b.Path()), xenstore.Read(b.node("physical-device")),
-			xenstore.Write(b.node("physical-device"), pdev), xenstore.Write(b.node("physical-device-path"), r.DevPath)}
+		ops := []xenstore.Op{xenstore.Read(b.Path()), xenstore.Read(b.node(namePhysicalDevice)),
+			xenstore.Write(b.node(namePhysicalDevice), pdev), xenstore.Write(b.node(namePhysicalDevicePath), r.DevPath)}
 		if r.DiskSeq != 0 {
-			ops = append(ops, xenstore.Write(b.node("diskseq"), FormatDiskSeq(r.DiskSeq)))
+			ops = append(ops, xenstore.Write(b.node(nameDiskSeq), FormatDiskSeq(r.DiskSeq)))
 		}
-		ops = append(ops, xenstore.Write(b.node("hotplug-status"), "connected"))
+		ops = append(ops, xenstore.Write(b.node(nameHotplugStatus), "connected"))
 		if r.ClearError {
-			ops = append(ops, xenstore.Rm(b.node("hotplug-error")))
+			ops = append(ops, xenstore.Rm(b.node(nameHotplugError)))
 		}
 		writes := len(ops)
 		if r.Labels != nil {
@@ -333,7 +349,7 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 		}
 		switch old, err := replies[1].Value, replies[1].Err; {
 		case err == nil && old != pdev:
-			return fmt.Errorf("%w: %s holds %q, this add made %s", ErrPhysicalDeviceSet, b.node("physical-device"), text.Truncate(old, 64), pdev)
+			return fmt.Errorf("%w: %s holds %q, this add made %s", ErrPhysicalDeviceSet, b.node(namePhysicalDevice), text.Truncate(old, 64), pdev)
 		case err != nil && !errors.Is(err, unix.ENOENT):
 			return err
 		}
@@ -363,7 +379,7 @@ func Fail(ctx context.Context, s Store, b Backend, msg string) error {
 	msg = text.Truncate(msg, maxError)
 	err := s.Transact(ctx, func(tx Batcher) error {
 		replies := tx.Batch(ctx, []xenstore.Op{xenstore.Read(b.Path()),
-			xenstore.Write(b.node("hotplug-error"), msg), xenstore.Write(b.node("hotplug-status"), "error")})
+			xenstore.Write(b.node(nameHotplugError), msg), xenstore.Write(b.node(nameHotplugStatus), "error")})
 		if err := existsError(b, replies[0].Err); err != nil {
 			return err
 		}
@@ -380,8 +396,8 @@ func Fail(ctx context.Context, s Store, b Backend, msg string) error {
 // pdev: a backend removed or re-attached meanwhile is left alone.
 func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq uint64) error {
 	err := s.Transact(ctx, func(tx Batcher) error {
-		replies := tx.Batch(ctx, []xenstore.Op{xenstore.Read(b.node("physical-device")),
-			xenstore.Write(b.node("diskseq"), FormatDiskSeq(diskseq))})
+		replies := tx.Batch(ctx, []xenstore.Op{xenstore.Read(b.node(namePhysicalDevice)),
+			xenstore.Write(b.node(nameDiskSeq), FormatDiskSeq(diskseq))})
 		old, err := replies[0].Value, replies[0].Err
 		switch {
 		case errors.Is(err, unix.ENOENT):
@@ -389,7 +405,7 @@ func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq
 		case err != nil:
 			return err
 		case old != pdev:
-			return fmt.Errorf("%w: %s holds %q, not %s", ErrPhysicalDeviceSet, b.node("physical-device"), text.Truncate(old, 64), pdev)
+			return fmt.Errorf("%w: %s holds %q, not %s", ErrPhysicalDeviceSet, b.node(namePhysicalDevice), text.Truncate(old, 64), pdev)
 		}
 		return replies[1].Err
 	})
@@ -405,7 +421,7 @@ func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq
 // is already gone, or a backend directory that is, is not an error. If
 // labels is not nil, the backend's labels are read into it in the same batch.
 func Disconnect(ctx context.Context, s Store, b Backend, labels *Labels) error {
-	ops := []xenstore.Op{xenstore.Rm(b.node("physical-device")), xenstore.Rm(b.node("diskseq"))}
+	ops := []xenstore.Op{xenstore.Rm(b.node(namePhysicalDevice)), xenstore.Rm(b.node(nameDiskSeq))}
 	if labels != nil {
 		ops = append(ops, labelOps(b)...)
 	}

@@ -113,7 +113,7 @@ func ParseEvent(p string) Event {
 // state. A change to any other node cannot make a backend new.
 func Creates(node string) bool {
 	switch node {
-	case "", "script", "params", "mode", "state":
+	case "", nameScript, nameParams, nameMode, nameState:
 		return true
 	}
 	return false
@@ -122,7 +122,7 @@ func Creates(node string) bool {
 // WrittenByConnect reports whether Connect writes node.
 func WrittenByConnect(node string) bool {
 	switch node {
-	case "physical-device", "physical-device-path", "diskseq", "hotplug-status":
+	case namePhysicalDevice, namePhysicalDevicePath, nameDiskSeq, nameHotplugStatus:
 		return true
 	}
 	return false
