@@ -7,78 +7,99 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/model"
 	"xenblkd/internal/text"
 )
 
-// step runs one lifecycle step of backend b for origin o (lifecycle.go):
-// snapshot, decide, act, all under the backend's lock. run is the recovery
-// in progress (fromRecovery only).
-func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o origin, run *recoveryRun) (*api.Attachment, error) {
+// step runs one lifecycle step of backend b for origin o
+// (internal/lifecycle): snapshot, decide, act, all under the backend's lock,
+// then the backend's next record. run is the recovery in progress
+// (FromRecovery only).
+func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin, run *recoveryRun) (*api.Attachment, error) {
 	start := time.Now()
 	key := keyOf(b)
-	unlock := d.backends.lock(key)
+	unlock := d.backends.Lock(key)
 	defer unlock()
-	a, attached := d.model.Lookup(key)
-	f := facts{hold: holding{attached: attached, attachment: a, state: d.backends.get(key)}, snap: hotplug.Snapshot{Backend: b}}
-	if nodes := nodesFor(o, f.hold); nodes != 0 {
-		f.snap = hotplug.ReadSnapshot(ctx, d.store, b, nodes)
-		f.ours = f.snap.Has(hotplug.Script) && d.Scripts.Ours(f.snap.Value(hotplug.Script))
+	rec := d.backends.Get(key)
+	f := lifecycle.Facts{Snap: hotplug.Snapshot{Backend: b}}
+	if nodes := lifecycle.NodesFor(o, rec); nodes != 0 {
+		f.Snap = hotplug.ReadSnapshot(ctx, d.store, b, nodes)
+		f.Ours = f.Snap.Has(hotplug.Script) && d.Scripts.Ours(f.Snap.Value(hotplug.Script))
 	}
-	dec := decide(o, f)
+	dec := lifecycle.Decide(o, f, rec)
 	switch {
-	case dec.do == doConfirm: // act logs it, with more
-	case dec.do != doNothing || o != fromPresetup: // pre-setup's "nothing" is most events
-		d.log.Debug("lifecycle", "domid", b.Domid, "devid", b.Devid, "origin", o.String(), "action", dec.do.String(), "why", dec.why)
+	case dec.Do == lifecycle.Confirm: // act logs it, with more
+	case dec.Do != lifecycle.Nothing || o != lifecycle.FromPresetup: // pre-setup's "nothing" is most events
+		d.log.Debug("lifecycle", "domid", b.Domid, "devid", b.Devid, "origin", o.String(), "phase", rec.Phase.String(),
+			"action", dec.Do.String(), "why", dec.Why)
 	}
-	if o == fromRemove {
-		// Remembered first so that pre-setup does not attach the backend
-		// again while its directory lingers without physical-device.
-		d.backends.set(key, backendState{scriptRan: true})
+	if o == lifecycle.FromRemove {
+		// Put first, so that pre-setup's watch skips the events of the
+		// removal's own writes (Table.Echo).
+		d.backends.Put(key, dec.Next)
 	}
-	if o == fromAdd || dec.do == doAttach {
-		// Ends after remember set the state: no gap for our own events.
-		defer d.backends.startWriting(key)()
+	if dec.Writes(o) {
+		// Ends after the next record is put: no gap for our own events.
+		defer d.backends.StartWriting(key)()
 	}
-	done, err := d.act(ctx, o, f, dec, run)
-	d.remember(o, f, dec, done, err, start)
-	return done, err
+	out := d.act(ctx, o, f, rec, dec, run)
+	next := lifecycle.Settle(o, rec, dec, out)
+	if !d.backends.Put(key, next) {
+		d.log.Warn("too many backends remembered; pre-setup may check this one again", "domid", key.Domid, "devid", key.Devid)
+	}
+	if o == lifecycle.FromPresetup && dec.Do == lifecycle.Attach {
+		d.presetupDone(key, out, start)
+	}
+	var a *api.Attachment
+	if out.Attachment != nil && o != lifecycle.FromRecovery {
+		a = toAPI(*out.Attachment)
+	}
+	return a, out.Err
 }
 
-// act carries out dec.
-func (d *Daemon) act(ctx context.Context, o origin, f facts, dec decision, run *recoveryRun) (*api.Attachment, error) {
-	b := f.snap.Backend
-	switch dec.do {
-	case doAttach:
-		return d.attach(ctx, f.snap, o)
-	case doConfirm:
-		if !f.hold.attached {
-			return nil, nil // physical-device written by someone else: nothing of ours
+// act carries out dec; its outcome is what Settle needs.
+func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts, rec lifecycle.Record, dec lifecycle.Decision, run *recoveryRun) lifecycle.Outcome {
+	b := f.Snap.Backend
+	switch dec.Do {
+	case lifecycle.Attach:
+		a, err := d.attach(ctx, f.Snap, o)
+		if err != nil {
+			return lifecycle.Outcome{Err: err, Transient: transient(err)}
 		}
-		a := f.hold.attachment // looked up under this same lock by step
-		d.log.Debug("add: confirmed", "domid", b.Domid, "devid", b.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "why", dec.why)
-		return toAPI(a), nil
-	case doRefuse:
-		return nil, d.refuse(ctx, f.snap, o, dec.err)
-	case doReleaseStock:
-		if err := d.releaseStock(f.snap); err != nil { // stock.go
+		return lifecycle.Outcome{Attachment: &a}
+	case lifecycle.Confirm:
+		if !rec.Attached {
+			return lifecycle.Outcome{} // physical-device written by someone else: nothing of ours
+		}
+		a := rec.Attachment
+		d.log.Debug("add: confirmed", "domid", b.Domid, "devid", b.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "why", dec.Why)
+		return lifecycle.Outcome{Attachment: &a}
+	case lifecycle.Refuse:
+		return lifecycle.Outcome{Err: d.refuse(ctx, f.Snap, o, dec.Err)}
+	case lifecycle.ReleaseStock:
+		if err := d.releaseStock(f.Snap); err != nil { // stock.go
 			d.log.Error("remove: the stock script's loop device does not check out; not freeing it",
 				"domid", b.Domid, "devid", b.Devid, "err", err)
 		}
 		d.detach(ctx, b)
-	case doDetach:
+	case lifecycle.Detach:
 		d.detach(ctx, b)
-	case doRelease:
-		d.release(b, f.hold)
-	case doRestore, doAdoptStock:
-		return nil, d.restore(ctx, f.snap, dec.do == doAdoptStock, run) // recovery.go
+	case lifecycle.Release:
+		d.release(b, rec)
+	case lifecycle.Restore, lifecycle.AdoptStock:
+		err := d.restore(ctx, f.Snap, dec.Do == lifecycle.AdoptStock, run) // recovery.go
+		if a, ok := d.model.Lookup(keyOf(b)); ok && err == nil {
+			return lifecycle.Outcome{Attachment: &a}
+		}
+		return lifecycle.Outcome{Err: err}
 	}
-	return nil, nil
+	return lifecycle.Outcome{}
 }
 
 // refuse reports a request that cannot be acted on.
-func (d *Daemon) refuse(ctx context.Context, s hotplug.Snapshot, o origin, err error) error {
-	if o == fromRecovery {
+func (d *Daemon) refuse(ctx context.Context, s hotplug.Snapshot, o lifecycle.Origin, err error) error {
+	if o == lifecycle.FromRecovery {
 		return err // Recover logs it per backend
 	}
 	err = withReason(ReasonBadParams, err)
@@ -86,31 +107,15 @@ func (d *Daemon) refuse(ctx context.Context, s hotplug.Snapshot, o origin, err e
 	return err
 }
 
-// remember records what pre-setup must know of the backend after the step.
-func (d *Daemon) remember(o origin, f facts, dec decision, a *api.Attachment, err error, start time.Time) {
-	key := keyOf(f.snap.Backend)
+// presetupDone counts and logs what pre-setup's attach came to.
+func (d *Daemon) presetupDone(key model.Key, out lifecycle.Outcome, start time.Time) {
 	switch {
-	case o == fromAdd:
-		d.backends.set(key, backendState{scriptRan: true})
-	case o != fromPresetup || dec.do != doAttach:
-	case err == nil && a != nil:
+	case out.Attachment != nil:
 		d.metrics.presetupAttached(start)
-		d.backends.set(key, backendState{presetup: true})
-		d.log.Debug("pre-setup: attached before the script ran", "domid", key.Domid, "devid", key.Devid, "dev", a.Device, "diskseq", a.DiskSeq)
-	case err == nil:
-		d.backends.set(key, backendState{}) // physical-device appeared meanwhile: nothing of ours
-	case transient(err):
-		d.backends.set(key, backendState{})
-		d.log.Warn("pre-setup failed; the script's add will retry", "domid", key.Domid, "devid", key.Devid, "err", err)
-	default:
-		// Remembered so that pre-setup does not try again on every event; the
-		// exec'd add decides afresh, and reports (hotplug-error, the warning):
-		// libxl reads hotplug-error only after the script failed, and the
-		// backend may still go away unused.
-		fl := &presetupFailure{params: f.snap.Value(hotplug.Params), mode: f.snap.Value(hotplug.Mode)}
-		if !d.backends.set(key, backendState{failure: fl}) {
-			d.log.Warn("pre-setup: too many failures remembered; the script's add will retry", "domid", key.Domid, "devid", key.Devid)
-		}
+		d.log.Debug("pre-setup: attached before the script ran", "domid", key.Domid, "devid", key.Devid,
+			"dev", out.Attachment.DevPath, "diskseq", out.Attachment.DiskSeq)
+	case out.Transient:
+		d.log.Warn("pre-setup failed; the script's add will retry", "domid", key.Domid, "devid", key.Devid, "err", out.Err)
 	}
 }
 
@@ -120,25 +125,25 @@ const (
 	byPresetup = "presetup" // pre-setup, before libxl exec'd the script
 )
 
-func byOrigin(o origin) string {
-	if o == fromPresetup {
+func byOrigin(o lifecycle.Origin) string {
+	if o == lifecycle.FromPresetup {
 		return byPresetup
 	}
 	return byScript
 }
 
 // attach opens params, attaches it in the model and writes physical-device.
-func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o origin) (*api.Attachment, error) {
+func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o lifecycle.Origin) (model.Attachment, error) {
 	start := time.Now()
 	b, by := s.Backend, byOrigin(o)
 	req, err := s.Request() // checked by decide
 	if err != nil {
-		return nil, d.refuse(ctx, s, o, err)
+		return model.Attachment{}, d.refuse(ctx, s, o, err)
 	}
 	line := diskLine{b: b, target: text.Truncate(req.Params, 200), labels: labelsOf(s)}
-	refuse := func(err error) (*api.Attachment, error) {
+	refuse := func(err error) (model.Attachment, error) {
 		d.refused(ctx, line, by, err)
-		return nil, err
+		return model.Attachment{}, err
 	}
 	mode, err := model.ParseMode(req.Mode)
 	if err != nil {
@@ -169,7 +174,7 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o origin) (*api
 	line.target, line.dev, line.diskseq = target.Path, a.DevPath, a.DiskSeq
 	d.decision(ctx, slog.LevelInfo, "attached", line,
 		"mode", mode, "kind", target.Kind.String(), "io", a.IO.String(), "users", a.Users, "by", by, "took", time.Since(start))
-	return toAPI(a), nil
+	return a, nil
 }
 
 // domain is what the toolstack says about domid, read only when the sharing
@@ -210,15 +215,14 @@ func (d *Daemon) detach(ctx context.Context, b hotplug.Backend) {
 // or the attachment of a backend removed without our remove, because its
 // script is no longer us (after `xenblkd takeover --undo` libxl runs the
 // stock block's remove, which has nothing to free for a backend of ours).
-func (d *Daemon) release(b hotplug.Backend, h holding) {
+func (d *Daemon) release(b hotplug.Backend, r lifecycle.Record) {
 	key := keyOf(b)
-	d.backends.set(key, backendState{})
-	if !h.attached {
+	if !r.Attached {
 		return
 	}
 	if a, ok := d.model.Remove(key); ok {
 		why := "released: backend gone without our remove"
-		if h.state.presetup {
+		if r.Phase == lifecycle.PresetUp {
 			why = "released: backend gone before the script ran"
 		}
 		d.decision(context.Background(), slog.LevelInfo, why,

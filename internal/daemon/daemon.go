@@ -16,6 +16,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
 	"xenblkd/internal/text"
@@ -28,7 +29,7 @@ type Daemon struct {
 	model   *model.Model
 	metrics *Metrics // metrics.go
 
-	backends backendTable // presetup.go: per-backend lock and pre-setup state
+	backends lifecycle.Table // every backend's lock and record
 
 	// Scripts says which backends are ours (scripts.go); set it before
 	// Recover and StartPresetup, which both decide by it.
@@ -86,10 +87,10 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	ctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
 	defer cancel()
 	if req.Op == api.OpRemove {
-		d.step(ctx, b, fromRemove, nil) // act.go
+		d.step(ctx, b, lifecycle.FromRemove, nil) // act.go
 		return api.Response{OK: true}
 	}
-	a, err := d.step(ctx, b, fromAdd, nil)
+	a, err := d.step(ctx, b, lifecycle.FromAdd, nil)
 	if err != nil {
 		d.metrics.countError(api.OpAdd, err)
 		resp := api.Response{Error: err.Error()}

@@ -13,6 +13,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
 )
@@ -73,7 +74,7 @@ func TestDecisionLines(t *testing.T) {
 
 	b := libxlBackend(t, xs, 3, 51712, ourScript, img, "w")
 	e.waitAttached(t, b)
-	waitFor(t, "pre-setup state", func() bool { return d.backends.get(keyOf(b)).presetup })
+	waitFor(t, "pre-setup state", func() bool { return d.backends.Get(keyOf(b)).Phase == lifecycle.PresetUp })
 	if resp := e.exec(t, api.OpAdd, b); !resp.OK {
 		t.Fatalf("add: %+v", resp)
 	}
@@ -82,7 +83,7 @@ func TestDecisionLines(t *testing.T) {
 	}
 	missing := filepath.Join(t.TempDir(), "missing.img")
 	bad := libxlBackend(t, xs, 3, 51728, ourScript, missing, "w")
-	waitFor(t, "pre-setup's refusal", func() bool { return d.backends.get(keyOf(bad)).failure != nil })
+	waitFor(t, "pre-setup's refusal", func() bool { return d.backends.Get(keyOf(bad)).Phase == lifecycle.Refused })
 	if resp := e.exec(t, api.OpAdd, bad); resp.OK {
 		t.Fatalf("add of a missing image succeeded: %+v", resp)
 	}

@@ -8,7 +8,7 @@ package daemon
 // value written before its probe is picked up (§4.2). The exec'd add then
 // only confirms what pre-setup attached; a refusal it decides afresh.
 //
-// Pre-setup's check of a backend is a lifecycle step (lifecycle.go) like the
+// Pre-setup's check of a backend is a lifecycle step (internal/lifecycle) like the
 // exec'd add and remove, under the same backend lock, so an exec'd add racing
 // a pre-setup never makes a second device: whichever runs second finds
 // physical-device written, or the attachment pre-setup made.
@@ -24,7 +24,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
-	"xenblkd/internal/keyed"
+	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/model"
 	"xenblkd/internal/xenstore"
 )
@@ -32,143 +32,15 @@ import (
 // DefaultPresetupWorkers is how many backends are set up in parallel.
 const DefaultPresetupWorkers = 4
 
-// maxRemembered bounds the backends whose failure or finished script is
-// remembered. Past it nothing more is: a failure is then found again by the
-// exec'd add, which runs the whole add itself.
-const maxRemembered = 16384
-
 // PresetupOptions configure StartPresetup.
 type PresetupOptions struct {
 	// Workers set up that many backends at a time. 0: DefaultPresetupWorkers.
 	Workers int
 }
 
-// backendTable holds a lock and the pre-setup state of each backend.
-type backendTable struct {
-	locks keyed.Mutex[model.Key] // one lifecycle step at a time per backend; lock order: internal/keyed
-
-	mu         sync.Mutex
-	state      map[model.Key]*backendState // guarded by mu; only backends with something to remember
-	remembered int                         // guarded by mu: states that are not presetup (bounded)
-	writing    map[model.Key]bool          // guarded by mu: an add holding the backend's lock may write its nodes
-}
-
-// backendState is what is known of one backend beyond the model. An entry
-// lives until the backend's directory is seen gone (or the script's remove).
-type backendState struct {
-	presetup  bool             // attached by pre-setup; the exec'd add has not confirmed it yet
-	failure   *presetupFailure // pre-setup refused it
-	scriptRan bool             // the exec'd add or remove has run: pre-setup leaves it alone
-}
-
-// presetupFailure is a refusal, with the request it was for: a backend
-// re-created with other params or mode is not the one that failed. Only
-// pre-setup reads it (not to try again on every event); the exec'd add
-// decides afresh.
-type presetupFailure struct {
-	params, mode string
-}
-
-// lock serialises the lifecycle steps of one backend.
-func (t *backendTable) lock(key model.Key) (unlock func()) { return t.locks.Lock(key) }
-
-// get returns a copy of key's state (zero if none).
-func (t *backendTable) get(key model.Key) backendState {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if s := t.state[key]; s != nil {
-		return *s
-	}
-	return backendState{}
-}
-
-// set records key's state; a zero state forgets the key. Only a presetup
-// state is always kept (it is bounded by the model's attachments); others are
-// dropped past maxRemembered, and set then reports false.
-func (t *backendTable) set(key model.Key, s backendState) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if old := t.state[key]; old != nil {
-		if !old.presetup {
-			t.remembered--
-		}
-		delete(t.state, key)
-	}
-	if s == (backendState{}) {
-		return true
-	}
-	if !s.presetup {
-		if t.remembered >= maxRemembered {
-			return false
-		}
-		t.remembered++
-	}
-	if t.state == nil {
-		t.state = map[model.Key]*backendState{}
-	}
-	t.state[key] = &s
-	return true
-}
-
-// startWriting marks key as written to by an add of ours until end is called,
-// so that the watch events of its own writes are not checked (see echo).
-func (t *backendTable) startWriting(key model.Key) (end func()) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.writing == nil {
-		t.writing = map[model.Key]bool{}
-	}
-	t.writing[key] = true
-	return func() {
-		t.mu.Lock()
-		delete(t.writing, key)
-		t.mu.Unlock()
-	}
-}
-
-// echo reports whether a watch event for node (the first name below key's
-// backend directory; "" for the directory itself) cannot change what check
-// does, so it need not be checked: while an add of ours writes the backend,
-// the nodes it writes; once pre-setup attached the backend or its script ran,
-// anything but the directory and the nodes libxl writes to (re)create it, as
-// check then only looks for the backend being gone.
-func (t *backendTable) echo(key model.Key, node string) bool {
-	if hotplug.Creates(node) {
-		return false
-	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.writing[key] && hotplug.WrittenByConnect(node) {
-		return true
-	}
-	s := t.state[key]
-	return s != nil && s.failure == nil && (s.presetup || s.scriptRan)
-}
-
-// keys returns the backends with a state (all, or one domain's).
-func (t *backendTable) keys(domid uint32, all bool) []model.Key {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	var out []model.Key
-	for k := range t.state {
-		if all || k.Domid == domid {
-			out = append(out, k)
-		}
-	}
-	return out
-}
-
-// heldKeys returns the backends (all, or one domain's) that pre-setup
-// remembers or the model holds: those whose going away must be noticed.
-func (d *Daemon) heldKeys(domid uint32, all bool) []model.Key {
-	keys := d.backends.keys(domid, all)
-	for _, a := range d.model.List() {
-		if all || a.Key.Domid == domid {
-			keys = append(keys, a.Key) // enqueue drops duplicates
-		}
-	}
-	return keys
-}
+// heldKeys returns the backends (all, or one domain's) with a record: those
+// whose going away must be noticed.
+func (d *Daemon) heldKeys(domid uint32, all bool) []model.Key { return d.backends.Keys(domid, all) }
 
 // presetup watches hotplug.Tree and sets up new backends of ours.
 type presetup struct {
@@ -232,7 +104,7 @@ func (p *presetup) events(w *xenstore.Watch) {
 			}
 		case hotplug.LevelBackend:
 			k := keyOf(ev.Backend)
-			if p.d.backends.echo(k, ev.Node) {
+			if p.d.backends.Echo(k, ev.Node) {
 				continue // our own write, or nothing check would act on
 			}
 			p.enqueue(k)
@@ -318,7 +190,7 @@ func (p *presetup) scan(ctx context.Context) {
 // check is pre-setup's lifecycle step for one backend: set it up if it is a
 // new one of ours, or release what we hold for it if it is gone.
 func (p *presetup) check(ctx context.Context, key model.Key) {
-	p.d.step(ctx, backendOf(key), fromPresetup, nil)
+	p.d.step(ctx, backendOf(key), lifecycle.FromPresetup, nil)
 }
 
 // transient errors are worth a retry by the exec'd add rather than being

@@ -15,6 +15,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/model"
 	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
@@ -151,7 +152,7 @@ func TestPresetupAttachesBeforeExec(t *testing.T) {
 		t.Fatalf("before exec: hotplug-status %q, %d devices; want connected, 1", st, host.devices())
 	}
 	// Recorded just after the add's transaction, which the test may see first.
-	waitFor(t, "pre-setup state", func() bool { return e.d.backends.get(keyOf(b)).presetup })
+	waitFor(t, "pre-setup state", func() bool { return e.d.backends.Get(keyOf(b)).Phase == lifecycle.PresetUp })
 	if got := sampleCount(t, e.d, "xenblkd_presetup_duration_seconds"); got != 1 {
 		t.Errorf("pre-setup attaches timed: %d, want 1", got)
 	}
@@ -202,7 +203,7 @@ func TestPresetupBackendGoneBeforeExec(t *testing.T) {
 		if host.devices() != 0 {
 			t.Fatalf("%s removed: %d devices still open", remove, host.devices())
 		}
-		if st := e.d.backends.get(keyOf(b)); st != (backendState{}) {
+		if st := e.d.backends.Get(keyOf(b)); st.Known() {
 			t.Fatalf("%s removed: state %+v still remembered", remove, st)
 		}
 	}
@@ -275,7 +276,7 @@ func TestPresetupFailureReported(t *testing.T) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			b := libxlBackend(t, e.xs, 30+i, 51712, ourScript, tt.params, tt.mode)
-			waitFor(t, "pre-setup failure", func() bool { return e.d.backends.get(keyOf(b)).failure != nil })
+			waitFor(t, "pre-setup failure", func() bool { return e.d.backends.Get(keyOf(b)).Phase == lifecycle.Refused })
 			if _, ok := e.node(t, b, "hotplug-error"); ok {
 				t.Error("hotplug-error written before the script ran")
 			}
@@ -296,9 +297,9 @@ func TestPresetupFailureReported(t *testing.T) {
 	}
 	// A failure is forgotten when its backend goes away.
 	b := libxlBackend(t, e.xs, 40, 51712, ourScript, "/nonexistent/x", "w")
-	waitFor(t, "pre-setup failure", func() bool { return e.d.backends.get(keyOf(b)).failure != nil })
+	waitFor(t, "pre-setup failure", func() bool { return e.d.backends.Get(keyOf(b)).Phase == lifecycle.Refused })
 	e.xs.Rm(context.Background(), b.Path())
-	waitFor(t, "failure forgotten", func() bool { return e.d.backends.get(keyOf(b)) == (backendState{}) })
+	waitFor(t, "failure forgotten", func() bool { return !e.d.backends.Get(keyOf(b)).Known() })
 }
 
 func TestPresetupLeavesOthersAlone(t *testing.T) {
@@ -367,7 +368,7 @@ func TestPresetupStorm(t *testing.T) {
 	if host.devices() != 0 {
 		t.Fatalf("%d devices still open", host.devices())
 	}
-	waitFor(t, "state forgotten", func() bool { return len(e.d.backends.keys(0, true)) == 0 })
+	waitFor(t, "state forgotten", func() bool { return len(e.d.backends.Keys(0, true)) == 0 })
 }
 
 // countingStore counts the daemon's reads per path.
@@ -461,29 +462,6 @@ func TestPresetupSkipsEventsItNeedNotCheck(t *testing.T) {
 	}
 }
 
-func TestEcho(t *testing.T) {
-	var bt backendTable
-	k := model.Key{Domid: 1, Devid: 51712}
-	check := func(when string, want map[string]bool) {
-		t.Helper()
-		for node, w := range want {
-			if got := bt.echo(k, node); got != w {
-				t.Errorf("%s: echo(%q) = %v, want %v", when, node, got, w)
-			}
-		}
-	}
-	check("no state", map[string]bool{"": false, "physical-device": false, "sectors": false, "script": false})
-	end := bt.startWriting(k)
-	check("our add writing", map[string]bool{"": false, "physical-device": true, "diskseq": true, "hotplug-status": true, "sectors": false, "params": false})
-	bt.set(k, backendState{presetup: true})
-	end()
-	check("pre-setup attached", map[string]bool{"": false, "physical-device": true, "sectors": true, "script": false, "params": false, "mode": false, "state": false})
-	bt.set(k, backendState{failure: &presetupFailure{}})
-	check("pre-setup refused", map[string]bool{"": false, "physical-device": false, "sectors": false})
-	bt.set(k, backendState{scriptRan: true})
-	check("script ran", map[string]bool{"": false, "physical-device": true, "hotplug-error": true, "script": false})
-}
-
 func (h *fakeHost) made() int {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -500,7 +478,7 @@ func TestPresetupRefusalDecidedAgain(t *testing.T) {
 	a := libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
 	e.waitAttached(t, a)
 	b := libxlBackend(t, e.xs, 4, 51712, ourScript, e.img, "w")
-	waitFor(t, "pre-setup's refusal", func() bool { return e.d.backends.get(keyOf(b)).failure != nil })
+	waitFor(t, "pre-setup's refusal", func() bool { return e.d.backends.Get(keyOf(b)).Phase == lifecycle.Refused })
 	if resp := e.exec(t, api.OpRemove, a); !resp.OK {
 		t.Fatalf("remove of A: %+v", resp)
 	}

@@ -12,6 +12,7 @@ import (
 
 	"xenblkd/internal/fdstore"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
 	"xenblkd/internal/text"
@@ -122,7 +123,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 		return sum, err
 	}
 	for _, b := range backends {
-		if _, err := d.step(ctx, b, fromRecovery, run); err != nil { // act.go
+		if _, err := d.step(ctx, b, lifecycle.FromRecovery, run); err != nil { // act.go
 			d.log.Error("recovery: backend not restored", "domid", b.Domid, "devid", b.Devid, "err", err)
 		}
 	}

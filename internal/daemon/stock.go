@@ -21,6 +21,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
 	"xenblkd/internal/text"
@@ -132,7 +133,7 @@ func (d *Daemon) AdoptStock(ctx context.Context) (RecoverySummary, error) {
 	run := &recoveryRun{held: map[uint64]*storedDevice{}, used: map[uint64]bool{}, sum: &sum}
 	for _, b := range backends {
 		bctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
-		_, err := d.step(bctx, b, fromRecovery, run) // act.go
+		_, err := d.step(bctx, b, lifecycle.FromRecovery, run) // act.go
 		cancel()
 		if err != nil {
 			d.log.Error("adopt: backend not taken over", "domid", b.Domid, "devid", b.Devid, "err", err)
