@@ -76,7 +76,7 @@ func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts,
 		d.log.Debug("add: confirmed", "domid", b.Domid, "devid", b.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "why", dec.Why)
 		return lifecycle.Outcome{Attachment: &a}
 	case lifecycle.Refuse:
-		return lifecycle.Outcome{Err: d.refuse(ctx, f.Snap, o, dec.Err)}
+		return lifecycle.Outcome{Err: d.refuseRequest(ctx, f.Snap, o, dec.Err)}
 	case lifecycle.ReleaseStock:
 		if err := d.releaseStock(f.Snap); err != nil { // stock.go
 			d.log.Error("remove: the stock script's loop device does not check out; not freeing it",
@@ -97,13 +97,13 @@ func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts,
 	return lifecycle.Outcome{}
 }
 
-// refuse reports a request that cannot be acted on.
-func (d *Daemon) refuse(ctx context.Context, s hotplug.Snapshot, o lifecycle.Origin, err error) error {
+// refuseRequest reports a request that cannot be acted on (the action Refuse).
+func (d *Daemon) refuseRequest(ctx context.Context, s hotplug.Snapshot, o lifecycle.Origin, err error) error {
 	if o == lifecycle.FromRecovery {
 		return err // Recover logs it per backend
 	}
 	err = withReason(ReasonBadParams, err)
-	d.refused(ctx, diskLine{b: s.Backend, labels: labelsOf(s)}, byOrigin(o), err)
+	d.logRefusal(ctx, diskLine{b: s.Backend, labels: labelsOf(s)}, byOrigin(o), err)
 	return err
 }
 
@@ -138,27 +138,27 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o lifecycle.Ori
 	b, by := s.Backend, byOrigin(o)
 	req, err := s.Request() // checked by decide
 	if err != nil {
-		return model.Attachment{}, d.refuse(ctx, s, o, err)
+		return model.Attachment{}, d.refuseRequest(ctx, s, o, err)
 	}
 	line := diskLine{b: b, target: text.Truncate(req.Params, 200), labels: labelsOf(s)}
-	refuse := func(err error) (model.Attachment, error) {
-		d.refused(ctx, line, by, err)
+	fail := func(err error) (model.Attachment, error) {
+		d.logRefusal(ctx, line, by, err)
 		return model.Attachment{}, err
 	}
 	mode, err := model.ParseMode(req.Mode)
 	if err != nil {
-		return refuse(withReason(ReasonBadParams, err))
+		return fail(withReason(ReasonBadParams, err))
 	}
 	backing, target, err := openTarget(req.Params, mode.Writable)
 	if err != nil {
-		return refuse(withReason(ReasonBadParams, err))
+		return fail(withReason(ReasonBadParams, err))
 	}
 	defer backing.Close() // the loop device keeps its own reference
 	key := keyOf(b)
 	a, err := d.model.Add(ctx, model.AddRequest{Key: key, Params: req.Params, Mode: mode, Target: target,
 		Backing: backing, Domains: d.domain})
 	if err != nil {
-		return refuse(err)
+		return fail(err)
 	}
 	res := hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq, ClearError: s.Has(hotplug.HotplugError)}
 	if line.labels == nil { // pre-setup's snapshot: the log line's labels come with the writes
@@ -168,11 +168,11 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o lifecycle.Ori
 	err = hotplug.Connect(ctx, d.store, b, res)
 	if err != nil {
 		d.model.Remove(key)
-		return refuse(withReason(ReasonXenStore, err))
+		return fail(withReason(ReasonXenStore, err))
 	}
 	d.metrics.attached(a)
 	line.target, line.dev, line.diskseq = target.Path, a.DevPath, a.DiskSeq
-	d.decision(ctx, slog.LevelInfo, "attached", line,
+	d.logDisk(ctx, slog.LevelInfo, "attached", line,
 		"mode", mode, "kind", target.Kind.String(), "io", a.IO.String(), "users", a.Users, "by", by, "took", time.Since(start))
 	return a, nil
 }
@@ -206,7 +206,7 @@ func (d *Daemon) detach(ctx context.Context, b hotplug.Backend) {
 		d.log.Info("remove: not attached here, nothing to release", "domid", b.Domid, "devid", b.Devid)
 		return
 	}
-	d.decision(ctx, slog.LevelInfo, "released", diskLine{b: b, labels: &lb, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
+	d.logDisk(ctx, slog.LevelInfo, "released", diskLine{b: b, labels: &lb, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
 		"users_left", a.Users)
 }
 
@@ -225,7 +225,7 @@ func (d *Daemon) release(b hotplug.Backend, r lifecycle.Record) {
 		if r.Phase == lifecycle.PresetUp {
 			why = "released: backend gone before the script ran"
 		}
-		d.decision(context.Background(), slog.LevelInfo, why,
+		d.logDisk(context.Background(), slog.LevelInfo, why,
 			diskLine{b: b, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq}, "users_left", a.Users)
 	}
 }

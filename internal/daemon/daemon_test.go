@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -19,6 +20,9 @@ import (
 	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
 )
+
+// discard is a logger for tests that do not care.
+var discard = slog.New(slog.DiscardHandler)
 
 // fakeHost makes pretend loop devices: the daemon's logic, without ioctls.
 type fakeHost struct {

@@ -39,21 +39,21 @@ func (d *Daemon) attrs(ctx context.Context, l diskLine) []any {
 	return []any{"domain", lb.Domain, "domid", l.b.Domid, "devid", l.b.Devid, "vdev", lb.Vdev, "target", l.target, "dev", l.dev, "diskseq", l.diskseq}
 }
 
-// decision logs one decision line at level.
-func (d *Daemon) decision(ctx context.Context, level slog.Level, msg string, l diskLine, extra ...any) {
+// logDisk logs one line about a decision on a disk, at level.
+func (d *Daemon) logDisk(ctx context.Context, level slog.Level, msg string, l diskLine, extra ...any) {
 	if !d.log.Enabled(ctx, level) {
 		return
 	}
 	d.log.Log(ctx, level, msg, append(d.attrs(ctx, l), extra...)...)
 }
 
-// refused logs a failed add once, where params (l.target) is known: a refusal (bad
+// logRefusal logs a failed add once, where params (l.target) is known: a refusal (bad
 // params or mode, a missing target, a sharing conflict) at warning, a failure
 // of XenStore or the loop API at error, and a transient error (XenStore
 // connection lost, backend gone) at debug: its caller retries or says so.
 // Pre-setup's refusals are at debug too: the exec'd add decides again, and
 // reports what it finds then.
-func (d *Daemon) refused(ctx context.Context, l diskLine, by string, err error) {
+func (d *Daemon) logRefusal(ctx context.Context, l diskLine, by string, err error) {
 	level, msg := slog.LevelWarn, "refused"
 	switch {
 	case by == byPresetup:
@@ -63,5 +63,5 @@ func (d *Daemon) refused(ctx context.Context, l diskLine, by string, err error) 
 	case Reason(err) == ReasonXenStore || Reason(err) == ReasonLoop || Reason(err) == ReasonOther:
 		level, msg = slog.LevelError, "add failed"
 	}
-	d.decision(ctx, level, msg, l, "reason", Reason(err), "by", by, "err", err)
+	d.logDisk(ctx, level, msg, l, "reason", Reason(err), "by", by, "err", err)
 }

@@ -4,8 +4,9 @@ package daemon
 // transaction, waits for xen-blkback to reach InitWait and only then execs
 // the script (docs/how-it-works.md). The daemon
 // watches its backend tree and does the add as soon as that transaction
-// commits; blkback's watch on physical-device fires at registration, so a
-// value written before its probe is picked up (§4.2). The exec'd add then
+// commits; blkback's watch on physical-device fires when it is registered
+// (Linux's xenbus_watch_path fires once at registration), so a value written
+// before blkback's probe is picked up. The exec'd add then
 // only confirms what pre-setup attached; a refusal it decides afresh.
 //
 // Pre-setup's check of a backend is a lifecycle step (internal/lifecycle) like the

@@ -240,7 +240,7 @@ func (d *Daemon) restoreBlock(ctx context.Context, b hotplug.Backend, a model.At
 		return err
 	}
 	run.sum.Restored++
-	d.decision(ctx, slog.LevelInfo, "recovered", diskLine{b: b, target: a.Target.Path, dev: a.Target.Path}, "mode", a.Mode)
+	d.logDisk(ctx, slog.LevelInfo, "recovered", diskLine{b: b, target: a.Target.Path, dev: a.Target.Path}, "mode", a.Mode)
 	return nil
 }
 
@@ -283,7 +283,7 @@ func (d *Daemon) restoreLoop(ctx context.Context, s hotplug.Snapshot, a model.At
 	}
 	run.used[rdev] = true
 	run.sum.Restored++
-	d.decision(ctx, slog.LevelInfo, "recovered", diskLine{b: s.Backend, target: a.Target.Path, dev: dev.Path(), diskseq: dev.DiskSeq()}, "mode", a.Mode)
+	d.logDisk(ctx, slog.LevelInfo, "recovered", diskLine{b: s.Backend, target: a.Target.Path, dev: dev.Path(), diskseq: dev.DiskSeq()}, "mode", a.Mode)
 	return nil
 }
 
@@ -306,20 +306,20 @@ func reopen(rdev, diskseq uint64) (*storedDevice, error) {
 // cannot use it safely, so physical-device goes and hotplug-error says why.
 func (d *Daemon) mismatched(ctx context.Context, s hotplug.Snapshot, rdev, diskseq uint64, why error) {
 	b, pdev, params := s.Backend, s.Value(hotplug.PhysicalDevice), text.Truncate(s.Value(hotplug.Params), 200)
-	d.decision(ctx, slog.LevelError, "recovery: the loop device XenStore names is gone or reused; the VM cannot use it safely. "+
+	d.logDisk(ctx, slog.LevelError, "recovery: the loop device XenStore names is gone or reused; the VM cannot use it safely. "+
 		"Removing physical-device and recording hotplug-error; the device is left alone",
 		diskLine{b: b, target: params, dev: "/dev/loop" + strconv.FormatUint(uint64(unix.Minor(rdev)), 10), diskseq: diskseq},
 		"physical_device", pdev, "err", why)
 	msg := fmt.Sprintf("xenblkd restarted and found physical-device %s (diskseq %s) no longer bound to %s: %v; re-attach the disk",
 		pdev, s.Value(hotplug.DiskSeq), params, why)
-	if err := d.forget(ctx, b, msg); err != nil {
+	if err := d.disconnectWithError(ctx, b, msg); err != nil {
 		d.log.Error("recovery: could not clear physical-device", "domid", b.Domid, "devid", b.Devid, "err", err)
 	}
 }
 
-// forget removes physical-device and diskseq, then records msg in
+// disconnectWithError removes physical-device and diskseq, then records msg in
 // hotplug-error (not if the backend is gone meanwhile).
-func (d *Daemon) forget(ctx context.Context, b hotplug.Backend, msg string) error {
+func (d *Daemon) disconnectWithError(ctx context.Context, b hotplug.Backend, msg string) error {
 	if err := hotplug.Disconnect(ctx, d.store, b, nil); err != nil {
 		return err
 	}

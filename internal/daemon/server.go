@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -154,6 +153,3 @@ func peerCred(c *net.UnixConn) (uid uint32, pid int32, err error) {
 	}
 	return cred.Uid, cred.Pid, nil
 }
-
-// discard is a logger for tests that do not care.
-var discard = slog.New(slog.DiscardHandler)

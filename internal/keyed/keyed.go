@@ -65,10 +65,3 @@ func (m *Mutex[K]) LockAll(keys []K) (unlock func()) {
 		}
 	}
 }
-
-// held returns how many keys have an entry (for tests).
-func (m *Mutex[K]) held() int {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return len(m.locks)
-}

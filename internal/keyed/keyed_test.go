@@ -47,3 +47,10 @@ func TestLockAllOtherKeysFree(t *testing.T) {
 		t.Errorf("%d entries left, want 0", n)
 	}
 }
+
+// held returns how many keys have an entry.
+func (m *Mutex[K]) held() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.locks)
+}

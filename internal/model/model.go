@@ -3,10 +3,10 @@
 // It knows nothing of sockets or XenStore and makes no ioctls itself: the
 // machine is reached through Host.
 //
-// Every change of state goes through Add, Remove or Restore. Add is also what
-// a future "pre-setup" (the daemon reacting to a new backend before libxl
-// execs the script) calls; the exec'd add then finds the attachment and only
-// confirms it. Restore is the seam for recovery after a daemon restart.
+// Every change of state goes through Add, Remove or Restore. Add is what
+// both pre-setup (the daemon reacting to a new backend before libxl execs the
+// script) and the exec'd add call; Restore is what recovery after a daemon
+// restart, and adoption of the stock script's devices, call.
 package model
 
 import (

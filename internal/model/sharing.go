@@ -399,7 +399,7 @@ func foreignLoopReason(b Binding) string {
 }
 
 // knownLoop reports whether b is a loop device the model holds, or one an
-// attachment of ours uses as a block device (conflictLocked judged that one).
+// attachment of ours uses as a block device (sharersLocked judged that one).
 func (m *Model) knownLoop(b Binding) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -4,9 +4,10 @@
 // One Client is one connection. Requests from many goroutines are pipelined
 // on it (on a xenbus device: one at a time, see conn.inflight) and matched
 // to their replies by req_id; a single reader goroutine
-// demultiplexes replies and watch events. The package does not import net:
-// the socket is a raw AF_UNIX fd wrapped in an *os.File, so it integrates
-// with the runtime poller without net's init cost.
+// demultiplexes replies and watch events. The socket is a raw AF_UNIX fd
+// wrapped in an *os.File, which integrates with the runtime poller: the
+// client needs nothing of net (the daemon links net/http for its metrics
+// anyway; the C entry talks to the daemon, not to XenStore).
 package xenstore
 
 import (
@@ -901,10 +902,10 @@ type Watch struct {
 	wake   chan struct{} // capacity 1: "queue is not empty"
 	done   chan struct{} // closed by stop
 
-	mu     sync.Mutex // guards queue, pushed and stoppd
-	queue  []Event
-	pushed int // events queued so far (for tests)
-	stoppd bool
+	mu      sync.Mutex // guards queue, pushed and stopped
+	queue   []Event
+	pushed  int // events queued so far (for tests)
+	stopped bool
 }
 
 // Watch registers a watch on path (and everything below it). The returned
@@ -969,7 +970,7 @@ func (w *Watch) Close(ctx context.Context) error {
 
 func (w *Watch) push(ev Event) {
 	w.mu.Lock()
-	if w.stoppd {
+	if w.stopped {
 		w.mu.Unlock()
 		return
 	}
@@ -985,8 +986,8 @@ func (w *Watch) push(ev Event) {
 func (w *Watch) stop() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if !w.stoppd {
-		w.stoppd = true
+	if !w.stopped {
+		w.stopped = true
 		w.queue = nil
 		close(w.done)
 	}

@@ -1,5 +1,5 @@
 // Package libxl reproduces, for tests and benchmarks, what libxl 4.17 does
-// around a disk's hotplug script (xen-block-protocol.md §1.2–1.4): the
+// around a disk's hotplug script (libxl_device.c, libxl_disk.c): the
 // backend and frontend nodes device_disk_add writes in one transaction, and
 // the argv and environment it execs the script with. Every harness that
 // stands in for libxl (the end-to-end tests, the recovery tests, make bench)
