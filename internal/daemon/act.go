@@ -65,7 +65,7 @@ func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts,
 	case lifecycle.Attach:
 		a, err := d.attach(ctx, f.Snap, o)
 		if err != nil {
-			return lifecycle.Outcome{Err: err, Transient: transient(err)}
+			return lifecycle.Outcome{Err: err, Transient: classify(err).transient}
 		}
 		return lifecycle.Outcome{Attachment: &a}
 	case lifecycle.Confirm:

@@ -47,21 +47,13 @@ func (d *Daemon) logDisk(ctx context.Context, level slog.Level, msg string, l di
 	d.log.Log(ctx, level, msg, append(d.attrs(ctx, l), extra...)...)
 }
 
-// logRefusal logs a failed add once, where params (l.target) is known: a refusal (bad
-// params or mode, a missing target, a sharing conflict) at warning, a failure
-// of XenStore or the loop API at error, and a transient error (XenStore
-// connection lost, backend gone) at debug: its caller retries or says so.
-// Pre-setup's refusals are at debug too: the exec'd add decides again, and
-// reports what it finds then.
+// logRefusal logs a failed add once, where params (l.target) is known, as
+// classify says. Pre-setup's refusals are at debug: the exec'd add decides
+// again, and reports what it finds then.
 func (d *Daemon) logRefusal(ctx context.Context, l diskLine, by string, err error) {
-	level, msg := slog.LevelWarn, "refused"
-	switch {
-	case by == byPresetup:
-		level, msg = slog.LevelDebug, "pre-setup refused; the script's add decides again"
-	case transient(err):
-		level, msg = slog.LevelDebug, "add interrupted"
-	case Reason(err) == ReasonXenStore || Reason(err) == ReasonLoop || Reason(err) == ReasonOther:
-		level, msg = slog.LevelError, "add failed"
+	c := classify(err)
+	if by == byPresetup && !c.transient {
+		c.level, c.msg = slog.LevelDebug, "pre-setup refused; the script's add decides again"
 	}
-	d.logDisk(ctx, level, msg, l, "reason", Reason(err), "by", by, "err", err)
+	d.logDisk(ctx, c.level, c.msg, l, "reason", c.reason, "by", by, "err", err)
 }

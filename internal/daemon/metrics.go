@@ -1,8 +1,6 @@
 package daemon
 
 import (
-	"errors"
-	"io/fs"
 	"net/http"
 	"runtime"
 	"runtime/debug"
@@ -14,25 +12,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"xenblkd/internal/api"
-	"xenblkd/internal/hotplug"
-	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
-	"xenblkd/internal/xenstore"
 )
-
-// Reasons, the values of the reason label of xenblkd_errors_total. The set
-// is fixed so a scrape never grows with what clients send.
-const (
-	ReasonConflict  = "conflict"   // refused by the sharing rules
-	ReasonBadParams = "bad_params" // malformed XENBUS_PATH, params or mode; unusable target
-	ReasonNotFound  = "not_found"  // the target does not exist
-	ReasonXenStore  = "xenstore"   // reading or writing XenStore failed
-	ReasonLoop      = "loop"       // the kernel's loop API failed
-	ReasonOther     = "other"
-)
-
-// Reasons lists every reason, in the order they are written.
-var Reasons = []string{ReasonConflict, ReasonBadParams, ReasonNotFound, ReasonXenStore, ReasonLoop, ReasonOther}
 
 // Recovery results, the values of the result label of xenblkd_recoveries_total.
 const (
@@ -239,44 +220,3 @@ func (x *Metrics) countError(op string, err error) {
 	}
 	x.errs.WithLabelValues(op, Reason(err)).Inc()
 }
-
-// reasonError tags err with the reason it counts as, unless its cause says
-// better (see Reason). Its message is err's.
-type reasonError struct {
-	reason string
-	err    error
-}
-
-func (e *reasonError) Error() string { return e.err.Error() }
-func (e *reasonError) Unwrap() error { return e.err }
-
-func withReason(reason string, err error) error { return &reasonError{reason: reason, err: err} }
-
-// Reason classifies a failed request: by its cause first (a sharing conflict,
-// a XenStore or loop error, a missing target), else by the step that failed.
-func Reason(err error) string {
-	var xsErr *xenstore.Error
-	var loopErr *loop.OpError
-	var tagged *reasonError
-	switch {
-	case errors.Is(err, model.ErrConflict):
-		return ReasonConflict
-	case errors.As(err, &xsErr), errors.Is(err, xenstore.ErrConnectionLost), errors.Is(err, xenstore.ErrClosed),
-		errors.Is(err, hotplug.ErrBackendGone):
-		return ReasonXenStore
-	case errors.As(err, &loopErr):
-		return ReasonLoop
-	case errors.Is(err, fs.ErrNotExist):
-		return ReasonNotFound
-	case errors.As(err, &tagged):
-		return tagged.reason
-	}
-	return ReasonOther
-}
-
-// notFoundError is openTarget's "no such file or device"; it matches
-// fs.ErrNotExist, so it counts as ReasonNotFound.
-type notFoundError struct{ msg string }
-
-func (e *notFoundError) Error() string        { return e.msg }
-func (e *notFoundError) Is(target error) bool { return target == fs.ErrNotExist }

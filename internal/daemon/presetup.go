@@ -16,12 +16,9 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
-
-	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
@@ -192,13 +189,4 @@ func (p *presetup) scan(ctx context.Context) {
 // new one of ours, or release what we hold for it if it is gone.
 func (p *presetup) check(ctx context.Context, key model.Key) {
 	p.d.step(ctx, backendOf(key), lifecycle.FromPresetup, nil)
-}
-
-// transient errors are worth a retry by the exec'd add rather than being
-// reported from memory: XenStore unreachable, the daemon stopping, or the
-// backend vanishing under the write.
-func transient(err error) bool {
-	return errors.Is(err, xenstore.ErrConnectionLost) || errors.Is(err, xenstore.ErrClosed) ||
-		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
-		errors.Is(err, hotplug.ErrBackendGone) || errors.Is(err, unix.EAGAIN)
 }
