@@ -24,6 +24,9 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin
 	rec := d.backends.Get(key)
 	f := lifecycle.Facts{Snap: hotplug.Snapshot{Backend: b}}
 	if nodes := lifecycle.NodesFor(o, rec); nodes != 0 {
+		if o == lifecycle.FromAdd {
+			d.loadLabels(b) // for its line: beside the snapshot's read
+		}
 		f.Snap = hotplug.ReadSnapshot(ctx, d.store, b, nodes)
 		f.Ours = f.Snap.Has(hotplug.Script) && d.Scripts.Ours(f.Snap.Value(hotplug.Script))
 	}
@@ -45,6 +48,9 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin
 	}
 	out := d.act(ctx, o, f, rec, dec, run)
 	next := lifecycle.Settle(o, rec, dec, out)
+	if !next.Attached {
+		d.labels.drop(key) // its lines are logged
+	}
 	if !d.backends.Put(key, next) {
 		d.log.Warn("too many backends remembered; pre-setup may check this one again", "domid", key.Domid, "devid", key.Devid)
 	}
@@ -103,7 +109,7 @@ func (d *Daemon) refuseRequest(ctx context.Context, s hotplug.Snapshot, o lifecy
 		return err // Recover logs it per backend
 	}
 	err = withReason(ReasonBadParams, err)
-	d.logRefusal(ctx, diskLine{b: s.Backend, labels: labelsOf(s)}, byOrigin(o), err)
+	d.logRefusal(ctx, diskLine{b: s.Backend}, byOrigin(o), err)
 	return err
 }
 
@@ -140,7 +146,7 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o lifecycle.Ori
 	if err != nil {
 		return model.Attachment{}, d.refuseRequest(ctx, s, o, err)
 	}
-	line := diskLine{b: b, target: text.Truncate(req.Params, 200), labels: labelsOf(s)}
+	line := diskLine{b: b, target: text.Truncate(req.Params, 200)}
 	fail := func(err error) (model.Attachment, error) {
 		d.logRefusal(ctx, line, by, err)
 		return model.Attachment{}, err
@@ -161,10 +167,7 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o lifecycle.Ori
 		return fail(err)
 	}
 	res := hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq, ClearError: s.Has(hotplug.HotplugError)}
-	if line.labels == nil { // pre-setup's snapshot: the log line's labels come with the writes
-		res.Labels = &hotplug.Labels{}
-		line.labels = res.Labels
-	}
+	d.loadLabels(b) // for the line (cached already for an exec'd add): beside Connect's requests
 	err = hotplug.Connect(ctx, d.store, b, res)
 	if err != nil {
 		d.model.Remove(key)
@@ -196,8 +199,7 @@ func (d *Daemon) detach(ctx context.Context, b hotplug.Backend) {
 	// physical-device goes first: a crash between the two steps then leaves a
 	// held device no backend names (recovery closes it), never a node naming
 	// a device that is gone.
-	var lb hotplug.Labels
-	if err := hotplug.Disconnect(ctx, d.store, b, &lb); err != nil {
+	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
 		d.log.Warn("remove: could not clear physical-device", "domid", b.Domid, "devid", b.Devid, "err", err)
 		d.metrics.countError(api.OpRemove, withReason(ReasonXenStore, err))
 	}
@@ -206,7 +208,7 @@ func (d *Daemon) detach(ctx context.Context, b hotplug.Backend) {
 		d.log.Info("remove: not attached here, nothing to release", "domid", b.Domid, "devid", b.Devid)
 		return
 	}
-	d.logDisk(ctx, slog.LevelInfo, "released", diskLine{b: b, labels: &lb, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
+	d.logDisk(ctx, slog.LevelInfo, "released", diskLine{b: b, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq},
 		"users_left", a.Users)
 }
 
@@ -228,14 +230,6 @@ func (d *Daemon) release(b hotplug.Backend, r lifecycle.Record) {
 		d.logDisk(context.Background(), slog.LevelInfo, why,
 			diskLine{b: b, target: a.Target.Path, dev: a.DevPath, diskseq: a.DiskSeq}, "users_left", a.Users)
 	}
-}
-
-// labelsOf returns the labels s read, nil if it did not.
-func labelsOf(s hotplug.Snapshot) *hotplug.Labels {
-	if lb, ok := s.Labels(); ok {
-		return &lb
-	}
-	return nil
 }
 
 func keyOf(b hotplug.Backend) model.Key { return model.Key{Domid: b.Domid, Devid: b.Devid} }

@@ -30,6 +30,7 @@ type Daemon struct {
 	metrics *Metrics // metrics.go
 
 	backends lifecycle.Table // every backend's lock and record
+	labels   labelCache      // logattrs.go: the domain names and vdevs of log lines
 
 	// Scripts says which backends are ours (scripts.go); set it before
 	// Recover and StartPresetup, which both decide by it.
@@ -41,7 +42,7 @@ type Daemon struct {
 // New returns a daemon on store (XenStore) and host (loop devices, mounts).
 func New(log *slog.Logger, store hotplug.Store, host model.Host) *Daemon {
 	m := model.New(host, log)
-	return &Daemon{log: log, store: store, model: m, metrics: newMetrics(m), tag: api.DefaultTag}
+	return &Daemon{log: log, store: store, model: m, metrics: newMetrics(m), tag: api.DefaultTag, labels: labelCache{store: store}}
 }
 
 // NewHost returns the real machine: loop devices tagged with tag, doing I/O

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -281,5 +282,47 @@ func TestBlockFacts(t *testing.T) {
 	}
 	if part.Whole != unix.Mkdev(8, 16) || part.Partitions != nil {
 		t.Errorf("partition: whole %x, partitions %v; want %x, none", part.Whole, part.Partitions, unix.Mkdev(8, 16))
+	}
+}
+
+// TestRequestsPerAddRemove pins what an exec'd add and remove cost in
+// XenStore requests without pre-setup (docs/architecture.md lists them): the
+// add's snapshot (4 reads) and its log line's labels (2 reads, beside it,
+// then cached) outside any transaction, and Connect (one transaction, whose
+// batch of 2 checks and 4 writes goes to the transaction); the remove of a
+// disk attached here: its 2 removals, nothing read.
+func TestRequestsPerAddRemove(t *testing.T) {
+	srv := xenstoretest.NewServer(t, xenstoretest.Options{})
+	xs, err := xenstore.DialUnix(context.Background(), srv.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { xs.Close() })
+	store := &countingStore{Store: hotplug.ClientStore{Client: xs}}
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), store, &fakeHost{}) // info: lines with labels
+	img := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := libxlBackend(t, xs, 5, 51712, ourScript, img, "w")
+	ctx := context.Background()
+	if resp := d.Handle(ctx, api.Request{Op: api.OpAdd, Path: b.Path()}); !resp.OK {
+		t.Fatalf("add: %+v", resp)
+	}
+	count := func() (requests, transactions int) {
+		store.mu.Lock()
+		requests = store.requests
+		store.mu.Unlock()
+		_, transactions = store.ops(b.Path())
+		return requests, transactions
+	}
+	if reqs, txs := count(); reqs != 6 || txs != 1 {
+		t.Errorf("add: %d requests outside transactions, %d transactions; want 6 (4 + 2), 1", reqs, txs)
+	}
+	if resp := d.Handle(ctx, api.Request{Op: api.OpRemove, Path: b.Path()}); !resp.OK {
+		t.Fatalf("remove: %+v", resp)
+	}
+	if reqs, txs := count(); reqs != 2 || txs != 0 {
+		t.Errorf("remove: %d requests, %d transactions; want 2, 0", reqs, txs)
 	}
 }

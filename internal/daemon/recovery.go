@@ -320,7 +320,7 @@ func (d *Daemon) mismatched(ctx context.Context, s hotplug.Snapshot, rdev, disks
 // disconnectWithError removes physical-device and diskseq, then records msg in
 // hotplug-error (not if the backend is gone meanwhile).
 func (d *Daemon) disconnectWithError(ctx context.Context, b hotplug.Backend, msg string) error {
-	if err := hotplug.Disconnect(ctx, d.store, b, nil); err != nil {
+	if err := hotplug.Disconnect(ctx, d.store, b); err != nil {
 		return err
 	}
 	if err := hotplug.Fail(ctx, d.store, b, msg); err != nil && !errors.Is(err, hotplug.ErrBackendGone) {

@@ -124,10 +124,6 @@ const (
 	numNodes       = iota
 )
 
-// Names asks ReadSnapshot for the backend's Labels too (for a log line), in
-// the same batch.
-const Names Node = 1 << numNodes
-
 // nodeNames are the nodes' names in the backend directory ("" for Dir).
 var nodeNames = [numNodes]string{nameScript, nameState, nameParams, nameMode, namePhysicalDevice, nameDiskSeq, nameStockNode, nameHotplugError, ""}
 
@@ -154,7 +150,6 @@ type Snapshot struct {
 	Read    Node // the nodes asked for
 	Present Node // those of them that exist
 	values  [numNodes]string
-	labels  Labels
 	Err     error // the first read that failed other than with ENOENT (XenStore trouble)
 }
 
@@ -173,14 +168,7 @@ func ReadSnapshot(ctx context.Context, s Batcher, b Backend, nodes Node) Snapsho
 			which = append(which, i)
 		}
 	}
-	if nodes&Names != 0 {
-		ops = append(ops, labelOps(b)...)
-	}
 	replies := s.Batch(ctx, ops)
-	if nodes&Names != 0 {
-		snap.labels = parseLabels(replies[len(which):])
-		replies = replies[:len(which)]
-	}
 	for k, r := range replies {
 		i := which[k]
 		switch {
@@ -221,9 +209,6 @@ func (s Snapshot) Value(n Node) string {
 	}
 	return ""
 }
-
-// Labels returns the backend's labels, if the snapshot read Names.
-func (s Snapshot) Labels() (Labels, bool) { return s.labels, s.Read&Names != 0 }
 
 // Gone reports whether the backend directory was read and does not exist.
 func (s Snapshot) Gone() bool { return s.Read&Dir != 0 && s.Present&Dir == 0 && s.Err == nil }
@@ -282,9 +267,6 @@ type Result struct {
 	DevPath    string // physical-device-path
 	DiskSeq    uint64 // 0: not a loop device, no diskseq node
 	ClearError bool   // hotplug-error is set (an earlier failed add): remove it
-	// Labels, if not nil, receives the backend's labels, read in the same
-	// batch (for the log line of a step whose snapshot did not read them).
-	Labels *Labels
 }
 
 // FormatRdev formats a device number as blkback parses it: "%x:%x".
@@ -320,8 +302,8 @@ var ErrPhysicalDeviceSet = errors.New("physical-device already set to another de
 // physical-device-path, diskseq (loop devices) and hotplug-status=connected,
 // and removes hotplug-error if r says it is set. It writes nothing if the
 // backend is gone or physical-device already names another device. The two
-// checks (the directory, physical-device) and the writes (and r.Labels'
-// reads) go out in one batch: the writes are speculative, and the transaction
+// checks (the directory, physical-device) and the writes go out in one
+// batch: the writes are speculative, and the transaction
 // is aborted, taking them back, if a check fails. Three round trips: start,
 // the batch, end.
 func Connect(ctx context.Context, s Store, b Backend, r Result) error {
@@ -336,14 +318,7 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 		if r.ClearError {
 			ops = append(ops, xenstore.Rm(b.node(nameHotplugError)))
 		}
-		writes := len(ops)
-		if r.Labels != nil {
-			ops = append(ops, labelOps(b)...)
-		}
 		replies := tx.Batch(ctx, ops)
-		if r.Labels != nil {
-			*r.Labels = parseLabels(replies[writes:])
-		}
 		if err := existsError(b, replies[0].Err); err != nil {
 			return err
 		}
@@ -353,7 +328,7 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 		case err != nil && !errors.Is(err, unix.ENOENT):
 			return err
 		}
-		return firstError(replies[2:writes])
+		return firstError(replies[2:])
 	})
 	if err != nil {
 		return fmt.Errorf("write physical-device %s to %s: %w", pdev, b, err)
@@ -418,18 +393,10 @@ func RecordDiskSeq(ctx context.Context, s Store, b Backend, pdev string, diskseq
 // Disconnect removes physical-device, then diskseq, in one batch (one round
 // trip, no transaction): xenstored applies one connection's requests in
 // order, so at no moment does diskseq go before physical-device. A node that
-// is already gone, or a backend directory that is, is not an error. If
-// labels is not nil, the backend's labels are read into it in the same batch.
-func Disconnect(ctx context.Context, s Store, b Backend, labels *Labels) error {
-	ops := []xenstore.Op{xenstore.Rm(b.node(namePhysicalDevice)), xenstore.Rm(b.node(nameDiskSeq))}
-	if labels != nil {
-		ops = append(ops, labelOps(b)...)
-	}
-	replies := s.Batch(ctx, ops)
-	if labels != nil {
-		*labels = parseLabels(replies[2:])
-	}
-	if err := firstError(replies[:2]); err != nil {
+// is already gone, or a backend directory that is, is not an error.
+func Disconnect(ctx context.Context, s Store, b Backend) error {
+	replies := s.Batch(ctx, []xenstore.Op{xenstore.Rm(b.node(namePhysicalDevice)), xenstore.Rm(b.node(nameDiskSeq))})
+	if err := firstError(replies); err != nil {
 		return fmt.Errorf("remove physical-device from %s: %w", b, err)
 	}
 	return nil

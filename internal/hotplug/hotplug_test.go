@@ -3,7 +3,6 @@ package hotplug
 import (
 	"context"
 	"errors"
-	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -205,15 +204,9 @@ func TestConnectFailDisconnect(t *testing.T) {
 	ctx := context.Background()
 	s := backendStore("/srv/img", "w")
 	s[be.node("hotplug-error")] = "stale"
-	s[be.node("dev")] = "xvda"
-	s[fmt.Sprintf("/local/domain/%d/name", be.Domid)] = "guest1"
-	var connected Labels
-	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true, Labels: &connected}
+	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true}
 	if err := Connect(ctx, s, be, r); err != nil {
 		t.Fatal(err)
-	}
-	if connected != (Labels{Domain: "guest1", Vdev: "xvda"}) {
-		t.Errorf("labels read with Connect: %+v, want guest1/xvda", connected)
 	}
 	for node, want := range map[string]string{
 		"physical-device": "7:12c", "physical-device-path": "/dev/loop300", "diskseq": "ab", "hotplug-status": "connected",
@@ -235,9 +228,8 @@ func TestConnectFailDisconnect(t *testing.T) {
 	if got := s[be.node("physical-device-path")]; got != "/dev/loop300" {
 		t.Fatalf("physical-device-path rewritten to %q", got)
 	}
-	var lb Labels
-	if err := Disconnect(ctx, s, be, &lb); err != nil || lb.Vdev != "xvda" {
-		t.Fatalf("Disconnect: %v, labels %+v", err, lb)
+	if err := Disconnect(ctx, s, be); err != nil {
+		t.Fatalf("Disconnect: %v", err)
 	}
 	for _, node := range []string{"physical-device", "diskseq"} {
 		if _, ok := s[be.node(node)]; ok {
@@ -255,7 +247,7 @@ func TestConnectFailDisconnect(t *testing.T) {
 	if err := Fail(ctx, gone, be, "x"); !errors.Is(err, ErrBackendGone) || len(gone) != 0 {
 		t.Fatalf("fail on a removed backend: %v, wrote %v", err, gone)
 	}
-	if err := Disconnect(ctx, gone, be, nil); err != nil || len(gone) != 0 {
+	if err := Disconnect(ctx, gone, be); err != nil || len(gone) != 0 {
 		t.Fatalf("disconnect a removed backend: %v, wrote %v", err, gone)
 	}
 }
@@ -325,14 +317,6 @@ func TestReadSnapshot(t *testing.T) {
 		t.Errorf("values: %+v", got)
 	case got.Has(PhysicalDevice) || got.Has(Mode) || got.Gone():
 		t.Errorf("presence: %+v", got)
-	}
-	s["/local/domain/1/name"], s[be.node("dev")] = "guest", "xvda"
-	lb, ok := ReadSnapshot(ctx, s, be, Params|Names).Labels()
-	if !ok || lb != (Labels{Domain: "guest", Vdev: "xvda"}) {
-		t.Errorf("labels in the snapshot: %+v, %v", lb, ok)
-	}
-	if _, ok := got.Labels(); ok {
-		t.Error("labels without Names")
 	}
 	if gone := ReadSnapshot(ctx, mapStore{}, be, Script|Dir); !gone.Gone() || gone.Has(Script) {
 		t.Errorf("removed backend: %+v", gone)

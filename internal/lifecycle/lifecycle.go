@@ -114,7 +114,7 @@ func (d Decision) Writes(o Origin) bool { return o == FromAdd || d.Do == Attach 
 
 // The nodes each origin's decision may need.
 const (
-	AddNodes      = hotplug.Params | hotplug.Mode | hotplug.PhysicalDevice | hotplug.HotplugError | hotplug.Names // Names: the log line's, in the same round trip
+	AddNodes      = hotplug.Params | hotplug.Mode | hotplug.PhysicalDevice | hotplug.HotplugError
 	RemoveNodes   = hotplug.PhysicalDevice | hotplug.StockNode | hotplug.Params | hotplug.DiskSeq
 	PresetupNodes = hotplug.Script | hotplug.State | hotplug.PhysicalDevice | hotplug.Params | hotplug.Mode | hotplug.HotplugError
 	RecoveryNodes = hotplug.Script | hotplug.PhysicalDevice | hotplug.Params | hotplug.Mode | hotplug.DiskSeq | hotplug.StockNode
