@@ -10,6 +10,7 @@ import (
 	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/model"
 	"xenblkd/internal/text"
+	"xenblkd/internal/xenstore"
 )
 
 // step runs one lifecycle step of backend b for origin o
@@ -24,10 +25,12 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin
 	rec := d.backends.Get(key)
 	f := lifecycle.Facts{Snap: hotplug.Snapshot{Backend: b}}
 	if nodes := lifecycle.NodesFor(o, rec); nodes != 0 {
-		if o == lifecycle.FromAdd {
-			d.loadLabels(b) // for its line: beside the snapshot's read
+		var also []xenstore.Op
+		if o == lifecycle.FromAdd || o == lifecycle.FromRecovery {
+			also = d.labelOps(b) // for its line, in the same batch
 		}
-		f.Snap = hotplug.ReadSnapshot(ctx, d.store, b, nodes)
+		f.Snap = hotplug.ReadSnapshot(ctx, d.store, b, nodes, also...)
+		d.labels.fill(key, f.Snap.Also)
 		f.Ours = f.Snap.Has(hotplug.Script) && d.Scripts.Ours(f.Snap.Value(hotplug.Script))
 	}
 	dec := lifecycle.Decide(o, f, rec)
@@ -167,8 +170,8 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o lifecycle.Ori
 		return fail(err)
 	}
 	res := hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq, ClearError: s.Has(hotplug.HotplugError)}
-	d.loadLabels(b) // for the line (cached already for an exec'd add): beside Connect's requests
-	err = hotplug.Connect(ctx, d.store, b, res)
+	also, err := hotplug.Connect(ctx, d.store, b, res, d.labelOps(b)...) // the line's labels, unless cached
+	d.labels.fill(key, also)
 	if err != nil {
 		d.model.Remove(key)
 		return fail(withReason(ReasonXenStore, err))

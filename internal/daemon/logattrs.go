@@ -8,6 +8,7 @@ import (
 
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/model"
+	"xenblkd/internal/xenstore"
 )
 
 // Every line about a decision on one disk (attached, released, refused,
@@ -32,79 +33,6 @@ func (d *Daemon) attrs(l diskLine) []any {
 	return []any{"domain", lb.Domain, "domid", l.b.Domid, "devid", l.b.Devid, "vdev", lb.Vdev, "target", l.target, "dev", l.dev, "diskseq", l.diskseq}
 }
 
-// labelReadTimeout bounds the informational reads of a decision line.
-const labelReadTimeout = 500 * time.Millisecond
-
-// loadLabels starts reading b's labels if a line about it may be logged.
-func (d *Daemon) loadLabels(b hotplug.Backend) {
-	if d.log.Enabled(context.Background(), slog.LevelWarn) {
-		d.labels.load(b)
-	}
-}
-
-// labelCache keeps the labels (the domain's name, the backend's vdev) of the
-// backends a log line may name, so that the lines of a disk's attach and of
-// its release cost one read between them, and no XenStore protocol call
-// carries them. A read starts (load) when a step about to log begins its own
-// XenStore work, on a goroutine of its own: it goes out beside the step's
-// requests (no round trip of its own), and no backend lock is held across
-// it. A line waits for it, at most labelReadTimeout; a backend's entry goes
-// when nothing of it is attached any more (drop).
-type labelCache struct {
-	store hotplug.Store
-	mu    sync.Mutex
-	m     map[model.Key]*labelRead // guarded by mu
-}
-
-// labelRead is one read of a backend's labels: lb is set before done closes.
-type labelRead struct {
-	done chan struct{}
-	lb   hotplug.Labels
-}
-
-// load starts reading b's labels unless they are cached or being read.
-func (c *labelCache) load(b hotplug.Backend) *labelRead {
-	key := keyOf(b)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if r := c.m[key]; r != nil {
-		return r
-	}
-	r := &labelRead{done: make(chan struct{})}
-	if c.m == nil {
-		c.m = map[model.Key]*labelRead{}
-	}
-	c.m[key] = r
-	go func() {
-		defer close(r.done)
-		ctx, cancel := context.WithTimeout(context.Background(), labelReadTimeout)
-		defer cancel()
-		r.lb = hotplug.ReadLabels(ctx, c.store, b)[0]
-	}()
-	return r
-}
-
-// get returns b's labels, read now if load was not called ("" if the read
-// takes longer than labelReadTimeout).
-func (c *labelCache) get(b hotplug.Backend) hotplug.Labels {
-	r := c.load(b)
-	t := time.NewTimer(labelReadTimeout)
-	defer t.Stop()
-	select {
-	case <-r.done:
-		return r.lb
-	case <-t.C:
-		return hotplug.Labels{}
-	}
-}
-
-// drop forgets key's labels.
-func (c *labelCache) drop(key model.Key) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	delete(c.m, key)
-}
-
 // logDisk logs one line about a decision on a disk, at level.
 func (d *Daemon) logDisk(ctx context.Context, level slog.Level, msg string, l diskLine, extra ...any) {
 	if !d.log.Enabled(ctx, level) {
@@ -122,4 +50,70 @@ func (d *Daemon) logRefusal(ctx context.Context, l diskLine, by string, err erro
 		c.level, c.msg = slog.LevelDebug, "pre-setup refused; the script's add decides again"
 	}
 	d.logDisk(ctx, c.level, c.msg, l, "reason", c.reason, "by", by, "err", err)
+}
+
+// labelReadTimeout bounds the read of a line's labels that no step made.
+const labelReadTimeout = 500 * time.Millisecond
+
+// labelOps returns the reads of b's labels for a step to send in its own
+// batch, if a line about b may be logged and they are not cached.
+func (d *Daemon) labelOps(b hotplug.Backend) []xenstore.Op {
+	if !d.log.Enabled(context.Background(), slog.LevelWarn) || d.labels.has(keyOf(b)) {
+		return nil
+	}
+	return hotplug.LabelOps(b)
+}
+
+// labelCache keeps the labels (the domain's name, the backend's vdev) of
+// the backends a log line may name. A step that reads XenStore anyway sends
+// their reads in its own batch (labelOps; no round trip of their own, and
+// nothing in the XenStore contract knows of them) and fills the cache with
+// the replies; a backend's entry stays while it is attached (the step drops
+// it otherwise), so the lines of a disk's attach and release cost one read
+// of them between them, and the remove reads nothing.
+type labelCache struct {
+	store hotplug.Store
+	mu    sync.Mutex
+	m     map[model.Key]hotplug.Labels // guarded by mu
+}
+
+func (c *labelCache) has(key model.Key) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.m[key]
+	return ok
+}
+
+// fill records the replies to labelOps' reads, if there were any.
+func (c *labelCache) fill(key model.Key, replies []xenstore.Reply) {
+	if len(replies) == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil {
+		c.m = map[model.Key]hotplug.Labels{}
+	}
+	c.m[key] = hotplug.ParseLabels(replies)
+}
+
+// get returns b's labels: cached, or read now (a line no step read them
+// for: a refusal by pre-setup, logged at debug).
+func (c *labelCache) get(b hotplug.Backend) hotplug.Labels {
+	c.mu.Lock()
+	lb, ok := c.m[keyOf(b)]
+	c.mu.Unlock()
+	if ok {
+		return lb
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), labelReadTimeout)
+	defer cancel()
+	return hotplug.ReadLabels(ctx, c.store, b)[0]
+}
+
+// drop forgets key's labels.
+func (c *labelCache) drop(key model.Key) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.m, key)
 }

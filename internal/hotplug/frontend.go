@@ -142,21 +142,28 @@ func ReadLabels(ctx context.Context, s Batcher, bs ...Backend) []Labels {
 	}
 	ops := make([]xenstore.Op, 0, 2*len(bs))
 	for _, b := range bs {
-		ops = append(ops, labelOps(b)...)
+		ops = append(ops, LabelOps(b)...)
 	}
 	replies := s.Batch(ctx, ops)
 	for i := range out {
-		out[i] = parseLabels(replies[2*i : 2*i+2])
+		out[i] = ParseLabels(replies[2*i : 2*i+2])
 	}
 	return out
 }
 
-// labelOps are the two reads of b's labels; parseLabels decodes their replies.
-func labelOps(b Backend) []xenstore.Op {
+// LabelOps are the two reads of b's labels, for a caller that sends them in
+// a batch of its own (ReadSnapshot's or Connect's also); ParseLabels decodes
+// their replies.
+func LabelOps(b Backend) []xenstore.Op {
 	return []xenstore.Op{xenstore.Read(fmt.Sprintf("/local/domain/%d/name", b.Domid)), xenstore.Read(b.node("dev"))}
 }
 
-func parseLabels(replies []xenstore.Reply) Labels {
+// ParseLabels decodes the replies to LabelOps ("" for a failed read: a
+// transaction that failed, an unreadable node).
+func ParseLabels(replies []xenstore.Reply) Labels {
+	if len(replies) < 2 {
+		return Labels{}
+	}
 	label := func(r xenstore.Reply) string {
 		if r.Err != nil || len(r.Value) > maxLabel {
 			return ""

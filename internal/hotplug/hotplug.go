@@ -151,10 +151,15 @@ type Snapshot struct {
 	Present Node // those of them that exist
 	values  [numNodes]string
 	Err     error // the first read that failed other than with ENOENT (XenStore trouble)
+	// Also are the replies to the caller's own reads that went in the
+	// snapshot's batch (ReadSnapshot's also), in order.
+	Also []xenstore.Reply
 }
 
-// ReadSnapshot reads the nodes of b in one batch (one round trip).
-func ReadSnapshot(ctx context.Context, s Batcher, b Backend, nodes Node) Snapshot {
+// ReadSnapshot reads the nodes of b in one batch (one round trip). also are
+// more reads of the caller's, sent in the same batch so that they cost no
+// round trip of their own; their replies are in Snapshot.Also.
+func ReadSnapshot(ctx context.Context, s Batcher, b Backend, nodes Node, also ...xenstore.Op) Snapshot {
 	snap := Snapshot{Backend: b, Read: nodes}
 	var ops []xenstore.Op
 	var which []int
@@ -168,8 +173,9 @@ func ReadSnapshot(ctx context.Context, s Batcher, b Backend, nodes Node) Snapsho
 			which = append(which, i)
 		}
 	}
-	replies := s.Batch(ctx, ops)
-	for k, r := range replies {
+	replies := s.Batch(ctx, append(ops, also...))
+	snap.Also = replies[len(ops):]
+	for k, r := range replies[:len(ops)] {
 		i := which[k]
 		switch {
 		case r.Err == nil:
@@ -305,9 +311,11 @@ var ErrPhysicalDeviceSet = errors.New("physical-device already set to another de
 // checks (the directory, physical-device) and the writes go out in one
 // batch: the writes are speculative, and the transaction
 // is aborted, taking them back, if a check fails. Three round trips: start,
-// the batch, end.
-func Connect(ctx context.Context, s Store, b Backend, r Result) error {
+// the batch, end. also are more reads of the caller's, sent in the same
+// batch (no round trip of their own); their replies are returned, in order.
+func Connect(ctx context.Context, s Store, b Backend, r Result, also ...xenstore.Op) ([]xenstore.Reply, error) {
 	pdev := FormatRdev(r.Rdev)
+	var alsoReplies []xenstore.Reply
 	err := s.Transact(ctx, func(tx Batcher) error {
 		ops := []xenstore.Op{xenstore.Read(b.Path()), xenstore.Read(b.node(namePhysicalDevice)),
 			xenstore.Write(b.node(namePhysicalDevice), pdev), xenstore.Write(b.node(namePhysicalDevicePath), r.DevPath)}
@@ -318,7 +326,9 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 		if r.ClearError {
 			ops = append(ops, xenstore.Rm(b.node(nameHotplugError)))
 		}
-		replies := tx.Batch(ctx, ops)
+		writes := len(ops)
+		replies := tx.Batch(ctx, append(ops, also...))
+		alsoReplies = replies[writes:]
 		if err := existsError(b, replies[0].Err); err != nil {
 			return err
 		}
@@ -328,12 +338,12 @@ func Connect(ctx context.Context, s Store, b Backend, r Result) error {
 		case err != nil && !errors.Is(err, unix.ENOENT):
 			return err
 		}
-		return firstError(replies[2:])
+		return firstError(replies[2:writes])
 	})
 	if err != nil {
-		return fmt.Errorf("write physical-device %s to %s: %w", pdev, b, err)
+		return alsoReplies, fmt.Errorf("write physical-device %s to %s: %w", pdev, b, err)
 	}
-	return nil
+	return alsoReplies, nil
 }
 
 // firstError returns the first failure among replies (ENOENT of an rm is none).

@@ -3,6 +3,7 @@ package hotplug
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -204,9 +205,15 @@ func TestConnectFailDisconnect(t *testing.T) {
 	ctx := context.Background()
 	s := backendStore("/srv/img", "w")
 	s[be.node("hotplug-error")] = "stale"
+	s[be.node("dev")] = "xvda"
+	s[fmt.Sprintf("/local/domain/%d/name", be.Domid)] = "guest1"
 	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true}
-	if err := Connect(ctx, s, be, r); err != nil {
+	also, err := Connect(ctx, s, be, r, LabelOps(be)...)
+	if err != nil {
 		t.Fatal(err)
+	}
+	if lb := ParseLabels(also); lb != (Labels{Domain: "guest1", Vdev: "xvda"}) {
+		t.Errorf("reads sent with Connect: %+v, want guest1/xvda", lb)
 	}
 	for node, want := range map[string]string{
 		"physical-device": "7:12c", "physical-device-path": "/dev/loop300", "diskseq": "ab", "hotplug-status": "connected",
@@ -219,10 +226,10 @@ func TestConnectFailDisconnect(t *testing.T) {
 		t.Error("stale hotplug-error not removed")
 	}
 	// Same value again: fine. Another value: refused, nothing rewritten.
-	if err := Connect(ctx, s, be, r); err != nil {
+	if _, err := Connect(ctx, s, be, r); err != nil {
 		t.Fatalf("reconnect same device: %v", err)
 	}
-	if err := Connect(ctx, s, be, Result{Rdev: unix.Mkdev(7, 1), DevPath: "/dev/loop1"}); !errors.Is(err, ErrPhysicalDeviceSet) {
+	if _, err := Connect(ctx, s, be, Result{Rdev: unix.Mkdev(7, 1), DevPath: "/dev/loop1"}); !errors.Is(err, ErrPhysicalDeviceSet) {
 		t.Fatalf("connect another device: got %v, want ErrPhysicalDeviceSet", err)
 	}
 	if got := s[be.node("physical-device-path")]; got != "/dev/loop300" {
@@ -241,7 +248,7 @@ func TestConnectFailDisconnect(t *testing.T) {
 	}
 
 	gone := mapStore{}
-	if err := Connect(ctx, gone, be, r); !errors.Is(err, ErrBackendGone) || len(gone) != 0 {
+	if _, err := Connect(ctx, gone, be, r); !errors.Is(err, ErrBackendGone) || len(gone) != 0 {
 		t.Fatalf("connect to a removed backend: %v, wrote %v", err, gone)
 	}
 	if err := Fail(ctx, gone, be, "x"); !errors.Is(err, ErrBackendGone) || len(gone) != 0 {
@@ -317,6 +324,10 @@ func TestReadSnapshot(t *testing.T) {
 		t.Errorf("values: %+v", got)
 	case got.Has(PhysicalDevice) || got.Has(Mode) || got.Gone():
 		t.Errorf("presence: %+v", got)
+	}
+	s["/local/domain/1/name"], s[be.node("dev")] = "guest", "xvda"
+	if lb := ParseLabels(ReadSnapshot(ctx, s, be, Params, LabelOps(be)...).Also); lb != (Labels{Domain: "guest", Vdev: "xvda"}) {
+		t.Errorf("reads sent with the snapshot: %+v, want guest/xvda", lb)
 	}
 	if gone := ReadSnapshot(ctx, mapStore{}, be, Script|Dir); !gone.Gone() || gone.Has(Script) {
 		t.Errorf("removed backend: %+v", gone)
