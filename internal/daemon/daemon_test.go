@@ -10,7 +10,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -18,6 +17,7 @@ import (
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/model"
+	"xenblkd/internal/model/modeltest"
 	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
 )
@@ -25,52 +25,13 @@ import (
 // discard is a logger for tests that do not care.
 var discard = slog.New(slog.DiscardHandler)
 
-// fakeHost makes pretend loop devices: the daemon's logic, without ioctls.
-type fakeHost struct {
-	mu   sync.Mutex
-	next int
-	open int
-}
-
-type fakeDev struct {
-	h *fakeHost
-	n int
-}
-
-func (d *fakeDev) Path() string      { return fmt.Sprintf("/dev/loop%d", 1000+d.n) }
-func (d *fakeDev) Rdev() uint64      { return unix.Mkdev(7, uint32(1000+d.n)) }
-func (d *fakeDev) DiskSeq() uint64   { return uint64(0x100 + d.n) }
-func (d *fakeDev) Verify() error     { return nil }
-func (d *fakeDev) DirectIO() bool    { return true }
-func (d *fakeDev) BlockSize() uint32 { return 512 }
-func (d *fakeDev) Close() error {
-	d.h.mu.Lock()
-	d.h.open--
-	d.h.mu.Unlock()
-	return nil
-}
-
-func (h *fakeHost) NewLoop(*os.File, bool) (model.Device, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.next++
-	h.open++
-	return &fakeDev{h, h.next}, nil
-}
-func (h *fakeHost) devices() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.open
-}
-
-func (h *fakeHost) LoopsOf(model.FileID, func(string) bool) ([]model.Binding, error) {
-	return nil, nil
-}
-func (h *fakeHost) Mounts([]uint64) ([]model.Mount, error) { return nil, nil }
+// newHost is the fake machine of the daemon's tests: its loop devices are
+// /dev/loop1001, /dev/loop1002, ... (numbers no real test device has).
+func newHost() *modeltest.Host { return &modeltest.Host{First: 1000} }
 
 type env struct {
 	xs     *xenstore.Client
-	host   *fakeHost
+	host   *modeltest.Host
 	socket string
 	dir    string
 	d      *Daemon
@@ -91,7 +52,7 @@ func newEnv(t *testing.T) (*env, *net.UnixListener) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	e := &env{xs: xs, host: &fakeHost{}, socket: filepath.Join(dir, "api.sock"), dir: dir}
+	e := &env{xs: xs, host: newHost(), socket: filepath.Join(dir, "api.sock"), dir: dir}
 	l, err := Listen(e.socket)
 	if err != nil {
 		t.Fatal(err)
@@ -161,15 +122,15 @@ func TestAddRemove(t *testing.T) {
 		t.Fatalf("add: %+v, %v", resp, err)
 	}
 	for node, want := range map[string]string{
-		"physical-device": "7:3e9", "physical-device-path": "/dev/loop1001", "diskseq": "101", "hotplug-status": "connected",
+		"physical-device": "7:3e9", "physical-device-path": "/dev/loop1001", "diskseq": "65", "hotplug-status": "connected",
 	} {
 		if got, _ := e.read(t, be+"/"+node); got != want {
 			t.Errorf("%s = %q, want %q", node, got, want)
 		}
 	}
 	// Called twice: nothing new.
-	if resp, err := api.Call(ctx, e.socket, api.Request{Op: "add", Path: be}); err != nil || !resp.OK || e.host.devices() != 1 {
-		t.Fatalf("second add: %+v, %v, %d devices", resp, err, e.host.devices())
+	if resp, err := api.Call(ctx, e.socket, api.Request{Op: "add", Path: be}); err != nil || !resp.OK || e.host.Open() != 1 {
+		t.Fatalf("second add: %+v, %v, %d devices", resp, err, e.host.Open())
 	}
 	st, err := api.Call(ctx, e.socket, api.Request{Op: "status"})
 	if err != nil || len(st.Attachments) != 1 || st.Attachments[0].Device != "/dev/loop1001" {
@@ -180,8 +141,8 @@ func TestAddRemove(t *testing.T) {
 			t.Fatalf("remove %d: %+v, %v", i, resp, err)
 		}
 	}
-	if _, ok := e.read(t, be+"/physical-device"); ok || e.host.devices() != 0 {
-		t.Fatalf("after remove: physical-device still there or %d devices open", e.host.devices())
+	if _, ok := e.read(t, be+"/physical-device"); ok || e.host.Open() != 0 {
+		t.Fatalf("after remove: physical-device still there or %d devices open", e.host.Open())
 	}
 }
 
@@ -225,8 +186,8 @@ func TestBadInput(t *testing.T) {
 			}
 		})
 	}
-	if e.host.devices() != 0 {
-		t.Errorf("%d devices left", e.host.devices())
+	if e.host.Open() != 0 {
+		t.Errorf("%d devices left", e.host.Open())
 	}
 }
 
@@ -299,7 +260,7 @@ func TestRequestsPerAddRemove(t *testing.T) {
 	}
 	t.Cleanup(func() { xs.Close() })
 	store := &countingStore{Store: hotplug.ClientStore{Client: xs}}
-	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), store, &fakeHost{}) // info: lines with labels
+	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), store, newHost()) // info: lines with labels
 	img := filepath.Join(t.TempDir(), "img")
 	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
 		t.Fatal(err)
@@ -324,5 +285,67 @@ func TestRequestsPerAddRemove(t *testing.T) {
 	}
 	if reqs, txs := count(); reqs != 2 || txs != 0 {
 		t.Errorf("remove: %d requests, %d transactions; want 2, 0", reqs, txs)
+	}
+}
+
+// TestSharingThroughDaemon: the sharing rules, through the API and the fake
+// machine: a writable image is refused to a second domain and to anyone
+// while someone else's loop device is bound to it; read-only users share one
+// device; a device whose identity changed under us is not freed.
+func TestSharingThroughDaemon(t *testing.T) {
+	e := start(t)
+	ctx := context.Background()
+	img := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	call := func(op, be string) api.Response {
+		t.Helper()
+		resp, err := api.Call(ctx, e.socket, api.Request{Op: op, Path: be})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	a := e.backend(t, 1, 51712, img, "w")
+	if resp := call("add", a); !resp.OK {
+		t.Fatalf("add A: %+v", resp)
+	}
+	b := e.backend(t, 2, 51712, img, "w")
+	if resp := call("add", b); resp.OK || !strings.Contains(resp.Error, "domain 1 device 51712 (xvda) already uses it read-write") {
+		t.Fatalf("add B: %+v; want the conflict with A", resp)
+	}
+	if got, _ := e.read(t, b+"/hotplug-error"); !strings.Contains(got, "already uses it read-write") {
+		t.Errorf("B's hotplug-error = %q", got)
+	}
+	call("remove", a)
+
+	var st unix.Stat_t
+	if err := unix.Stat(img, &st); err != nil {
+		t.Fatal(err)
+	}
+	file := model.FileID{Dev: st.Dev, Ino: st.Ino}
+	e.host.Bind(file, model.Binding{Path: "/dev/loop1500", Rdev: unix.Mkdev(7, 1500), DiskSeq: 9, Tag: img})
+	if resp := call("add", b); resp.OK || !strings.Contains(resp.Error, "loop device /dev/loop1500 (not made by xenblkd") {
+		t.Fatalf("add B beside someone else's device: %+v; want refused", resp)
+	}
+	e.host.Unbind()
+
+	made := e.host.Made()
+	for dom := 3; dom <= 5; dom++ {
+		if resp := call("add", e.backend(t, dom, 51712, img, "r")); !resp.OK {
+			t.Fatalf("read-only add in domain %d: %+v", dom, resp)
+		}
+	}
+	if got := e.host.Made() - made; got != 1 {
+		t.Errorf("3 read-only users made %d devices, want 1", got)
+	}
+	attached, _ := e.d.model.Lookup(model.Key{Domid: 3, Devid: 51712})
+	e.host.Reuse(attached.DevPath)
+	for dom := 3; dom <= 5; dom++ {
+		call("remove", fmt.Sprintf("backend/vbd/%d/51712", dom))
+	}
+	if e.host.Open() != 1 {
+		t.Errorf("%d devices open after the last user of a reused device went; want it left alone (1)", e.host.Open())
 	}
 }

@@ -56,7 +56,7 @@ func TestDecisionLines(t *testing.T) {
 			return a
 		},
 	}))
-	host := &fakeHost{}
+	host := newHost()
 	d := New(log, hotplug.ClientStore{Client: xs}, host)
 	stop, err := d.StartPresetup(ctx, xs, PresetupOptions{Workers: 1})
 	if err != nil {

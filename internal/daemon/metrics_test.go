@@ -132,8 +132,8 @@ func TestMetricsEndpoint(t *testing.T) {
 		`xenblkd_attachments{kind="block",mode="w"} 0`,
 		`xenblkd_loop_devices_held 2`,
 		`xenblkd_loop_devices_unused 0`,
-		`xenblkd_loop_devices_io{block_size="512",io="direct"} 2`, // the fake host's devices
-		`xenblkd_loop_devices_io{block_size="512",io="buffered"} 0`,
+		`xenblkd_loop_devices_io{block_size="512",io="direct"} 1`, // the fake host: odd numbers buffered, even direct
+		`xenblkd_loop_devices_io{block_size="512",io="buffered"} 1`,
 		`xenblkd_readonly_cache_hits_total 1`,
 		`xenblkd_errors_total{op="add",reason="not_found"} 1`,
 		`xenblkd_errors_total{op="add",reason="conflict"} 1`,

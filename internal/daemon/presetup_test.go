@@ -17,6 +17,7 @@ import (
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/model"
+	"xenblkd/internal/model/modeltest"
 	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
 )
@@ -26,7 +27,7 @@ type preEnv struct {
 	d     *Daemon
 	xs    *xenstore.Client
 	store *countingStore // the daemon's store
-	host  *fakeHost
+	host  *modeltest.Host
 	img   string // a writable image file
 	next  int    // settle's next devid
 }
@@ -41,7 +42,7 @@ func startPresetup(t *testing.T, host model.Host, workers int, before func(*xens
 	}
 	t.Cleanup(func() { xs.Close() })
 	e := &preEnv{xs: xs, img: filepath.Join(t.TempDir(), "img")}
-	if fh, ok := host.(*fakeHost); ok {
+	if fh, ok := host.(*modeltest.Host); ok {
 		e.host = fh
 	}
 	if err := os.WriteFile(e.img, []byte("image"), 0o644); err != nil {
@@ -144,12 +145,12 @@ func (e *preEnv) exec(t *testing.T, op string, b hotplug.Backend) api.Response {
 }
 
 func TestPresetupAttachesBeforeExec(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	e := startPresetup(t, host, 1, nil)
 	b := libxlBackend(t, e.xs, 1, 51712, ourScript, e.img, "w")
 	pd := e.waitAttached(t, b)
-	if st, _ := e.node(t, b, "hotplug-status"); st != "connected" || host.devices() != 1 {
-		t.Fatalf("before exec: hotplug-status %q, %d devices; want connected, 1", st, host.devices())
+	if st, _ := e.node(t, b, "hotplug-status"); st != "connected" || host.Open() != 1 {
+		t.Fatalf("before exec: hotplug-status %q, %d devices; want connected, 1", st, host.Open())
 	}
 	// Recorded just after the add's transaction, which the test may see first.
 	waitFor(t, "pre-setup state", func() bool { return e.d.backends.Get(keyOf(b)).Phase == lifecycle.PresetUp })
@@ -172,22 +173,22 @@ func TestPresetupAttachesBeforeExec(t *testing.T) {
 	if reads, txs := e.store.ops(b.Path()); reads != 0 || txs != 0 || requests != 0 {
 		t.Errorf("confirm did %d XenStore reads, %d transactions, %d requests in all; want none", reads, txs, requests)
 	}
-	if host.devices() != 1 || host.made() != 1 {
-		t.Fatalf("after exec: %d devices open, %d made; want 1, 1", host.devices(), host.made())
+	if host.Open() != 1 || host.Made() != 1 {
+		t.Fatalf("after exec: %d devices open, %d made; want 1, 1", host.Open(), host.Made())
 	}
-	if resp := e.exec(t, "remove", b); !resp.OK || host.devices() != 0 {
-		t.Fatalf("remove: %+v, %d devices", resp, host.devices())
+	if resp := e.exec(t, "remove", b); !resp.OK || host.Open() != 0 {
+		t.Fatalf("remove: %+v, %d devices", resp, host.Open())
 	}
 	// The backend lingers without physical-device (state unchanged here):
 	// pre-setup must not attach it again.
 	e.settle(t)
-	if _, ok := e.node(t, b, "physical-device"); ok || host.made() != 2 {
-		t.Fatalf("re-attached after remove (devices made: %d)", host.made())
+	if _, ok := e.node(t, b, "physical-device"); ok || host.Made() != 2 {
+		t.Fatalf("re-attached after remove (devices made: %d)", host.Made())
 	}
 }
 
 func TestPresetupBackendGoneBeforeExec(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	e := startPresetup(t, host, 1, nil)
 	for i, remove := range []string{"backend", "domain"} {
 		b := libxlBackend(t, e.xs, 10+i, 51712, ourScript, e.img, "w")
@@ -200,8 +201,8 @@ func TestPresetupBackendGoneBeforeExec(t *testing.T) {
 			t.Fatal(err)
 		}
 		waitFor(t, "release of "+remove, func() bool { _, ok := e.d.model.Lookup(keyOf(b)); return !ok })
-		if host.devices() != 0 {
-			t.Fatalf("%s removed: %d devices still open", remove, host.devices())
+		if host.Open() != 0 {
+			t.Fatalf("%s removed: %d devices still open", remove, host.Open())
 		}
 		if st := e.d.backends.Get(keyOf(b)); st.Known() {
 			t.Fatalf("%s removed: state %+v still remembered", remove, st)
@@ -211,7 +212,7 @@ func TestPresetupBackendGoneBeforeExec(t *testing.T) {
 
 // gatedHost blocks NewLoop until released, to hold a pre-setup in flight.
 type gatedHost struct {
-	*fakeHost
+	*modeltest.Host
 	entered chan struct{}
 	gate    chan struct{}
 }
@@ -219,11 +220,11 @@ type gatedHost struct {
 func (h *gatedHost) NewLoop(f *os.File, ro bool) (model.Device, error) {
 	h.entered <- struct{}{}
 	<-h.gate
-	return h.fakeHost.NewLoop(f, ro)
+	return h.Host.NewLoop(f, ro)
 }
 
 func TestPresetupExecDuringPresetup(t *testing.T) {
-	host := &gatedHost{fakeHost: &fakeHost{}, entered: make(chan struct{}), gate: make(chan struct{})}
+	host := &gatedHost{Host: newHost(), entered: make(chan struct{}), gate: make(chan struct{})}
 	e := startPresetup(t, host, 1, nil)
 	b := libxlBackend(t, e.xs, 2, 51712, ourScript, e.img, "w")
 	<-host.entered // pre-setup is inside model.Add
@@ -231,13 +232,13 @@ func TestPresetupExecDuringPresetup(t *testing.T) {
 	go func() { done <- e.exec(t, "add", b) }()
 	close(host.gate) // the exec'd add may run now; it must wait for pre-setup's lock
 	resp := <-done
-	if !resp.OK || host.fakeHost.devices() != 1 || host.fakeHost.made() != 1 {
-		t.Fatalf("exec'd add: %+v, %d devices open, %d made; want OK, 1, 1", resp, host.fakeHost.devices(), host.fakeHost.made())
+	if !resp.OK || host.Host.Open() != 1 || host.Host.Made() != 1 {
+		t.Fatalf("exec'd add: %+v, %d devices open, %d made; want OK, 1, 1", resp, host.Host.Open(), host.Host.Made())
 	}
 }
 
 func TestPresetupExecFirst(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	e := startPresetup(t, host, 4, nil)
 	const n = 40
 	var wg sync.WaitGroup
@@ -253,13 +254,13 @@ func TestPresetupExecFirst(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if host.devices() != n || host.made() != n {
-		t.Fatalf("%d devices open, %d made; want %d, %d", host.devices(), host.made(), n, n)
+	if host.Open() != n || host.Made() != n {
+		t.Fatalf("%d devices open, %d made; want %d, %d", host.Open(), host.Made(), n, n)
 	}
 }
 
 func TestPresetupFailureReported(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	e := startPresetup(t, host, 1, nil)
 	first := libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
 	e.waitAttached(t, first)
@@ -292,8 +293,8 @@ func TestPresetupFailureReported(t *testing.T) {
 			}
 		})
 	}
-	if host.devices() != 1 {
-		t.Fatalf("%d devices open, want 1", host.devices())
+	if host.Open() != 1 {
+		t.Fatalf("%d devices open, want 1", host.Open())
 	}
 	// A failure is forgotten when its backend goes away.
 	b := libxlBackend(t, e.xs, 40, 51712, ourScript, "/nonexistent/x", "w")
@@ -303,7 +304,7 @@ func TestPresetupFailureReported(t *testing.T) {
 }
 
 func TestPresetupLeavesOthersAlone(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	e := startPresetup(t, host, 1, nil)
 	foreign := libxlBackend(t, e.xs, 50, 51712, "/etc/xen/scripts/block", e.img, "w")
 	noScript := libxlBackend(t, e.xs, 51, 51712, "-", e.img, "w")
@@ -323,13 +324,13 @@ func TestPresetupLeavesOthersAlone(t *testing.T) {
 	if _, ok := e.node(t, preset, "hotplug-status"); ok {
 		t.Error("hotplug-status written to a backend with physical-device set")
 	}
-	if host.made() != 1 { // settle's own
-		t.Errorf("%d devices made, want 1 (settle's)", host.made())
+	if host.Made() != 1 { // settle's own
+		t.Errorf("%d devices made, want 1 (settle's)", host.Made())
 	}
 }
 
 func TestPresetupRescanAtStart(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	var pending hotplug.Backend
 	img := filepath.Join(t.TempDir(), "early")
 	os.WriteFile(img, []byte("e"), 0o644)
@@ -343,7 +344,7 @@ func TestPresetupRescanAtStart(t *testing.T) {
 // read-only attachments of one image: all set up, one device, nothing left
 // queued.
 func TestPresetupStorm(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	e := startPresetup(t, host, DefaultPresetupWorkers, nil)
 	domains, perDomain := 10, 20
 	var bs []hotplug.Backend
@@ -355,8 +356,8 @@ func TestPresetupStorm(t *testing.T) {
 	for _, b := range bs {
 		e.waitAttached(t, b)
 	}
-	if host.made() != 1 || len(e.d.model.Held()) != 1 {
-		t.Fatalf("%d devices made, %d held; want 1", host.made(), len(e.d.model.Held()))
+	if host.Made() != 1 || len(e.d.model.Held()) != 1 {
+		t.Fatalf("%d devices made, %d held; want 1", host.Made(), len(e.d.model.Held()))
 	}
 	// Everything coalesced and drained: no backlog kept.
 	e.settle(t)
@@ -365,8 +366,8 @@ func TestPresetupStorm(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "release of all", func() bool { return len(e.d.model.List()) == 0 })
-	if host.devices() != 0 {
-		t.Fatalf("%d devices still open", host.devices())
+	if host.Open() != 0 {
+		t.Fatalf("%d devices still open", host.Open())
 	}
 	waitFor(t, "state forgotten", func() bool { return len(e.d.backends.Keys(0, true)) == 0 })
 }
@@ -427,7 +428,7 @@ func (s *countingStore) readsUnder(dir string) int {
 }
 
 func TestPresetupSkipsEventsItNeedNotCheck(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	e := startPresetup(t, host, 1, nil)
 	ctx := context.Background()
 	b := libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
@@ -447,25 +448,19 @@ func TestPresetupSkipsEventsItNeedNotCheck(t *testing.T) {
 	}
 
 	// The directory removed: released; re-created: attached again.
-	open, made := host.devices(), host.made()
+	open, made := host.Open(), host.Made()
 	if err := e.xs.Rm(ctx, b.Path()); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "release", func() bool { _, ok := e.d.model.Lookup(keyOf(b)); return !ok })
-	if got := host.devices(); got != open-1 {
+	if got := host.Open(); got != open-1 {
 		t.Fatalf("removed: %d devices open, want %d", got, open-1)
 	}
 	libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
 	e.waitAttached(t, b)
-	if host.devices() != open || host.made() != made+1 {
-		t.Fatalf("re-created: %d devices open, %d made; want %d, %d", host.devices(), host.made(), open, made+1)
+	if host.Open() != open || host.Made() != made+1 {
+		t.Fatalf("re-created: %d devices open, %d made; want %d, %d", host.Open(), host.Made(), open, made+1)
 	}
-}
-
-func (h *fakeHost) made() int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.next
 }
 
 // TestPresetupRefusalDecidedAgain: a refusal found by pre-setup is decided
@@ -473,7 +468,7 @@ func (h *fakeHost) made() int {
 // refuses B's backend for it; A's disk is removed before B's script runs, and
 // B's exec'd add then attaches it.
 func TestPresetupRefusalDecidedAgain(t *testing.T) {
-	host := &fakeHost{}
+	host := newHost()
 	e := startPresetup(t, host, 1, nil)
 	a := libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
 	e.waitAttached(t, a)
@@ -492,7 +487,7 @@ func TestPresetupRefusalDecidedAgain(t *testing.T) {
 	if v, ok := e.node(t, b, "hotplug-error"); ok {
 		t.Errorf("hotplug-error = %q after a successful add", v)
 	}
-	if host.devices() != 1 {
-		t.Errorf("%d devices open, want 1 (B's)", host.devices())
+	if host.Open() != 1 {
+		t.Errorf("%d devices open, want 1 (B's)", host.Open())
 	}
 }

@@ -26,7 +26,7 @@ func TestPresetupAfterXenstoredRestart(t *testing.T) {
 	t.Cleanup(func() { xs.Close() })
 	ups := make(chan bool, 10)
 	xs.OnConnection(func(up bool, err error) { ups <- up })
-	host := &fakeHost{}
+	host := newHost()
 	d := New(discard, hotplug.ClientStore{Client: xs}, host)
 	stop, err := d.StartPresetup(ctx, xs, PresetupOptions{Workers: 1})
 	if err != nil {

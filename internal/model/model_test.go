@@ -1,76 +1,17 @@
-package model
+package model_test
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	. "xenblkd/internal/model"
+	"xenblkd/internal/model/modeltest"
 )
-
-type fakeDevice struct {
-	host    *fakeHost
-	n       int
-	diskseq uint64
-	closed  bool
-}
-
-func (d *fakeDevice) Path() string      { return fmt.Sprintf("/dev/loop%d", d.n) }
-func (d *fakeDevice) Rdev() uint64      { return uint64(7<<8 | d.n) }
-func (d *fakeDevice) DiskSeq() uint64   { return d.diskseq }
-func (d *fakeDevice) Verify() error     { return nil }
-func (d *fakeDevice) DirectIO() bool    { return d.n%2 == 0 }
-func (d *fakeDevice) BlockSize() uint32 { return 512 }
-func (d *fakeDevice) Close() error {
-	d.host.mu.Lock()
-	defer d.host.mu.Unlock()
-	if d.closed {
-		return errors.New("closed twice")
-	}
-	d.closed = true
-	d.host.open--
-	return nil
-}
-
-type fakeHost struct {
-	mu      sync.Mutex
-	next    int
-	open    int                  // devices bound and not closed
-	foreign map[FileID][]Binding // loop devices someone else bound
-	mounted map[uint64]Mount
-}
-
-func (h *fakeHost) NewLoop(backing *os.File, readOnly bool) (Device, error) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.next++
-	h.open++
-	return &fakeDevice{host: h, n: h.next, diskseq: uint64(100 + h.next)}, nil
-}
-
-func (h *fakeHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
-	var out []Binding
-	for _, b := range h.foreign[file] {
-		if !held(b.Path) {
-			out = append(out, b)
-		}
-	}
-	return out, nil
-}
-
-func (h *fakeHost) Mounts(devs []uint64) ([]Mount, error) {
-	var out []Mount
-	for _, d := range devs {
-		if mt, ok := h.mounted[d]; ok {
-			mt.Rdev = d
-			out = append(out, mt)
-		}
-	}
-	return out, nil
-}
 
 var (
 	image  = Target{Kind: RegularFile, Path: "/srv/img", File: FileID{1, 10}}
@@ -171,7 +112,7 @@ func TestSharingRules(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			m := New(&fakeHost{}, nil)
+			m := New(&modeltest.Host{}, nil)
 			for i, s := range tt.first {
 				if _, err := addAs(t, m, s.domid, uint32(51712+i), s.target, s.mode, s.dom); err != nil {
 					t.Fatalf("setup add: %v", err)
@@ -208,7 +149,7 @@ func TestConflictMessages(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			m := New(&fakeHost{}, nil)
+			m := New(&modeltest.Host{}, nil)
 			for _, r := range tt.first {
 				if _, err := m.Add(context.Background(), r); err != nil {
 					t.Fatal(err)
@@ -251,7 +192,13 @@ func TestHostChecks(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h := &fakeHost{foreign: map[FileID][]Binding{image.File: tt.foreign}, mounted: tt.mounted}
+			h := &modeltest.Host{}
+			for _, b := range tt.foreign {
+				h.Bind(image.File, b)
+			}
+			for rdev, mt := range tt.mounted {
+				h.Mount(rdev, mt)
+			}
 			m := New(h, nil)
 			_, err := add(t, m, 1, 51712, tt.target, tt.mode)
 			switch {
@@ -262,8 +209,8 @@ func TestHostChecks(t *testing.T) {
 			case err != nil && !errors.Is(err, ErrConflict):
 				t.Errorf("err %v does not match ErrConflict", err)
 			}
-			if err != nil && h.open != 0 {
-				t.Errorf("refused, yet %d devices left open", h.open)
+			if err != nil && h.Open() != 0 {
+				t.Errorf("refused, yet %d devices left open", h.Open())
 			}
 		})
 	}
@@ -273,7 +220,8 @@ func TestHostChecks(t *testing.T) {
 // is not someone else's.
 func TestHostCheckKnownLoops(t *testing.T) {
 	other := Binding{Path: "/dev/loop50", Rdev: loop50.Rdev, DiskSeq: 1}
-	h := &fakeHost{foreign: map[FileID][]Binding{image.File: {other}}}
+	h := &modeltest.Host{}
+	h.Bind(image.File, other)
 	m := New(h, nil)
 	if _, err := addAs(t, m, 1, 51712, loop50, rw, vmA); err != nil {
 		t.Fatal(err)
@@ -294,63 +242,47 @@ func TestVdevName(t *testing.T) {
 	}
 }
 
-// scanHost reports every device in bound as bound to every file, asking held
-// first as a real host does, and records which paths it was told to skip.
-type scanHost struct {
-	fakeHost
-	bound   []Binding
-	skipped []string
-}
-
-func (h *scanHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
-	var out []Binding
-	for _, b := range h.bound {
-		if held(b.Path) {
-			h.skipped = append(h.skipped, b.Path)
-			continue
-		}
-		out = append(out, b)
-	}
-	return out, nil
-}
-
 func TestHostCheckSkipsHeldDevices(t *testing.T) {
-	h := &scanHost{}
+	// Every device of ours is bound to image, whatever it was made for.
+	h := &modeltest.Host{File: image.File}
 	m := New(h, nil)
 	ours, err := add(t, m, 1, 51712, image2, rw)
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.bound = []Binding{{Path: ours.DevPath, Rdev: ours.Rdev, DiskSeq: ours.DiskSeq}}
+	h.ResetLookups()
 	if _, err := add(t, m, 2, 51712, image, rw); err != nil {
 		t.Fatalf("add with only our own device bound: %v", err)
 	}
-	if want := []string{ours.DevPath}; fmt.Sprint(h.skipped) != fmt.Sprint(want) {
-		t.Errorf("skipped %v, want %v", h.skipped, want)
+	if want := []string{ours.DevPath}; fmt.Sprint(h.Skipped()) != fmt.Sprint(want) {
+		t.Errorf("skipped %v, want %v", h.Skipped(), want)
 	}
 
-	h.bound = append(h.bound, Binding{Path: "/dev/loop99", Rdev: 7<<8 | 99, DiskSeq: 1, Tag: "other"})
+	h.Bind(image.File, Binding{Path: "/dev/loop99", Rdev: 7<<8 | 99, DiskSeq: 1, Tag: "other"})
 	_, err = add(t, m, 2, 51728, image, rw) // same domain: only the host check applies
 	want := `refusing to attach file /srv/img to domain 2 device 51728 (xvdb): loop device /dev/loop99 (not made by xenblkd, tag "other") is bound to the same file; detach it (losetup -d /dev/loop99) if nothing uses it, or use mode w! to override`
 	if err == nil || err.Error() != want {
 		t.Errorf("got %v\nwant %s", err, want)
 	}
 
-	// Released devices are no longer ours: found again.
+	// Released devices are no longer held: found again (and, as they stay
+	// bound, waited for, then refused).
 	m.Remove(Key{1, 51712})
 	m.Remove(Key{2, 51712})
-	h.skipped = nil
-	h.bound = h.bound[:1]
+	h.Unbind()
+	h.Linger = -1
+	SetReleaseTiming(m, 20*time.Millisecond, time.Millisecond)
+	h.ResetLookups()
 	if _, err := add(t, m, 4, 51712, image, rw); !errors.Is(err, ErrConflict) {
 		t.Errorf("add with a released device still bound: got %v, want a conflict", err)
 	}
-	if len(h.skipped) != 0 {
-		t.Errorf("skipped %v after release, want none", h.skipped)
+	if len(h.Skipped()) != 0 {
+		t.Errorf("skipped %v after release, want none", h.Skipped())
 	}
 }
 
 func TestReadOnlyCacheSharesOneDevice(t *testing.T) {
-	h := &fakeHost{}
+	h := &modeltest.Host{}
 	m := New(h, nil)
 	var first Attachment
 	for dom := uint32(1); dom <= 20; dom++ {
@@ -365,17 +297,17 @@ func TestReadOnlyCacheSharesOneDevice(t *testing.T) {
 			t.Fatalf("domain %d: got rdev %x users %d, want rdev %x users %d", dom, a.Rdev, a.Users, first.Rdev, dom)
 		}
 	}
-	if h.open != 1 {
-		t.Fatalf("got %d devices, want 1", h.open)
+	if h.Open() != 1 {
+		t.Fatalf("got %d devices, want 1", h.Open())
 	}
 	for dom := uint32(1); dom <= 20; dom++ {
 		m.Remove(Key{dom, 51712})
-		if want := 1; dom < 20 && h.open != want {
-			t.Fatalf("after removing domain %d: %d devices open, want %d", dom, h.open, want)
+		if want := 1; dom < 20 && h.Open() != want {
+			t.Fatalf("after removing domain %d: %d devices open, want %d", dom, h.Open(), want)
 		}
 	}
-	if h.open != 0 {
-		t.Fatalf("after last remove: %d devices open, want 0", h.open)
+	if h.Open() != 0 {
+		t.Fatalf("after last remove: %d devices open, want 0", h.Open())
 	}
 	// The cache entry is gone: a new read-only add binds a new device.
 	a, err := add(t, m, 1, 51712, image, ro)
@@ -385,26 +317,26 @@ func TestReadOnlyCacheSharesOneDevice(t *testing.T) {
 }
 
 func TestWritableGetsOwnDevice(t *testing.T) {
-	h := &fakeHost{}
+	h := &modeltest.Host{}
 	m := New(h, nil)
 	a1, _ := add(t, m, 1, 51712, image, rw)
 	a2, _ := add(t, m, 1, 51713, image, rw)
 	a3, _ := add(t, m, 1, 51714, image, ro)
-	if a1.Rdev == a2.Rdev || a1.Rdev == a3.Rdev || h.open != 3 {
-		t.Fatalf("got %x %x %x with %d devices, want 3 distinct", a1.Rdev, a2.Rdev, a3.Rdev, h.open)
+	if a1.Rdev == a2.Rdev || a1.Rdev == a3.Rdev || h.Open() != 3 {
+		t.Fatalf("got %x %x %x with %d devices, want 3 distinct", a1.Rdev, a2.Rdev, a3.Rdev, h.Open())
 	}
 }
 
 func TestAddIdempotentRemoveTwice(t *testing.T) {
-	h := &fakeHost{}
+	h := &modeltest.Host{}
 	m := New(h, nil)
 	a1, err := add(t, m, 1, 51712, image, rw)
 	if err != nil {
 		t.Fatal(err)
 	}
 	a2, err := add(t, m, 1, 51712, image, rw)
-	if err != nil || a2.Rdev != a1.Rdev || h.open != 1 {
-		t.Fatalf("second add: got %+v, %v (%d devices); want the same attachment", a2, err, h.open)
+	if err != nil || a2.Rdev != a1.Rdev || h.Open() != 1 {
+		t.Fatalf("second add: got %+v, %v (%d devices); want the same attachment", a2, err, h.Open())
 	}
 	if _, err := add(t, m, 1, 51712, image2, rw); err == nil {
 		t.Fatal("add of another target to an attached backend: want error")
@@ -415,13 +347,13 @@ func TestAddIdempotentRemoveTwice(t *testing.T) {
 	if _, ok := m.Remove(Key{1, 51712}); ok {
 		t.Fatal("second remove: found")
 	}
-	if h.open != 0 {
-		t.Fatalf("%d devices open, want 0", h.open)
+	if h.Open() != 0 {
+		t.Fatalf("%d devices open, want 0", h.Open())
 	}
 }
 
 func TestConcurrentAddRemove(t *testing.T) {
-	h := &fakeHost{}
+	h := &modeltest.Host{}
 	m := New(h, nil)
 	var wg sync.WaitGroup
 	for i := 0; i < 16; i++ {
@@ -443,7 +375,7 @@ func TestConcurrentAddRemove(t *testing.T) {
 	if got, want := len(m.List()), 16; got != want {
 		t.Fatalf("got %d attachments, want %d", got, want)
 	}
-	if got, want := h.open, 9; got != want {
+	if got, want := h.Open(), 9; got != want {
 		t.Fatalf("got %d devices, want %d (8 writable + 1 shared read-only)", got, want)
 	}
 	for i := 0; i < 16; i++ {
@@ -451,13 +383,13 @@ func TestConcurrentAddRemove(t *testing.T) {
 		go func() { defer wg.Done(); m.Remove(Key{uint32(i + 1), 51712}) }()
 	}
 	wg.Wait()
-	if h.open != 0 || len(m.Held()) != 0 || len(m.List()) != 0 {
-		t.Fatalf("after removes: %d devices open, %d held, %d attachments", h.open, len(m.Held()), len(m.List()))
+	if h.Open() != 0 || len(m.Held()) != 0 || len(m.List()) != 0 {
+		t.Fatalf("after removes: %d devices open, %d held, %d attachments", h.Open(), len(m.Held()), len(m.List()))
 	}
 }
 
 func TestRestore(t *testing.T) {
-	h := &fakeHost{}
+	h := &modeltest.Host{}
 	m := New(h, nil)
 	dev, _ := h.NewLoop(nil, true)
 	for dom := uint32(1); dom <= 2; dom++ {
@@ -497,7 +429,7 @@ func TestParseMode(t *testing.T) {
 }
 
 // slowHost widens the window between the sharing check and the record.
-type slowHost struct{ fakeHost }
+type slowHost struct{ modeltest.Host }
 
 func (h *slowHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
 	time.Sleep(time.Millisecond)
@@ -538,49 +470,6 @@ func TestConcurrentConflictingAdds(t *testing.T) {
 	}
 }
 
-// lingerHost binds every device to one file and keeps a released device
-// bound for linger more lookups (forever if linger < 0), as when udev's
-// probe or blkback's close still holds it; foreign are bound there too.
-type lingerHost struct {
-	fakeHost
-	linger  int
-	made    []*fakeDevice
-	lookups int            // LoopsOf calls
-	seen    map[string]int // lookups that found each released device bound
-	foreign []Binding
-}
-
-func (h *lingerHost) NewLoop(backing *os.File, readOnly bool) (Device, error) {
-	d, _ := h.fakeHost.NewLoop(backing, readOnly)
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.made = append(h.made, d.(*fakeDevice))
-	return d, nil
-}
-
-func (h *lingerHost) LoopsOf(file FileID, held func(path string) bool) ([]Binding, error) {
-	h.mu.Lock()
-	h.lookups++
-	var bound []Binding
-	for _, d := range h.made {
-		if d.closed && (h.linger < 0 || h.seen[d.Path()] < h.linger) {
-			h.seen[d.Path()]++
-			bound = append(bound, Binding{Path: d.Path(), Rdev: d.Rdev(), DiskSeq: d.DiskSeq(), Tag: "xenblkd:", Ours: true})
-		} else if !d.closed {
-			bound = append(bound, Binding{Path: d.Path(), Rdev: d.Rdev(), DiskSeq: d.DiskSeq(), Tag: "xenblkd:", Ours: true})
-		}
-	}
-	bound = append(bound, h.foreign...)
-	h.mu.Unlock()
-	var out []Binding
-	for _, b := range bound {
-		if !held(b.Path) {
-			out = append(out, b)
-		}
-	}
-	return out, nil
-}
-
 // An add right after the remove of a device on the same file waits for that
 // device to be freed; only a device xenblkd released is waited for.
 func TestAddWaitsForReleasedDevice(t *testing.T) {
@@ -610,15 +499,17 @@ func TestAddWaitsForReleasedDevice(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			h := &lingerHost{linger: tt.linger, seen: map[string]int{}}
+			h := &modeltest.Host{File: image.File, Linger: tt.linger}
 			m := New(h, nil)
-			m.releaseWait, m.releasePoll = 50*time.Millisecond, time.Millisecond
+			SetReleaseTiming(m, 50*time.Millisecond, time.Millisecond)
 			if _, err := add(t, m, 1, 51712, image, rw); err != nil {
 				t.Fatal(err)
 			}
 			m.Remove(Key{1, 51712})
-			h.foreign = tt.foreign
-			h.lookups = 0
+			for _, b := range tt.foreign {
+				h.Bind(image.File, b)
+			}
+			h.ResetLookups()
 			_, err := add(t, m, 2, 51712, image, tt.mode)
 			switch {
 			case tt.wantErr == "" && err != nil:
@@ -628,14 +519,14 @@ func TestAddWaitsForReleasedDevice(t *testing.T) {
 			case err != nil && !errors.Is(err, ErrConflict):
 				t.Errorf("err %v does not match ErrConflict", err)
 			}
-			if tt.wantLookups > 0 && h.lookups != tt.wantLookups {
-				t.Errorf("the add looked %d times, want %d", h.lookups, tt.wantLookups)
+			if tt.wantLookups > 0 && h.Lookups() != tt.wantLookups {
+				t.Errorf("the add looked %d times, want %d", h.Lookups(), tt.wantLookups)
 			}
-			if tt.wantLookups == 0 && h.lookups < 2 {
-				t.Errorf("the add looked %d times, want it to have waited (several)", h.lookups)
+			if tt.wantLookups == 0 && h.Lookups() < 2 {
+				t.Errorf("the add looked %d times, want it to have waited (several)", h.Lookups())
 			}
-			if err != nil && h.open != 0 {
-				t.Errorf("refused, yet %d devices left open", h.open)
+			if err != nil && h.Open() != 0 {
+				t.Errorf("refused, yet %d devices left open", h.Open())
 			}
 		})
 	}
@@ -643,9 +534,9 @@ func TestAddWaitsForReleasedDevice(t *testing.T) {
 
 // The refusal past the bound says what to do.
 func TestReleasedDeviceStillHeldMessage(t *testing.T) {
-	h := &lingerHost{linger: -1, seen: map[string]int{}}
+	h := &modeltest.Host{File: image.File, Linger: -1}
 	m := New(h, nil)
-	m.releaseWait, m.releasePoll = 20*time.Millisecond, time.Millisecond
+	SetReleaseTiming(m, 20*time.Millisecond, time.Millisecond)
 	if _, err := add(t, m, 1, 51712, image, rw); err != nil {
 		t.Fatal(err)
 	}
@@ -660,46 +551,46 @@ func TestReleasedDeviceStillHeldMessage(t *testing.T) {
 		}
 	}
 	// w! does not wait.
-	h.lookups = 0
-	if _, err := add(t, m, 3, 51712, image, force); err != nil || h.lookups != 0 {
-		t.Errorf("w!: got %v after %d lookups, want success without any", err, h.lookups)
+	h.ResetLookups()
+	if _, err := add(t, m, 3, 51712, image, force); err != nil || h.Lookups() != 0 {
+		t.Errorf("w!: got %v after %d lookups, want success without any", err, h.Lookups())
 	}
 }
 
 // A device the model binds again under a number it released is not one it
 // released; a device let go of by Release (recovery) is.
 func TestReleasedBookkeeping(t *testing.T) {
-	h := &lingerHost{linger: 2, seen: map[string]int{}}
+	h := &modeltest.Host{File: image.File, Linger: 2}
 	m := New(h, nil)
-	m.releaseWait, m.releasePoll = time.Second, time.Millisecond
+	SetReleaseTiming(m, time.Second, time.Millisecond)
 	dev, _ := h.NewLoop(nil, false)
 	m.Release(dev)
-	h.lookups = 0
-	if _, err := add(t, m, 1, 51712, image, rw); err != nil || h.lookups != 3 {
-		t.Fatalf("add after Release: got %v after %d lookups, want success after 3", err, h.lookups)
+	h.ResetLookups()
+	if _, err := add(t, m, 1, 51712, image, rw); err != nil || h.Lookups() != 3 {
+		t.Fatalf("add after Release: got %v after %d lookups, want success after 3", err, h.Lookups())
 	}
-	if n := len(m.released); n != 1 {
+	if n := ReleasedCount(m); n != 1 {
 		t.Errorf("%d released devices remembered, want 1", n)
 	}
 
 	// Release of a device a backend uses (restored) closes nothing.
-	h2 := &fakeHost{}
+	h2 := &modeltest.Host{}
 	m2 := New(h2, nil)
 	used, _ := h2.NewLoop(nil, false)
 	if err := m2.Restore(Attachment{Key: Key{1, 51712}, Mode: rw, Target: image}, used); err != nil {
 		t.Fatal(err)
 	}
 	m2.Release(used)
-	if h2.open != 1 || len(m2.released) != 0 {
-		t.Errorf("Release of a used device: %d open, %d remembered; want 1, 0", h2.open, len(m2.released))
+	if h2.Open() != 1 || ReleasedCount(m2) != 0 {
+		t.Errorf("Release of a used device: %d open, %d remembered; want 1, 0", h2.Open(), ReleasedCount(m2))
 	}
 }
 
 // A request given up while waiting is not a sharing refusal.
 func TestReleasedWaitCancelled(t *testing.T) {
-	h := &lingerHost{linger: -1, seen: map[string]int{}}
+	h := &modeltest.Host{File: image.File, Linger: -1}
 	m := New(h, nil)
-	m.releasePoll = time.Millisecond
+	SetReleaseTiming(m, 0, time.Millisecond)
 	if _, err := add(t, m, 1, 51712, image, rw); err != nil {
 		t.Fatal(err)
 	}
@@ -707,10 +598,7 @@ func TestReleasedWaitCancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() {
 		for {
-			h.mu.Lock()
-			n := h.lookups
-			h.mu.Unlock()
-			if n > 1 {
+			if h.Lookups() > 1 {
 				cancel()
 				return
 			}
@@ -726,7 +614,7 @@ func TestReleasedWaitCancelled(t *testing.T) {
 // TestIOModeReported: every attachment of a loop device carries the device's
 // I/O mode (shared read-only users too, and Held); block devices carry none.
 func TestIOModeReported(t *testing.T) {
-	m := New(&fakeHost{}, nil)
+	m := New(&modeltest.Host{}, nil)
 	first, err := add(t, m, 1, 51712, image, ro) // fake device 1: buffered
 	if err != nil {
 		t.Fatal(err)
