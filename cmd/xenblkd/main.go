@@ -23,6 +23,8 @@ import (
 	"xenblkd/internal/doctor"
 	"xenblkd/internal/fdstore"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/metrics"
+	"xenblkd/internal/server"
 	"xenblkd/internal/unixsock"
 	"xenblkd/internal/xenstore"
 )
@@ -465,7 +467,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag, daemon.IOPolicy{DirectIO: dio}, log))
 	d.RegisterBuildInfo(version)
 	if *metricsListen != "" {
-		ml, err := daemon.ListenMetrics(*metricsListen)
+		ml, err := metrics.Listen(*metricsListen)
 		if err != nil {
 			log.Error("cannot serve metrics", "err", err)
 			// A malformed or non-loopback address is a configuration
@@ -476,10 +478,10 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 			}
 			return 1
 		}
-		log.Info("serving metrics", "addr", ml.Addr().String(), "path", daemon.MetricsPath)
+		log.Info("serving metrics", "addr", ml.Addr().String(), "path", metrics.Path)
 		mctx, stopMetrics := context.WithCancel(ctx)
 		metricsDone := make(chan struct{})
-		go func() { d.ServeMetrics(mctx, ml); close(metricsDone) }()
+		go func() { metrics.Serve(mctx, ml, d.MetricsHandler(), log); close(metricsDone) }()
 		defer func() { stopMetrics(); <-metricsDone }()
 	}
 	// Recovery before READY=1 and before serving: adopt the fd store's devices,
@@ -511,7 +513,7 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 		}()
 		defer func() { stopWatchdog(); <-watchdogDone }()
 	}
-	if err := d.Serve(ctx, l); err != nil {
+	if err := server.Serve(ctx, l, d, log); err != nil {
 		log.Error("serve", "err", err)
 		return 1
 	}
@@ -526,12 +528,12 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 // activation, xenblkd.socket), else a new one at path.
 func listenAPI(path string, passed []fdstore.File) (l *net.UnixListener, activated bool, err error) {
 	if len(passed) == 0 {
-		l, err = daemon.Listen(path)
+		l, err = server.Listen(path)
 		return l, false, err
 	}
 	for _, extra := range passed[1:] {
 		unix.Close(extra.Fd) // xenblkd.socket has one ListenStream=
 	}
-	l, err = daemon.ListenFD(passed[0].Fd)
+	l, err = server.ListenFD(passed[0].Fd)
 	return l, true, err
 }

@@ -18,6 +18,7 @@ import (
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/model"
 	"xenblkd/internal/model/modeltest"
+	"xenblkd/internal/server"
 	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
 )
@@ -53,7 +54,7 @@ func newEnv(t *testing.T) (*env, *net.UnixListener) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	e := &env{xs: xs, host: newHost(), socket: filepath.Join(dir, "api.sock"), dir: dir}
-	l, err := Listen(e.socket)
+	l, err := server.Listen(e.socket)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +80,7 @@ func serve(t *testing.T, fns ...func(ctx context.Context) error) {
 func start(t *testing.T) *env {
 	t.Helper()
 	e, l := newEnv(t)
-	serve(t, func(ctx context.Context) error { return e.d.Serve(ctx, l) })
+	serve(t, func(ctx context.Context) error { return server.Serve(ctx, l, e.d, discard) })
 	return e
 }
 

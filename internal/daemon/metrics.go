@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promauto"
 
 	"xenblkd/internal/api"
+	"xenblkd/internal/metrics"
 	"xenblkd/internal/model"
 )
 
@@ -44,7 +45,7 @@ type Metrics struct {
 	errs       *prometheus.CounterVec   // op, reason
 	cacheHits  prometheus.Counter
 	recoveries *prometheus.CounterVec // result
-	handler    http.Handler           // GET /metrics (metricshttp.go)
+	handler    http.Handler           // GET /metrics (internal/metrics)
 }
 
 func newMetrics(m *model.Model) *Metrics {
@@ -96,7 +97,7 @@ func newMetrics(m *model.Model) *Metrics {
 	for _, res := range recoveryResults {
 		x.recoveries.WithLabelValues(res)
 	}
-	x.handler = newMetricsHandler(r) // metricshttp.go
+	x.handler = metrics.Handler(r)
 	return x
 }
 
@@ -183,6 +184,9 @@ func kindLabel(k model.Kind) string {
 	}
 	return "file"
 }
+
+// MetricsHandler serves the daemon's metrics (metrics.Serve).
+func (d *Daemon) MetricsHandler() http.Handler { return d.metrics.handler }
 
 // RegisterBuildInfo adds the build-info metric for version (Metrics.RegisterBuildInfo).
 func (d *Daemon) RegisterBuildInfo(version string) { d.metrics.RegisterBuildInfo(version) }

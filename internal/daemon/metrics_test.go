@@ -24,7 +24,9 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/metrics"
 	"xenblkd/internal/model"
+	"xenblkd/internal/server"
 	"xenblkd/internal/xenstore"
 )
 
@@ -42,14 +44,14 @@ func startObserved(t *testing.T, metricsAddr string) *observed {
 	if metricsAddr == "unix" {
 		metricsAddr = "unix:" + filepath.Join(e.dir, "metrics.sock")
 	}
-	ml, err := ListenMetrics(metricsAddr)
+	ml, err := metrics.Listen(metricsAddr)
 	if err != nil {
 		l.Close()
 		t.Fatal(err)
 	}
 	serve(t,
-		func(ctx context.Context) error { return e.d.Serve(ctx, l) },
-		func(ctx context.Context) error { return e.d.ServeMetrics(ctx, ml) })
+		func(ctx context.Context) error { return server.Serve(ctx, l, e.d, discard) },
+		func(ctx context.Context) error { return metrics.Serve(ctx, ml, e.d.MetricsHandler(), discard) })
 	return &observed{env: e, d: e.d, addr: ml.Addr().Network() + ":" + ml.Addr().String()}
 }
 
@@ -187,7 +189,7 @@ func TestMetricsHTTP(t *testing.T) {
 		{"post", "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405, true},
 		{"no host", "GET /metrics HTTP/1.1\r\n\r\n", 400, true},
 		{"garbage", "hello\r\n\r\n", 400, true},
-		{"headers too long", "GET /metrics HTTP/1.1\r\nHost: x\r\nX: " + strings.Repeat("a", 2*maxMetricsHeader) + "\r\n\r\n", 431, true},
+		{"headers too long", "GET /metrics HTTP/1.1\r\nHost: x\r\nX: " + strings.Repeat("a", 2*metrics.MaxHeader) + "\r\n\r\n", 431, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			resp, body := o.get(t, tc.raw)
@@ -204,7 +206,7 @@ func TestMetricsScrapeConcurrent(t *testing.T) {
 	o := startObserved(t, "127.0.0.1:0")
 	img := writeImage(t, "shared.img")
 	client := &http.Client{Timeout: 10 * time.Second}
-	url := "http://" + strings.TrimPrefix(o.addr, "tcp:") + MetricsPath
+	url := "http://" + strings.TrimPrefix(o.addr, "tcp:") + metrics.Path
 	var wg sync.WaitGroup
 	for w := range 4 {
 		wg.Go(func() {
@@ -216,7 +218,7 @@ func TestMetricsScrapeConcurrent(t *testing.T) {
 				}
 				io.Copy(io.Discard, resp.Body)
 				resp.Body.Close()
-				if resp.StatusCode != 200 && resp.StatusCode != 503 { // 503: more than maxMetricsInFlight at once
+				if resp.StatusCode != 200 && resp.StatusCode != 503 { // 503: more than metrics.MaxInFlight at once
 					t.Errorf("scraper %d: %s", w, resp.Status)
 				}
 			}
@@ -244,20 +246,20 @@ func TestMetricsScrapeConcurrent(t *testing.T) {
 	}
 }
 
-// TestServeMetricsStops: ServeMetrics returns once its context ends, and
+// TestServeMetricsStops: metrics.Serve returns once its context ends, and
 // the endpoint is gone.
 func TestServeMetricsStops(t *testing.T) {
 	e, l := newEnv(t)
 	l.Close()
-	ml, err := ListenMetrics("127.0.0.1:0")
+	ml, err := metrics.Listen("127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- e.d.ServeMetrics(ctx, ml) }()
+	go func() { done <- metrics.Serve(ctx, ml, e.d.MetricsHandler(), discard) }()
 	addr := ml.Addr().String()
-	resp, err := http.Get("http://" + addr + MetricsPath)
+	resp, err := http.Get("http://" + addr + metrics.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -266,10 +268,10 @@ func TestServeMetricsStops(t *testing.T) {
 	select {
 	case err := <-done:
 		if err != nil {
-			t.Errorf("ServeMetrics: %v", err)
+			t.Errorf("metrics.Serve: %v", err)
 		}
-	case <-time.After(2 * metricsTimeout):
-		t.Fatal("ServeMetrics did not return after its context ended")
+	case <-time.After(2 * metrics.Timeout):
+		t.Fatal("metrics.Serve did not return after its context ended")
 	}
 	if c, err := net.Dial("tcp", addr); err == nil {
 		c.Close()
@@ -293,9 +295,9 @@ func TestListenMetricsAddresses(t *testing.T) {
 		{"unix:relative.sock", false},
 		{"", false},
 	} {
-		l, err := ListenMetrics(tc.addr)
+		l, err := metrics.Listen(tc.addr)
 		if (err == nil) != tc.ok {
-			t.Errorf("ListenMetrics(%q): %v, want ok=%v", tc.addr, err, tc.ok)
+			t.Errorf("metrics.Listen(%q): %v, want ok=%v", tc.addr, err, tc.ok)
 		}
 		if l != nil {
 			l.Close()

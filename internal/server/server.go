@@ -1,4 +1,6 @@
-package daemon
+// Package server serves the daemon's API (internal/api) on a unix socket:
+// one request per connection, from root (or the daemon's own uid) only.
+package server
 
 import (
 	"bufio"
@@ -7,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -60,9 +63,14 @@ func ListenFD(fd int) (*net.UnixListener, error) {
 	return ul, nil
 }
 
-// Serve answers requests on l until ctx is done, then waits for the requests
-// in flight. Only root and the daemon's own uid may talk to it.
-func (d *Daemon) Serve(ctx context.Context, l *net.UnixListener) error {
+// Handler answers one API request.
+type Handler interface {
+	Handle(ctx context.Context, req api.Request) api.Response
+}
+
+// Serve answers requests on l with h until ctx is done, then waits for the
+// requests in flight. Only root and the daemon's own uid may talk to it.
+func Serve(ctx context.Context, l *net.UnixListener, h Handler, log *slog.Logger) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	stop := context.AfterFunc(ctx, func() { l.Close() })
@@ -76,37 +84,37 @@ func (d *Daemon) Serve(ctx context.Context, l *net.UnixListener) error {
 			if errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			d.log.Error("accept", "err", err)
+			log.Error("accept", "err", err)
 			time.Sleep(10 * time.Millisecond) // e.g. EMFILE: do not spin
 			continue
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			d.serveConn(context.WithoutCancel(ctx), c)
+			serveConn(context.WithoutCancel(ctx), c, h, log)
 		}()
 	}
 }
 
-func (d *Daemon) serveConn(ctx context.Context, c *net.UnixConn) {
+func serveConn(ctx context.Context, c *net.UnixConn, h Handler, log *slog.Logger) {
 	defer c.Close()
 	// Reading the request and answering it fit in the entry's wait
 	// (api.ReplyTimeout); an adoption's reply comes when it is done.
 	c.SetDeadline(time.Now().Add(api.ReplyTimeout))
 	uid, pid, err := peerCred(c)
 	if err != nil {
-		d.log.Error("read peer credentials", "err", err)
+		log.Error("read peer credentials", "err", err)
 		return
 	}
 	if uid != 0 && uid != uint32(os.Getuid()) {
-		d.log.Warn("refused API client", "uid", uid, "pid", pid)
+		log.Warn("refused API client", "uid", uid, "pid", pid)
 		writeReply(c, api.Response{Error: fmt.Sprintf("permission denied: uid %d may not use xenblkd (root only)", uid)})
 		return
 	}
 	r := bufio.NewReaderSize(c, api.MaxRequest)
 	line, err := r.ReadSlice('\n')
 	if errors.Is(err, bufio.ErrBufferFull) {
-		d.log.Warn("read request", "pid", pid, "err", "longer than the limit", "limit", api.MaxRequest)
+		log.Warn("read request", "pid", pid, "err", "longer than the limit", "limit", api.MaxRequest)
 		writeReply(c, api.Response{Error: fmt.Sprintf("malformed request: longer than %d bytes", api.MaxRequest)})
 		return
 	}
@@ -114,9 +122,9 @@ func (d *Daemon) serveConn(ctx context.Context, c *net.UnixConn) {
 		// A client that connects and closes without a word is a probe
 		// (xenblkd doctor, a health check): nothing to warn about.
 		if errors.Is(err, io.EOF) && len(line) == 0 {
-			d.log.Debug("client closed without a request", "pid", pid)
+			log.Debug("client closed without a request", "pid", pid)
 		} else {
-			d.log.Warn("read request", "pid", pid, "err", err)
+			log.Warn("read request", "pid", pid, "err", err)
 		}
 		return
 	}
@@ -128,7 +136,7 @@ func (d *Daemon) serveConn(ctx context.Context, c *net.UnixConn) {
 	if api.Timeout(req.Op) == 0 {
 		c.SetDeadline(time.Time{})
 	}
-	writeReply(c, d.Handle(ctx, req))
+	writeReply(c, h.Handle(ctx, req))
 }
 
 func writeReply(c net.Conn, resp api.Response) {

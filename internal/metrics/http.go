@@ -1,4 +1,6 @@
-package daemon
+// Package metrics serves the daemon's Prometheus metrics (docs/metrics.md)
+// over HTTP: net/http and promhttp, on loopback TCP or a unix socket.
+package metrics
 
 import (
 	"context"
@@ -22,17 +24,17 @@ import (
 // per disk (the hotplug entry libxl execs is the small C program), so their
 // start-up cost is paid once (docs/architecture.md).
 const (
-	MetricsPath        = "/metrics"
-	maxMetricsHeader   = 8 << 10         // request line + headers
-	metricsTimeout     = 5 * time.Second // reading a request; gathering one scrape
-	maxMetricsInFlight = 8               // scrapes gathered at once; more get 503
+	Path        = "/metrics"
+	MaxHeader   = 8 << 10         // request line + headers
+	Timeout     = 5 * time.Second // reading a request; gathering one scrape
+	MaxInFlight = 8               // scrapes gathered at once; more get 503
 )
 
-// ListenMetrics opens the metrics endpoint at addr: "unix:/path/to/socket",
+// Listen opens the metrics endpoint at addr: "unix:/path/to/socket",
 // or "IP:port" on a loopback address (127.0.0.1:9xxx, [::1]:port). Metrics
 // tell which domains run which disks, so other addresses are refused: put a
 // proxy in front to export them.
-func ListenMetrics(addr string) (net.Listener, error) {
+func Listen(addr string) (net.Listener, error) {
 	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
 		if !filepath.IsAbs(path) {
 			return nil, fmt.Errorf("metrics address %q: the socket path must be absolute (unix:/run/xenblkd/metrics.sock)", addr)
@@ -57,35 +59,35 @@ func ListenMetrics(addr string) (net.Listener, error) {
 	return l, nil
 }
 
-// newMetricsHandler serves GET (and HEAD) /metrics from r; other paths get
-// 404, other methods 405. It also counts its own scrapes
+// Handler serves GET (and HEAD) /metrics from r; other paths get 404,
+// other methods 405. It also counts its own scrapes
 // (promhttp_metric_handler_requests_total).
-func newMetricsHandler(r *prometheus.Registry) http.Handler {
+func Handler(r *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("GET "+MetricsPath, promhttp.InstrumentMetricHandler(r, promhttp.HandlerFor(r, promhttp.HandlerOpts{
+	mux.Handle("GET "+Path, promhttp.InstrumentMetricHandler(r, promhttp.HandlerFor(r, promhttp.HandlerOpts{
 		Registry:            r, // counts promhttp_metric_handler_errors_total
-		MaxRequestsInFlight: maxMetricsInFlight,
-		Timeout:             metricsTimeout,
+		MaxRequestsInFlight: MaxInFlight,
+		Timeout:             Timeout,
 	})))
 	return mux
 }
 
-// ServeMetrics serves the metrics endpoint on l until ctx is done, then
-// waits (at most metricsTimeout) for the scrapes in flight.
-func (d *Daemon) ServeMetrics(ctx context.Context, l net.Listener) error {
+// Serve serves h (Handler) on l until ctx is done, then waits (at most
+// Timeout) for the scrapes in flight.
+func Serve(ctx context.Context, l net.Listener, h http.Handler, log *slog.Logger) error {
 	srv := &http.Server{
-		Handler:           d.metrics.handler,
-		ReadHeaderTimeout: metricsTimeout,
-		ReadTimeout:       metricsTimeout,
-		WriteTimeout:      2 * metricsTimeout,
+		Handler:           h,
+		ReadHeaderTimeout: Timeout,
+		ReadTimeout:       Timeout,
+		WriteTimeout:      2 * Timeout,
 		IdleTimeout:       time.Minute,
-		MaxHeaderBytes:    maxMetricsHeader,
-		ErrorLog:          slog.NewLogLogger(d.log.With("metrics", true).Handler(), slog.LevelWarn),
+		MaxHeaderBytes:    MaxHeader,
+		ErrorLog:          slog.NewLogLogger(log.With("metrics", true).Handler(), slog.LevelWarn),
 	}
 	shutDown := make(chan struct{})
 	stop := context.AfterFunc(ctx, func() {
 		defer close(shutDown)
-		sctx, cancel := context.WithTimeout(context.Background(), metricsTimeout)
+		sctx, cancel := context.WithTimeout(context.Background(), Timeout)
 		defer cancel()
 		if err := srv.Shutdown(sctx); err != nil {
 			srv.Close()

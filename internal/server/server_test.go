@@ -1,9 +1,11 @@
-package daemon
+package server
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -128,10 +130,10 @@ func listenPassed(t *testing.T, path string) int {
 // TestRequestLimit: a request up to api.MaxRequest is read; a longer one is
 // answered with an error naming the limit (not dropped without a word).
 func TestRequestLimit(t *testing.T) {
-	e := start(t)
+	socket := serveTest(t, pingHandler{})
 	call := func(line string) api.Response {
 		t.Helper()
-		c, err := net.Dial("unix", e.socket)
+		c, err := net.Dial("unix", socket)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -156,4 +158,34 @@ func TestRequestLimit(t *testing.T) {
 	if resp := call(pad(api.MaxRequest + 1)); resp.OK || !strings.Contains(resp.Error, want) {
 		t.Errorf("a %d-byte request: %+v, want an error containing %q", api.MaxRequest+1, resp, want)
 	}
+}
+
+// pingHandler answers ping, and nothing else.
+type pingHandler struct{}
+
+func (pingHandler) Handle(_ context.Context, req api.Request) api.Response {
+	if req.Op == api.OpPing {
+		return api.Response{OK: true}
+	}
+	return api.Response{Error: "only ping"}
+}
+
+// serveTest serves h on a socket of its own until the test ends.
+func serveTest(t *testing.T, h Handler) (socket string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "xenblkd-server-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	socket = filepath.Join(dir, "api.sock")
+	l, err := Listen(socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, l, h, slog.New(slog.DiscardHandler)) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return socket
 }
