@@ -534,3 +534,27 @@ func TestExtract(t *testing.T) {
 		t.Errorf("got %q, want %q", got, want)
 	}
 }
+
+// TestArchitectureListsEveryPackage: docs/architecture.md's layout names
+// every package under internal/ (a moved or new package is described where a
+// newcomer looks first), and its API list names every operation.
+func TestArchitectureListsEveryPackage(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join(root, "docs", "architecture.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dirs, err := os.ReadDir(filepath.Join(root, "internal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range dirs {
+		if d.IsDir() && !strings.Contains(string(data), "internal/"+d.Name()+"/") {
+			t.Errorf("docs/architecture.md does not describe internal/%s/", d.Name())
+		}
+	}
+	for _, op := range []string{"add", "remove", "status", "adopt", "ping"} {
+		if !strings.Contains(string(data), `"`+op+`"`) {
+			t.Errorf("docs/architecture.md's API does not list the operation %q", op)
+		}
+	}
+}
