@@ -11,6 +11,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 
@@ -28,6 +29,7 @@ type Daemon struct {
 	store   hotplug.Store
 	model   *model.Model
 	metrics *Metrics // metrics.go
+	loops   Loops    // host.go: the devices recovery re-opens and adoption claims
 
 	backends lifecycle.Table // every backend's lock and record
 	labels   labelCache      // logattrs.go: the domain names and vdevs of log lines
@@ -35,14 +37,18 @@ type Daemon struct {
 	// Scripts says which backends are ours (scripts.go); set it before
 	// Recover and StartPresetup, which both decide by it.
 	Scripts Scripts
-
-	tag string // lo_file_name prefix of our devices: api.DefaultTag, or what Recover was told (claims of stock devices use it)
 }
 
-// New returns a daemon on store (XenStore) and host (loop devices, mounts).
+// New returns a daemon on store (XenStore) and host (loop devices, mounts;
+// if host is Loops too, recovery and adoption reach devices through it,
+// else they cannot take any over).
 func New(log *slog.Logger, store hotplug.Store, host model.Host) *Daemon {
 	m := model.New(host, log)
-	return &Daemon{log: log, store: store, model: m, metrics: newMetrics(m), tag: api.DefaultTag, labels: labelCache{store: store}}
+	loops, ok := host.(Loops)
+	if !ok {
+		loops = noLoops{}
+	}
+	return &Daemon{loops: loops, log: log, store: store, model: m, metrics: newMetrics(m), labels: labelCache{store: store}}
 }
 
 // NewHost returns the real machine: loop devices tagged with tag, doing I/O
@@ -103,6 +109,17 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 		return resp
 	}
 	return api.Response{OK: true, Attachment: a}
+}
+
+// noLoops is the Loops of a host that has none.
+type noLoops struct{}
+
+func (noLoops) Reopen(int, uint64) (HeldLoop, error) {
+	return nil, errors.New("this host cannot re-open loop devices")
+}
+
+func (noLoops) Claim(int, model.FileID) (HeldLoop, error) {
+	return nil, errors.New("this host cannot claim loop devices")
 }
 
 func toAPI(a model.Attachment) *api.Attachment {

@@ -26,13 +26,33 @@ import (
 // discard is a logger for tests that do not care.
 var discard = slog.New(slog.DiscardHandler)
 
-// newHost is the fake machine of the daemon's tests: its loop devices are
-// /dev/loop1001, /dev/loop1002, ... (numbers no real test device has).
-func newHost() *modeltest.Host { return &modeltest.Host{First: 1000} }
+// fakeMachine is the fake machine of the daemon's tests (model/modeltest),
+// with recovery's and adoption's ways to its devices (Loops).
+type fakeMachine struct{ *modeltest.Host }
+
+// newHost returns a fake machine whose loop devices are /dev/loop1001,
+// /dev/loop1002, ... (numbers no real test device has).
+func newHost() *fakeMachine { return &fakeMachine{&modeltest.Host{First: 1000}} }
+
+func (h *fakeMachine) Reopen(number int, diskseq uint64) (HeldLoop, error) {
+	d, err := h.Host.Reopen(number, diskseq)
+	if err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func (h *fakeMachine) Claim(number int, file model.FileID) (HeldLoop, error) {
+	d, err := h.Host.Claim(number, file)
+	if err != nil {
+		return nil, err
+	}
+	return d, nil
+}
 
 type env struct {
 	xs     *xenstore.Client
-	host   *modeltest.Host
+	host   *fakeMachine
 	socket string
 	dir    string
 	d      *Daemon

@@ -81,3 +81,52 @@ func (h *loopHost) LoopsOf(file model.FileID, held func(path string) bool) ([]mo
 }
 
 func (h *loopHost) Mounts(devs []uint64) ([]model.Mount, error) { return mounts(h.mountinfo, devs) }
+
+// HeldLoop is a loop device recovery or adoption took over: a model.Device,
+// with what their checks ask of it.
+type HeldLoop interface {
+	model.Device
+	Backing() model.FileID // the bound file's st_dev and st_ino
+	ReadOnly() bool
+}
+
+// Loops reaches the loop devices the model did not make: recovery re-opens
+// ours by number and diskseq, adoption claims the stock script's. The real
+// machine's host (NewHost) is one; so is the tests' fake (model/modeltest).
+type Loops interface {
+	// Reopen opens device number if it still has diskseq, and keeps it
+	// across a crash (the fd store).
+	Reopen(number int, diskseq uint64) (HeldLoop, error)
+	// Claim takes over device number, bound to file by someone else (the
+	// stock script): AUTOCLEAR, our tag, and kept across a crash.
+	Claim(number int, file model.FileID) (HeldLoop, error)
+}
+
+func (h *loopHost) Reopen(number int, diskseq uint64) (HeldLoop, error) {
+	opened, err := loop.Open(number, diskseq)
+	if err != nil {
+		return nil, err
+	}
+	dev, err := storeLoop(opened)
+	if err != nil {
+		opened.Close()
+		return nil, err
+	}
+	return dev, nil
+}
+
+func (h *loopHost) Claim(number int, file model.FileID) (HeldLoop, error) {
+	dev, err := loop.Claim(number, loop.FileID{Dev: file.Dev, Ino: file.Ino}, h.tag)
+	if err != nil {
+		return nil, err
+	}
+	stored, err := storeLoop(dev)
+	if err != nil {
+		// AUTOCLEAR is on now: closing our fd could free a device a VM uses.
+		// Hold it without the store's copy (a crash of the daemon then frees it
+		// once blkback lets go, as any AUTOCLEAR device).
+		h.log.Warn("adopt: could not push the device to the fd store; holding it anyway", "dev", dev.Path(), "err", err)
+		return &storedDevice{Device: dev}, nil
+	}
+	return stored, nil
+}

@@ -17,7 +17,6 @@ import (
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/model"
-	"xenblkd/internal/model/modeltest"
 	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
 )
@@ -27,7 +26,7 @@ type preEnv struct {
 	d     *Daemon
 	xs    *xenstore.Client
 	store *countingStore // the daemon's store
-	host  *modeltest.Host
+	host  *fakeMachine
 	img   string // a writable image file
 	next  int    // settle's next devid
 }
@@ -42,7 +41,7 @@ func startPresetup(t *testing.T, host model.Host, workers int, before func(*xens
 	}
 	t.Cleanup(func() { xs.Close() })
 	e := &preEnv{xs: xs, img: filepath.Join(t.TempDir(), "img")}
-	if fh, ok := host.(*modeltest.Host); ok {
+	if fh, ok := host.(*fakeMachine); ok {
 		e.host = fh
 	}
 	if err := os.WriteFile(e.img, []byte("image"), 0o644); err != nil {
@@ -212,7 +211,7 @@ func TestPresetupBackendGoneBeforeExec(t *testing.T) {
 
 // gatedHost blocks NewLoop until released, to hold a pre-setup in flight.
 type gatedHost struct {
-	*modeltest.Host
+	*fakeMachine
 	entered chan struct{}
 	gate    chan struct{}
 }
@@ -220,11 +219,11 @@ type gatedHost struct {
 func (h *gatedHost) NewLoop(f *os.File, ro bool) (model.Device, error) {
 	h.entered <- struct{}{}
 	<-h.gate
-	return h.Host.NewLoop(f, ro)
+	return h.fakeMachine.NewLoop(f, ro)
 }
 
 func TestPresetupExecDuringPresetup(t *testing.T) {
-	host := &gatedHost{Host: newHost(), entered: make(chan struct{}), gate: make(chan struct{})}
+	host := &gatedHost{fakeMachine: newHost(), entered: make(chan struct{}), gate: make(chan struct{})}
 	e := startPresetup(t, host, 1, nil)
 	b := libxlBackend(t, e.xs, 2, 51712, ourScript, e.img, "w")
 	<-host.entered // pre-setup is inside model.Add
@@ -232,8 +231,8 @@ func TestPresetupExecDuringPresetup(t *testing.T) {
 	go func() { done <- e.exec(t, "add", b) }()
 	close(host.gate) // the exec'd add may run now; it must wait for pre-setup's lock
 	resp := <-done
-	if !resp.OK || host.Host.Open() != 1 || host.Host.Made() != 1 {
-		t.Fatalf("exec'd add: %+v, %d devices open, %d made; want OK, 1, 1", resp, host.Host.Open(), host.Host.Made())
+	if !resp.OK || host.fakeMachine.Open() != 1 || host.fakeMachine.Made() != 1 {
+		t.Fatalf("exec'd add: %+v, %d devices open, %d made; want OK, 1, 1", resp, host.fakeMachine.Open(), host.fakeMachine.Made())
 	}
 }
 

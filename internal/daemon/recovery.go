@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/api"
 	"xenblkd/internal/fdstore"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/lifecycle"
@@ -25,6 +26,12 @@ import (
 type storedDevice struct {
 	*loop.Device
 	name string
+}
+
+// Backing is the bound file (HeldLoop).
+func (d *storedDevice) Backing() model.FileID {
+	b := d.Device.Backing()
+	return model.FileID{Dev: b.Dev, Ino: b.Ino}
 }
 
 func (d *storedDevice) Close() error {
@@ -80,8 +87,8 @@ func (s RecoverySummary) String() string {
 
 // recoveryRun is one recovery in progress (Recover, AdoptStock).
 type recoveryRun struct {
-	held map[uint64]*storedDevice // adopted, re-opened or claimed loop devices, by rdev
-	used map[uint64]bool          // those a backend uses, by rdev
+	held map[uint64]HeldLoop // adopted, re-opened or claimed loop devices, by rdev
+	used map[uint64]bool     // those a backend uses, by rdev
 	sum  *RecoverySummary
 }
 
@@ -107,10 +114,10 @@ type recoveryRun struct {
 // opened the device yet, never opens whatever now has that number.
 func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySummary, error) {
 	var sum RecoverySummary
-	if opts.Tag != "" {
-		d.tag = opts.Tag
+	if opts.Tag == "" {
+		opts.Tag = api.DefaultTag
 	}
-	run := &recoveryRun{held: d.adoptStored(opts.Stored, d.tag, &sum), used: map[uint64]bool{}, sum: &sum}
+	run := &recoveryRun{held: d.adoptStored(opts.Stored, opts.Tag, &sum), used: map[uint64]bool{}, sum: &sum}
 	held, used := run.held, run.used
 	backends, err := hotplug.ListBackends(ctx, d.store)
 	if err != nil {
@@ -142,8 +149,8 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 }
 
 // adoptStored takes over the fds the fd store returned, after verifying each.
-func (d *Daemon) adoptStored(files []fdstore.File, tag string, sum *RecoverySummary) map[uint64]*storedDevice {
-	held := map[uint64]*storedDevice{}
+func (d *Daemon) adoptStored(files []fdstore.File, tag string, sum *RecoverySummary) map[uint64]HeldLoop {
+	held := map[uint64]HeldLoop{}
 	for _, f := range files {
 		dev, err := verifyStored(f, tag)
 		if err == nil && held[dev.Rdev()] != nil {
@@ -260,13 +267,13 @@ func (d *Daemon) restoreLoop(ctx context.Context, s hotplug.Snapshot, a model.At
 	case dev != nil && dev.DiskSeq() != diskseq:
 		why = fmt.Errorf("the stored fd of %s has diskseq %d, XenStore records %d", dev.Path(), dev.DiskSeq(), diskseq)
 	case dev == nil:
-		dev, why = reopen(rdev, diskseq)
+		dev, why = d.loops.Reopen(int(unix.Minor(rdev)), diskseq)
 		if why == nil {
 			run.held[rdev] = dev
 			run.sum.Reopened++
 		}
 	}
-	if why == nil && dev.Backing() != loop.FileID(a.Target.File) {
+	if why == nil && dev.Backing() != a.Target.File {
 		why = fmt.Errorf("%s (diskseq %d) is bound to file %d:%d, params %s is %d:%d",
 			dev.Path(), diskseq, dev.Backing().Dev, dev.Backing().Ino, a.Params, a.Target.File.Dev, a.Target.File.Ino)
 	}
@@ -285,21 +292,6 @@ func (d *Daemon) restoreLoop(ctx context.Context, s hotplug.Snapshot, a model.At
 	run.sum.Restored++
 	d.logDisk(ctx, slog.LevelInfo, "recovered", diskLine{b: s.Backend, target: a.Target.Path, dev: dev.Path(), diskseq: dev.DiskSeq()}, "mode", a.Mode)
 	return nil
-}
-
-// reopen opens loop device rdev if it still has diskseq, and pushes it to
-// the fd store.
-func reopen(rdev, diskseq uint64) (*storedDevice, error) {
-	opened, err := loop.Open(int(unix.Minor(rdev)), diskseq)
-	if err != nil {
-		return nil, err
-	}
-	dev, err := storeLoop(opened)
-	if err != nil {
-		opened.Close()
-		return nil, err
-	}
-	return dev, nil
 }
 
 // mismatched handles a backend whose loop device is gone or reused: the VM

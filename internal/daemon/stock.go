@@ -82,12 +82,12 @@ func (d *Daemon) adoptStock(ctx context.Context, b hotplug.Backend, s stockDevic
 
 // claimStock checks s and claims its device (or finds it among the fd
 // store's devices: claimed by an earlier run that could not record diskseq).
-func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]*storedDevice) (*storedDevice, error) {
+func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]HeldLoop) (HeldLoop, error) {
 	number, err := checkStock(s)
 	if err != nil {
 		return nil, err
 	}
-	want := loop.FileID(a.Target.File)
+	want := a.Target.File
 	if dev := held[s.rdev]; dev != nil {
 		if dev.Backing() != want {
 			return nil, fmt.Errorf("the fd store's %s is bound to file %d:%d, params is %d:%d",
@@ -95,7 +95,7 @@ func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]*
 		}
 		return dev, nil
 	}
-	dev, err := loop.Claim(number, want, d.tag)
+	dev, err := d.loops.Claim(number, want)
 	if err != nil {
 		return nil, err
 	}
@@ -103,15 +103,7 @@ func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]*
 		// Claimed already (AUTOCLEAR is set), so keep holding it for the VM.
 		d.log.Warn("stock script's loop device is read-only but mode is w", "dev", dev.Path())
 	}
-	stored, err := storeLoop(dev)
-	if err != nil {
-		// AUTOCLEAR is on now: closing our fd could free a device a VM uses.
-		// Hold it without the store's copy (a crash of the daemon then frees it
-		// once blkback lets go, as any AUTOCLEAR device).
-		d.log.Warn("adopt: could not push the device to the fd store; holding it anyway", "dev", dev.Path(), "err", err)
-		return &storedDevice{Device: dev, name: ""}, nil
-	}
-	return stored, nil
+	return dev, nil
 }
 
 // AdoptStock takes over, while the daemon runs, the stock script's devices of
@@ -130,7 +122,7 @@ func (d *Daemon) AdoptStock(ctx context.Context) (RecoverySummary, error) {
 	if err != nil {
 		return sum, err
 	}
-	run := &recoveryRun{held: map[uint64]*storedDevice{}, used: map[uint64]bool{}, sum: &sum}
+	run := &recoveryRun{held: map[uint64]HeldLoop{}, used: map[uint64]bool{}, sum: &sum}
 	for _, b := range backends {
 		bctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
 		_, err := d.step(bctx, b, lifecycle.FromRecovery, run) // act.go

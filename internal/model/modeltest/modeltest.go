@@ -46,6 +46,7 @@ type foreignBinding struct {
 type Device struct {
 	h        *Host
 	n        int
+	seq      uint64 // its diskseq when made (or claimed)
 	file     model.FileID
 	readOnly bool
 	diskseq  uint64 // guarded by h.mu: changes when the device is reused (Reuse)
@@ -59,9 +60,12 @@ func (d *Device) DirectIO() bool    { return d.n%2 == 0 }
 func (d *Device) BlockSize() uint32 { return 512 }
 func (d *Device) ReadOnly() bool    { return d.readOnly }
 
+// Backing is the file the device is bound to.
+func (d *Device) Backing() model.FileID { return d.file }
+
 // DiskSeq is the diskseq the device had when made: a handle's identity does
 // not follow the device.
-func (d *Device) DiskSeq() uint64 { return uint64(100 + d.n - d.h.First) }
+func (d *Device) DiskSeq() uint64 { return d.seq }
 
 // Verify fails once the device was reused (Reuse).
 func (d *Device) Verify() error {
@@ -96,10 +100,42 @@ func (h *Host) NewLoop(backing *os.File, readOnly bool) (model.Device, error) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	d := &Device{h: h, n: h.First + len(h.made) + 1, file: file, readOnly: readOnly}
-	d.diskseq = d.DiskSeq()
+	n := h.First + len(h.made) + 1
+	d := &Device{h: h, n: n, seq: uint64(100 + n - h.First), file: file, readOnly: readOnly}
+	d.diskseq = d.seq
 	h.made = append(h.made, d)
 	return d, nil
+}
+
+// Reopen opens device number of ours again (a daemon restarted: its fds
+// are gone, the device is not) if it still has diskseq.
+func (h *Host) Reopen(number int, diskseq uint64) (*Device, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, d := range h.made {
+		if d.n == number && d.diskseq == diskseq && h.boundLocked(d) {
+			d.closed = false
+			return d, nil
+		}
+	}
+	return nil, fmt.Errorf("/dev/loop%d with diskseq %d: no such device", number, diskseq)
+}
+
+// Claim makes device number, someone else's bound to file (Bind), one of
+// ours (the stock script's device, adopted).
+func (h *Host) Claim(number int, file model.FileID) (*Device, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for i, f := range h.foreign {
+		if f.file != file || f.b.Rdev != unix.Mkdev(7, uint32(number)) {
+			continue
+		}
+		h.foreign = append(h.foreign[:i:i], h.foreign[i+1:]...)
+		d := &Device{h: h, n: number, seq: f.b.DiskSeq, diskseq: f.b.DiskSeq, file: file}
+		h.made = append(h.made, d)
+		return d, nil
+	}
+	return nil, fmt.Errorf("/dev/loop%d is not bound to file %d:%d", number, file.Dev, file.Ino)
 }
 
 // LoopsOf lists every device bound to file, ours (tagged xenblkd:) and
