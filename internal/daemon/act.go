@@ -78,9 +78,6 @@ func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts,
 		}
 		return lifecycle.Outcome{Attachment: &a}
 	case lifecycle.Confirm:
-		if !rec.Attached {
-			return lifecycle.Outcome{} // physical-device written by someone else: nothing of ours
-		}
 		a := rec.Attachment
 		d.log.Debug("add: confirmed", "domid", b.Domid, "devid", b.Devid, "dev", a.DevPath, "diskseq", a.DiskSeq, "why", dec.Why)
 		return lifecycle.Outcome{Attachment: &a}

@@ -84,7 +84,7 @@ type Action int
 const (
 	Nothing      Action = iota
 	Attach              // open params, attach it, write physical-device (Connect)
-	Confirm             // answer from the record: attached already
+	Confirm             // answer from the record: attached here already
 	Refuse              // answer with Decision.Err (an unusable request, XenStore trouble)
 	Detach              // remove physical-device and diskseq, release our attachment
 	ReleaseStock        // free the stock script's loop device (not adopted yet), then detach
@@ -180,8 +180,13 @@ func decideAdd(f Facts, r Record) Decision {
 	if _, err := s.Request(); err != nil {
 		return Decision{Do: Refuse, Why: "unusable request", Err: err, Next: ran}
 	}
-	if s.Has(hotplug.PhysicalDevice) {
+	switch {
+	case s.Has(hotplug.PhysicalDevice) && r.Attached:
 		return Decision{Do: Confirm, Why: "physical-device already set", Next: ran}
+	case s.Has(hotplug.PhysicalDevice):
+		// Written by someone else (another daemon, by hand): nothing of
+		// ours to confirm, and never rewritten.
+		return Decision{Why: "physical-device set by someone else", Next: ran}
 	}
 	// A refusal by pre-setup is decided afresh: what it met (another
 	// domain's disk, a missing image) may have changed since, and the stock

@@ -47,11 +47,11 @@ func TestDecide(t *testing.T) {
 		{"add: new", FromAdd, Record{}, req, nil, false, Attach, AddNodes, ran},
 		{"add: confirm pre-setup from memory", FromAdd, presetUp, nil, nil, false, Confirm, 0, ranAttached},
 		{"add: adopted, physical-device set", FromAdd, adopted, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, Confirm, AddNodes, ranAttached},
-		{"add: physical-device set by someone", FromAdd, Record{}, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, Confirm, AddNodes, ran},
+		{"add: physical-device set by someone else", FromAdd, Record{}, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, Nothing, AddNodes, ran},
 		{"add: params missing", FromAdd, Record{}, nodes{hotplug.Mode: "w"}, nil, false, Refuse, AddNodes, ran},
 		{"add: XenStore trouble", FromAdd, Record{}, req, trouble, false, Refuse, AddNodes, ran},
 		{"add: pre-setup's refusal, decided again", FromAdd, refused, req, nil, false, Attach, AddNodes, ran},
-		{"add: refusal, then attached by someone", FromAdd, refused, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, Confirm, AddNodes, ran},
+		{"add: refusal, then attached by someone else", FromAdd, refused, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, Nothing, AddNodes, ran},
 		{"add: after a remove, again", FromAdd, ran, req, nil, false, Attach, AddNodes, ran},
 		// The exec'd remove.
 		{"remove: attached", FromRemove, ranAttached, nil, nil, false, Detach, 0, ran},
