@@ -54,8 +54,8 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin
 	if !next.Attached {
 		d.labels.drop(key) // its lines are logged
 	}
-	if !d.backends.Put(key, next) {
-		d.log.Warn("too many backends remembered; pre-setup may check this one again", "domid", key.Domid, "devid", key.Devid)
+	if !d.backends.Put(key, next) && next.Phase == lifecycle.Refused {
+		d.log.Warn("pre-setup: too many failures remembered; the script's add will retry", "domid", key.Domid, "devid", key.Devid)
 	}
 	if o == lifecycle.FromPresetup && dec.Do == lifecycle.Attach {
 		d.presetupDone(key, out, start)
