@@ -15,9 +15,8 @@ import (
 
 // step runs one lifecycle step of backend b for origin o
 // (internal/lifecycle): snapshot, decide, act, all under the backend's lock,
-// then the backend's next record. run is the recovery in progress
-// (FromRecovery only).
-func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin, run *recoveryRun) (*api.Attachment, error) {
+// then the backend's next record.
+func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin) (*api.Attachment, error) {
 	start := time.Now()
 	key := keyOf(b)
 	unlock := d.backends.Lock(key)
@@ -49,7 +48,7 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin
 		// Ends after the next record is put: no gap for our own events.
 		defer d.backends.StartWriting(key)()
 	}
-	out := d.act(ctx, o, f, rec, dec, run)
+	out := d.act(ctx, o, f, rec, dec)
 	next := lifecycle.Settle(o, rec, dec, out)
 	if !next.Attached {
 		d.labels.drop(key) // its lines are logged
@@ -68,7 +67,7 @@ func (d *Daemon) step(ctx context.Context, b hotplug.Backend, o lifecycle.Origin
 }
 
 // act carries out dec; its outcome is what Settle needs.
-func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts, rec lifecycle.Record, dec lifecycle.Decision, run *recoveryRun) lifecycle.Outcome {
+func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts, rec lifecycle.Record, dec lifecycle.Decision) lifecycle.Outcome {
 	b := f.Snap.Backend
 	switch dec.Do {
 	case lifecycle.Attach:
@@ -94,7 +93,7 @@ func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts,
 	case lifecycle.Release:
 		d.release(b, rec)
 	case lifecycle.Restore, lifecycle.AdoptStock:
-		err := d.restore(ctx, f.Snap, dec.Do == lifecycle.AdoptStock, run) // recovery.go
+		err := d.restore(ctx, f.Snap, dec.Do == lifecycle.AdoptStock, d.run) // recovery.go
 		if a, ok := d.model.Lookup(keyOf(b)); ok && err == nil {
 			return lifecycle.Outcome{Attachment: &a}
 		}

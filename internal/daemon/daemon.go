@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
@@ -30,6 +31,11 @@ type Daemon struct {
 	model   *model.Model
 	metrics *Metrics // metrics.go
 	loops   Loops    // host.go: the devices recovery re-opens and adoption claims
+
+	// recovering is held across one recovery (Recover, AdoptStock): its
+	// steps of origin FromRecovery, and only they, use run.
+	recovering sync.Mutex
+	run        *recoveryRun // guarded by recovering
 
 	backends lifecycle.Table // every backend's lock and record
 	labels   labelCache      // logattrs.go: the domain names and vdevs of log lines
@@ -94,10 +100,10 @@ func (d *Daemon) Handle(ctx context.Context, req api.Request) api.Response {
 	ctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
 	defer cancel()
 	if req.Op == api.OpRemove {
-		d.step(ctx, b, lifecycle.FromRemove, nil) // act.go
+		d.step(ctx, b, lifecycle.FromRemove) // act.go
 		return api.Response{OK: true}
 	}
-	a, err := d.step(ctx, b, lifecycle.FromAdd, nil)
+	a, err := d.step(ctx, b, lifecycle.FromAdd)
 	if err != nil {
 		d.metrics.countError(api.OpAdd, err)
 		resp := api.Response{Error: err.Error()}

@@ -188,5 +188,5 @@ func (p *presetup) scan(ctx context.Context) {
 // check is pre-setup's lifecycle step for one backend: set it up if it is a
 // new one of ours, or release what we hold for it if it is gone.
 func (p *presetup) check(ctx context.Context, key model.Key) {
-	p.d.step(ctx, backendOf(key), lifecycle.FromPresetup, nil)
+	p.d.step(ctx, backendOf(key), lifecycle.FromPresetup)
 }

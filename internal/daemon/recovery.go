@@ -117,7 +117,11 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 	if opts.Tag == "" {
 		opts.Tag = api.DefaultTag
 	}
+	d.recovering.Lock()
+	defer d.recovering.Unlock()
 	run := &recoveryRun{held: d.adoptStored(opts.Stored, opts.Tag, &sum), used: map[uint64]bool{}, sum: &sum}
+	d.run = run
+	defer func() { d.run = nil }()
 	held, used := run.held, run.used
 	backends, err := hotplug.ListBackends(ctx, d.store)
 	if err != nil {
@@ -130,7 +134,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 		return sum, err
 	}
 	for _, b := range backends {
-		if _, err := d.step(ctx, b, lifecycle.FromRecovery, run); err != nil { // act.go
+		if _, err := d.step(ctx, b, lifecycle.FromRecovery); err != nil { // act.go
 			d.log.Error("recovery: backend not restored", "domid", b.Domid, "devid", b.Devid, "err", err)
 		}
 	}

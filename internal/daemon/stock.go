@@ -116,16 +116,19 @@ func (d *Daemon) claimStock(s stockDevice, a model.Attachment, held map[uint64]H
 // the whole by nothing: it takes as long as the host has backends.
 func (d *Daemon) AdoptStock(ctx context.Context) (RecoverySummary, error) {
 	var sum RecoverySummary
+	d.recovering.Lock()
+	defer d.recovering.Unlock()
 	lctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
 	backends, err := hotplug.ListBackends(lctx, d.store)
 	cancel()
 	if err != nil {
 		return sum, err
 	}
-	run := &recoveryRun{held: map[uint64]HeldLoop{}, used: map[uint64]bool{}, sum: &sum}
+	d.run = &recoveryRun{held: map[uint64]HeldLoop{}, used: map[uint64]bool{}, sum: &sum}
+	defer func() { d.run = nil }()
 	for _, b := range backends {
 		bctx, cancel := context.WithTimeout(ctx, api.RequestTimeout)
-		_, err := d.step(bctx, b, lifecycle.FromRecovery, run) // act.go
+		_, err := d.step(bctx, b, lifecycle.FromRecovery) // act.go
 		cancel()
 		if err != nil {
 			d.log.Error("adopt: backend not taken over", "domid", b.Domid, "devid", b.Devid, "err", err)

@@ -4,13 +4,16 @@
 // The daemon's locks, in the one order they are taken (a lock is never
 // taken while holding one later in this list):
 //
-//  1. the backend lock (daemon: a Mutex by backend), held across one whole
-//     lifecycle step of a backend: snapshot, decision, action;
+//  0. the recovery lock (daemon: Daemon.recovering), held across one whole
+//     recovery or adoption, which takes backend locks one at a time;
+//  1. the backend lock (lifecycle.Table: a Mutex by backend), held across
+//     one whole lifecycle step of a backend: snapshot, decision, action;
 //  2. the target locks (model: a Mutex by target), held across the slow work
 //     of one add or remove (sharing checks, loop setup); an add takes all of
 //     its target's locks at once with LockAll, in one global order;
-//  3. the leaf mutexes guarding maps (model.mu, the daemon's backend state,
-//     a Mutex's own): never held across I/O or while taking another lock.
+//  3. the leaf mutexes guarding maps (model.mu, the lifecycle table's, the
+//     daemon's label cache's, a Mutex's own): never held across I/O or while
+//     taking another lock.
 package keyed
 
 import "sync"
