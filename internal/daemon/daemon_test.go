@@ -58,16 +58,33 @@ type env struct {
 	d      *Daemon
 }
 
-// newEnv makes a daemon on a fake XenStore and fake loop devices, and the
-// listener of its API socket; the caller serves it.
-func newEnv(t *testing.T) (*env, *net.UnixListener) {
+// dialTestStore starts an in-memory XenStore for the test and connects to it.
+func dialTestStore(t *testing.T, opts xenstoretest.Options) *xenstore.Client {
 	t.Helper()
-	srv := xenstoretest.NewServer(t, xenstoretest.Options{})
+	srv := xenstoretest.NewServer(t, opts)
 	xs, err := xenstore.DialUnix(context.Background(), srv.Socket)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { xs.Close() })
+	return xs
+}
+
+// testImage writes a small image file for the test.
+func testImage(t *testing.T) string {
+	t.Helper()
+	img := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// newEnv makes a daemon on a fake XenStore and fake loop devices, and the
+// listener of its API socket; the caller serves it.
+func newEnv(t *testing.T) (*env, *net.UnixListener) {
+	t.Helper()
+	xs := dialTestStore(t, xenstoretest.Options{})
 	dir, err := os.MkdirTemp("", "xenblkd-test-")
 	if err != nil {
 		t.Fatal(err)
@@ -132,10 +149,7 @@ func (e *env) read(t *testing.T, path string) (string, bool) {
 
 func TestAddRemove(t *testing.T) {
 	e := start(t)
-	img := filepath.Join(t.TempDir(), "img")
-	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	img := testImage(t)
 	be := e.backend(t, 1, 51712, img, "w")
 	ctx := context.Background()
 	resp, err := api.Call(ctx, e.socket, api.Request{Op: "add", Path: be})
@@ -274,18 +288,10 @@ func TestBlockFacts(t *testing.T) {
 // batch of 2 checks and 4 writes goes to the transaction); the remove of a
 // disk attached here: its 2 removals, nothing read.
 func TestRequestsPerAddRemove(t *testing.T) {
-	srv := xenstoretest.NewServer(t, xenstoretest.Options{})
-	xs, err := xenstore.DialUnix(context.Background(), srv.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { xs.Close() })
+	xs := dialTestStore(t, xenstoretest.Options{})
 	store := &countingStore{Store: hotplug.ClientStore{Client: xs}}
 	d := New(slog.New(slog.NewTextHandler(io.Discard, nil)), store, newHost()) // info: lines with labels
-	img := filepath.Join(t.TempDir(), "img")
-	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	img := testImage(t)
 	b := libxlBackend(t, xs, 5, 51712, ourScript, img, "w")
 	ctx := context.Background()
 	if resp := d.Handle(ctx, api.Request{Op: api.OpAdd, Path: b.Path()}); !resp.OK {
@@ -316,10 +322,7 @@ func TestRequestsPerAddRemove(t *testing.T) {
 func TestSharingThroughDaemon(t *testing.T) {
 	e := start(t)
 	ctx := context.Background()
-	img := filepath.Join(t.TempDir(), "img")
-	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	img := testImage(t)
 	call := func(op, be string) api.Response {
 		t.Helper()
 		resp, err := api.Call(ctx, e.socket, api.Request{Op: op, Path: be})

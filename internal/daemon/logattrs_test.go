@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -14,7 +13,6 @@ import (
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/lifecycle"
-	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
 )
 
@@ -40,13 +38,8 @@ func (s *syncBuffer) lines() []string {
 // by the exec'd add that decided it again after pre-setup met it), naming domain,
 // domid, devid, vdev, target, dev and diskseq in that order.
 func TestDecisionLines(t *testing.T) {
-	srv := xenstoretest.NewServer(t, xenstoretest.Options{EventsBeforeReply: true})
 	ctx := context.Background()
-	xs, err := xenstore.DialUnix(ctx, srv.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { xs.Close() })
+	xs := dialTestStore(t, xenstoretest.Options{EventsBeforeReply: true})
 	var logs syncBuffer
 	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{
 		ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
@@ -66,10 +59,7 @@ func TestDecisionLines(t *testing.T) {
 	if err := xs.Write(ctx, "/local/domain/3/name", "web"); err != nil {
 		t.Fatal(err)
 	}
-	img := filepath.Join(t.TempDir(), "img")
-	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	img := testImage(t)
 	e := &preEnv{d: d, xs: xs, host: host}
 
 	b := libxlBackend(t, xs, 3, 51712, ourScript, img, "w")

@@ -33,13 +33,8 @@ type preEnv struct {
 
 func startPresetup(t *testing.T, host model.Host, workers int, before func(*xenstore.Client)) *preEnv {
 	t.Helper()
-	srv := xenstoretest.NewServer(t, xenstoretest.Options{EventsBeforeReply: true})
 	ctx := context.Background()
-	xs, err := xenstore.DialUnix(ctx, srv.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { xs.Close() })
+	xs := dialTestStore(t, xenstoretest.Options{EventsBeforeReply: true})
 	e := &preEnv{xs: xs, img: filepath.Join(t.TempDir(), "img")}
 	if fh, ok := host.(*fakeMachine); ok {
 		e.host = fh

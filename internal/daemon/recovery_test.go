@@ -2,8 +2,6 @@ package daemon
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -26,16 +24,8 @@ type recoveryEnv struct {
 
 func newRecoveryEnv(t *testing.T) *recoveryEnv {
 	t.Helper()
-	srv := xenstoretest.NewServer(t, xenstoretest.Options{})
-	xs, err := xenstore.DialUnix(context.Background(), srv.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { xs.Close() })
-	img := filepath.Join(t.TempDir(), "img")
-	if err := os.WriteFile(img, []byte("image"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	xs := dialTestStore(t, xenstoretest.Options{})
+	img := testImage(t)
 	return &recoveryEnv{xs: xs, host: newHost(), img: img}
 }
 
