@@ -1,5 +1,8 @@
-// Package daemon wires the model, loop devices and XenStore together and
-// serves the local API (internal/api) on a unix socket.
+// Package daemon wires the model, loop devices and XenStore together: it
+// answers the local API (internal/api; internal/server serves it), carries
+// out each backend's lifecycle (internal/lifecycle decides), runs pre-setup's
+// watch and recovery, and keeps the Prometheus metrics (internal/metrics
+// serves them).
 //
 // The daemon holds the fd of every loop device it made for as long as a
 // backend uses it; with AUTOCLEAR that is what keeps a device bound until

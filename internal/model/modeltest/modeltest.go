@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
 )
 
@@ -55,7 +56,7 @@ type Device struct {
 }
 
 func (d *Device) Path() string      { return fmt.Sprintf("/dev/loop%d", d.n) }
-func (d *Device) Rdev() uint64      { return unix.Mkdev(7, uint32(d.n)) }
+func (d *Device) Rdev() uint64      { return unix.Mkdev(loop.Major, uint32(d.n)) }
 func (d *Device) DirectIO() bool    { return d.n%2 == 0 }
 func (d *Device) BlockSize() uint32 { return 512 }
 func (d *Device) ReadOnly() bool    { return d.readOnly }
@@ -127,7 +128,7 @@ func (h *Host) Claim(number int, file model.FileID) (*Device, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for i, f := range h.foreign {
-		if f.file != file || f.b.Rdev != unix.Mkdev(7, uint32(number)) {
+		if f.file != file || f.b.Rdev != unix.Mkdev(loop.Major, uint32(number)) {
 			continue
 		}
 		h.foreign = append(h.foreign[:i:i], h.foreign[i+1:]...)
