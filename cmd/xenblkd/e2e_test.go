@@ -602,7 +602,7 @@ func TestRemoveWhenBackendGone(t *testing.T) {
 func TestBadInput(t *testing.T) {
 	// Without pre-setup: the "daemon not running" case must not find its
 	// backend attached by this daemon (presetup_e2e_test.go covers bad input
-	// found by pre-setup).
+	// pre-setup meets first).
 	d := startDaemon(t, xsd.Socket, "--presetup=false")
 	dir := t.TempDir()
 	fifo := filepath.Join(dir, "fifo")

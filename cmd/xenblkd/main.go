@@ -122,9 +122,9 @@ OPTIONS
     --presetup=BOOL pre-setup (default true): watch backend/vbd and attach a
                     new disk whose script is ours as soon as libxl's
                     transaction writes its backend, before libxl execs the
-                    script; the exec'd add then only confirms, or reports the
-                    error pre-setup found. A backend removed before its script
-                    ran is released. --presetup=false: every add is done by
+                    script; the exec'd add then only confirms (a disk pre-setup
+                    refused it decides again). A backend removed before its
+                    script ran is released. --presetup=false: every add is done by
                     the exec'd entry point.
     --scripts LIST  comma-separated scripts that name xenblkd besides any
                     path whose base name is xenblkd: an entry with a "/" is
