@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	hotplugpkg "xenblkd/internal/hotplug"
 	"xenblkd/test/libxl"
 )
 
@@ -103,6 +104,46 @@ func TestPresetupConflictReportedByExec(t *testing.T) {
 	}
 	if _, ok := read(t, second+"/physical-device"); ok {
 		t.Fatal("physical-device written for the refused backend")
+	}
+}
+
+// TestPresetupRefusalDecidedAgain is the scenario with the real
+// binary and loop devices: domain A holds an image read-write, so pre-setup
+// refuses B's backend for it; A's disk is removed and its loop device freed;
+// B's exec'd add then attaches it (the refusal is decided again, not
+// replayed).
+func TestPresetupRefusalDecidedAgain(t *testing.T) {
+	d := startDaemon(t, xsd.Socket)
+	img, _ := image(t, "redecided.img")
+	a := libxlWrite(t, 915, 51712, img, "w")
+	waitNode(t, a+"/physical-device")
+	mustHotplug(t, d, "add", a)
+	b := libxlWrite(t, 916, 51712, img, "w")
+	// Pre-setup meets B while A holds the image: a later backend of ours set
+	// up says it got there (readiness wait, not an assertion on time).
+	other, _ := image(t, "redecided-sentinel.img")
+	sentinel := libxlWrite(t, 917, 51712, other, "r")
+	waitNode(t, sentinel+"/physical-device")
+	t.Cleanup(func() { hotplug(t, d, "remove", sentinel) })
+	if _, ok := read(t, b+"/physical-device"); ok {
+		t.Fatal("B attached while A holds the image read-write")
+	}
+	pd, _ := read(t, a+"/physical-device")
+	rdev, err := hotplugpkg.ParseRdev(pd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq := diskseqOf(t, a)
+	mustHotplug(t, d, "remove", a)
+	waitUntil(t, "A's loop device to be freed", func() bool { return !bound(rdev, seq) })
+
+	mustHotplug(t, d, "add", b)
+	t.Cleanup(func() { hotplug(t, d, "remove", b) })
+	if _, ok := read(t, b+"/physical-device"); !ok {
+		t.Fatal("B's exec'd add succeeded but physical-device is not written")
+	}
+	if herr, ok := read(t, b+"/hotplug-error"); ok {
+		t.Errorf("hotplug-error = %q after B's successful add", herr)
 	}
 }
 
