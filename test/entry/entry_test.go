@@ -361,7 +361,9 @@ func wantHandled(args, env []string) bool {
 
 // nobodyDaemon is a fake daemon running as uid 65534: it listens on the
 // socket named by $SOCKET, prints "ready", and reports on stdout how many
-// bytes the one connection it takes sent before it closed.
+// bytes each connection sent before it closed. It serves until killed: the
+// C entry and then the Go entry it hands over to each connect, and a daemon
+// that left after the first would make the second's failure a race.
 func nobodyDaemon() int {
 	if err := syscall.Setgid(65534); err != nil {
 		fmt.Println("setgid:", err)
@@ -377,15 +379,17 @@ func nobodyDaemon() int {
 		return 1
 	}
 	fmt.Println("ready")
-	c, err := l.Accept()
-	if err != nil {
-		return 1
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return 1
+		}
+		c.Write([]byte(`{"ok":true}` + "\n"))
+		var buf bytes.Buffer
+		buf.ReadFrom(c)
+		c.Close()
+		fmt.Println("received", buf.Len())
 	}
-	c.Write([]byte(`{"ok":true}` + "\n"))
-	var buf bytes.Buffer
-	buf.ReadFrom(c)
-	fmt.Println("received", buf.Len())
-	return 0
 }
 
 // TestPeerNotRoot: a socket served by another user gets no request; the Go
@@ -425,10 +429,12 @@ func TestPeerNotRoot(t *testing.T) {
 		if r.code != 1 || !regexp.MustCompile(`uid 65534; the hotplug entry sends requests to a root daemon only`).MatchString(r.stderr) {
 			t.Errorf("exit %d, stderr %q; want 1 and the refusal", r.code, r.stderr)
 		}
-		// The Go entry connected too (and closed): the daemon saw no bytes
-		// from either.
-		if !lines.Scan() || lines.Text() != "received 0" {
-			t.Errorf("nobody daemon: %q; want it received nothing", lines.Text())
+		// Both entries connected (the C one, then the Go one it handed over
+		// to) and closed: the daemon saw no bytes from either.
+		for _, who := range []string{"the C entry", "the Go entry"} {
+			if !lines.Scan() || lines.Text() != "received 0" {
+				t.Errorf("nobody daemon, connection of %s: %q; want it received nothing", who, lines.Text())
+			}
 		}
 	})
 }
