@@ -3,7 +3,7 @@ package main_test
 // End-to-end tests: the built binary (CGO_ENABLED=0, as shipped) and the C
 // hotplug entry libxl execs (handing over to it), a daemon
 // subprocess on private sockets, the real C xenstored (test/xenstored) and
-// real loop devices. Each add/remove is exec'd exactly as libxl 4.17 does it
+// real loop devices. Each add/remove is exec'd exactly as libxl (4.17 to 4.20) does it
 // (argv [script, action], env XENBUS_*, script, stdin /dev/null) after
 // writing the nodes libxl writes; the test then stands in for xen-blkback by
 // opening the major:minor from physical-device.
@@ -176,7 +176,7 @@ func bePath(domid, devid int) string { return fmt.Sprintf("backend/vbd/%d/%d", d
 
 func abs(p string) string { return "/local/domain/0/" + p }
 
-// vbdSetup writes the nodes libxl 4.17 writes for a disk (one transaction;
+// vbdSetup writes the nodes libxl (4.17 to 4.20) writes for a disk (one transaction;
 // params or mode libxl.Omit leaves that node out), then state=2 as blkback's
 // probe does.
 func vbdSetup(t *testing.T, domid, devid int, params, mode string) string {

@@ -1,6 +1,6 @@
-// Package libxl reproduces, for tests and benchmarks, what libxl 4.17 does
-// around a disk's hotplug script (xen-block-protocol.md §1.2–1.4): the
-// backend and frontend nodes device_disk_add writes in one transaction, and
+// Package libxl reproduces, for tests and benchmarks, what libxl does around a
+// disk's hotplug script (xen-block-protocol.md §1.2–1.4; the same in 4.17 and
+// 4.20): the backend and frontend nodes device_disk_add writes in one transaction, and
 // the argv and environment it execs the script with. Every harness that
 // stands in for libxl (the end-to-end tests, the recovery tests, make bench)
 // uses this one description of the contract.

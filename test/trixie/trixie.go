@@ -1,0 +1,29 @@
+// Package trixie finds the cached Debian 13 ("trixie") root file system that
+// scripts/trixie-root.sh builds (scripts/setup.sh runs it): Xen 4.20's
+// xenstored and oxenstored, systemd 257 and lintian 2.122 beside the host's
+// Debian 12 stack. Tests only read it, or run its programs in a private mount
+// namespace with their own /run, /tmp and overlays: the cache is never
+// written.
+package trixie
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+// DefaultRoot is where scripts/trixie-root.sh puts the root unless
+// $XENBLKD_TRIXIE_ROOT says otherwise.
+const DefaultRoot = "/var/cache/xenblkd-trixie-root"
+
+// Root returns the root's directory, or an error saying how to build it.
+func Root() (string, error) {
+	root := os.Getenv("XENBLKD_TRIXIE_ROOT")
+	if root == "" {
+		root = DefaultRoot
+	}
+	if _, err := os.Stat(filepath.Join(root, ".xenblkd-complete")); err != nil {
+		return "", fmt.Errorf("no Debian 13 root at %s: run scripts/setup.sh (as root; it runs scripts/trixie-root.sh, ~2 min once): %w", root, err)
+	}
+	return root, nil
+}
