@@ -611,6 +611,10 @@ func TestBadInput(t *testing.T) {
 	}
 	roImg, _ := image(t, "ro.img")
 	os.Chmod(roImg, 0o444)
+	emptyImg := filepath.Join(dir, "empty.img")
+	if err := os.WriteFile(emptyImg, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	img, _ := image(t, "ok.img")
 	nowhere := &daemon{socket: filepath.Join(dir, "no-daemon.sock"), xsPath: xsd.Socket}
 
@@ -631,6 +635,7 @@ func TestBadInput(t *testing.T) {
 		{"FIFO", fifo, "w", "add", "", d, "is a FIFO", true},
 		{"character device", "/dev/null", "w", "add", "", d, "is a character device", true},
 		{"writable mode on read-only file", roImg, "w", "add", "", d, "the file is read-only", true},
+		{"writable mode on empty file", emptyImg, "w", "add", "", d, "the file is empty (0 bytes) but mode is w", true},
 		{"unknown mode", img, "rx", "add", "", d, `unknown mode "rx"`, true},
 		{"missing mode", img, "\x00", "add", "", d, "mode is missing", true},
 		{"oversized params", "/" + strings.Repeat("x", 3000), "w", "add", "", d, "the limit is 1024", true},
