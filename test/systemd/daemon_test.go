@@ -6,14 +6,18 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
+	"xenblkd/test/libxl"
 	"xenblkd/test/systemd"
+	"xenblkd/test/trixie"
 	"xenblkd/test/xenstored"
 )
 
@@ -226,4 +230,159 @@ func TestProductionUnitDaemon(t *testing.T) {
 	if !strings.Contains(logs(), "flag provided but not defined: -bogus (see xenblkd daemon --help)") {
 		t.Errorf("no one-line flag error in the log:\n%s", logs())
 	}
+}
+
+// TestProductionUnitStopStart: the real daemon under dist/xenblkd.service
+// pre-sets-up a disk no VM has opened yet (an idle loop device: only the
+// daemon and the fd store hold it), then `systemctl stop` and `start`. On
+// systemd 257 (Debian 13, FileDescriptorStorePreserve=yes) the store outlives
+// the stop and the next daemon adopts the very device (same diskseq, same
+// physical-device); on systemd 252 (Debian 12) stop drops the store, the idle
+// device is freed, and the next daemon finds its diskseq gone (docs/fdstore.md).
+func TestProductionUnitStopStart(t *testing.T) {
+	for _, release := range []string{"host", "trixie"} {
+		t.Run(release, func(t *testing.T) {
+			root := ""
+			if release == "trixie" {
+				var err error
+				if root, err = trixie.Root(); err != nil {
+					testenv.Skip(t, err.Error())
+				}
+			}
+			testProductionUnitStopStart(t, root)
+		})
+	}
+}
+
+func testProductionUnitStopStart(t *testing.T, root string) {
+	unit, err := os.ReadFile("../../dist/xenblkd.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	socketUnit, err := os.ReadFile("../../dist/xenblkd.socket")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, err := build.Xenblkd(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	xsd := xenstored.Start(t, xenstored.C)
+	data := t.TempDir()
+	svcLog := filepath.Join(data, "svc.log")
+	// In the sandbox only: no default dependencies, no Xen condition, no
+	// watchdog, the binary's path, its XenStore and where stderr goes.
+	sandboxed := strings.Replace(string(unit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
+	sandboxed = regexp.MustCompile(`(?m)^(ConditionPathExists|WatchdogSec)=.*\n`).ReplaceAllString(sandboxed, "")
+	sandboxed = strings.ReplaceAll(sandboxed, "/usr/sbin/xenblkd", bin)
+	sandboxed = strings.Replace(sandboxed, "[Service]\n", fmt.Sprintf(
+		"[Service]\nEnvironment=XENSTORED_PATH=%s\nStandardError=append:%s\n", xsd.Socket, svcLog), 1)
+	sbx := systemd.Start(t, systemd.Options{
+		Root: root,
+		Units: map[string]string{
+			"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
+			"xenblkd.service":     sandboxed,
+			"xenblkd.socket":      strings.Replace(string(socketUnit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1),
+		},
+		Target: "xenblkd-test.target",
+		Binds:  []systemd.Bind{{Path: filepath.Dir(bin), ReadOnly: true}, {Path: xsd.Dir}, {Path: data}},
+	})
+	version, _ := sbx.Exec("systemctl", "--version")
+	version = strings.SplitN(version, "\n", 2)[0]
+	svc := &service{t: t, sbx: sbx, unit: "xenblkd.service"}
+	logs := func() string {
+		b, _ := os.ReadFile(svcLog)
+		return string(b)
+	}
+	waitState := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for !ok() {
+			if time.Now().After(deadline) {
+				t.Fatalf("gave up waiting for %s; ActiveState=%s; daemon log:\n%s", what, svc.show("ActiveState"), logs())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitState("the daemon active", func() bool { return svc.show("ActiveState") == "active" })
+
+	ctx := context.Background()
+	xs, err := xenstore.DialUnix(ctx, xsd.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { xs.Close() })
+	image := filepath.Join(data, "disk.img")
+	if err := os.WriteFile(image, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	disk := libxl.Disk{Domid: 7, Devid: 51712, Params: image, Mode: "w", Script: "/etc/xen/scripts/xenblkd"}
+	if err := libxl.Write(ctx, xs, disk); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { libxl.Remove(ctx, xs, disk) })
+	var pd, seqHex string
+	waitState("physical-device written by pre-setup", func() bool {
+		pd, err = xs.Read(ctx, disk.BackendAbs()+"/physical-device")
+		return err == nil
+	})
+	if seqHex, err = xs.Read(ctx, disk.BackendAbs()+"/diskseq"); err != nil {
+		t.Fatal(err)
+	}
+	diskseq, err := strconv.ParseUint(seqHex, 16, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(pd, "%x:%x", &major, &minor); err != nil || major != 7 {
+		t.Fatalf("physical-device %q: not a loop device", pd)
+	}
+	number := minor // loop minors are the device numbers (max_part=0)
+	t.Cleanup(func() { waitCleared(t, number, diskseq) })
+	svc.wantStored(1)
+
+	svc.systemctl("stop", "xenblkd.service")
+	if strings.HasPrefix(version, "systemd 252 ") {
+		waitCleared(t, number, diskseq)
+		svc.systemctl("start", "xenblkd.service")
+		waitState("recovery after start", func() bool { return strings.Count(logs(), "recovery done") == 2 })
+		t.Logf("%s: stop dropped the store and freed the idle /dev/loop%d (diskseq %d); recovery after start:\n%s",
+			version, number, diskseq, lastLine(logs(), "recovery done"))
+		return
+	}
+	svc.wantStored(1)
+	if b, seq := binding(number); !b || seq != diskseq {
+		t.Fatalf("%s: the idle /dev/loop%d (diskseq %d) did not outlive systemctl stop", version, number, diskseq)
+	}
+	svc.systemctl("start", "xenblkd.service")
+	waitState("recovery after start", func() bool { return strings.Count(logs(), "recovery done") == 2 })
+	done := lastLine(logs(), "recovery done")
+	if !strings.Contains(done, "adopted=1 ") {
+		t.Errorf("%s: after stop/start the daemon did not adopt the stored device: %s", version, done)
+	}
+	if got, _ := xs.Read(ctx, disk.BackendAbs()+"/physical-device"); got != pd {
+		t.Errorf("physical-device %q → %q across stop/start", pd, got)
+	}
+	if got, _ := xs.Read(ctx, disk.BackendAbs()+"/diskseq"); got != seqHex {
+		t.Errorf("diskseq %q → %q across stop/start: the device was made again", seqHex, got)
+	}
+	if b, seq := binding(number); !b || seq != diskseq {
+		t.Errorf("/dev/loop%d is no longer bound with diskseq %d", number, diskseq)
+	}
+	t.Logf("%s: stop kept the store; start adopted /dev/loop%d diskseq %d: %s", version, number, diskseq, done)
+	// The disk goes: the daemon frees the device (the t.Cleanup above waits).
+	if out, err := sbx.Exec("env", "XENBUS_PATH="+disk.Backend(), "XENSTORED_PATH="+xsd.Socket, bin, "remove"); err != nil {
+		t.Errorf("remove: %v\n%s", err, out)
+	}
+}
+
+// lastLine is the last line of log containing want.
+func lastLine(log, want string) string {
+	lines := strings.Split(log, "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.Contains(lines[i], want) {
+			return lines[i]
+		}
+	}
+	return ""
 }

@@ -11,13 +11,31 @@ import (
 	"testing"
 
 	"xenblkd/internal/fdstore"
+	"xenblkd/internal/testenv"
 	"xenblkd/test/systemd"
+	"xenblkd/test/trixie"
 )
 
 // TestProductionUnit boots dist/xenblkd.service, with fdsvc standing in for
 // the daemon, to show that its hardening still allows loop devices and the
-// fd store, and runs `systemd-analyze verify` on it inside the sandbox.
+// fd store, and runs `systemd-analyze verify` on it inside the sandbox: under
+// the host's systemd (Debian 12: 252) and Debian 13's (257, the trixie root).
 func TestProductionUnit(t *testing.T) {
+	for _, release := range []string{"host", "trixie"} {
+		t.Run(release, func(t *testing.T) {
+			root := ""
+			if release == "trixie" {
+				var err error
+				if root, err = trixie.Root(); err != nil {
+					testenv.Skip(t, err.Error())
+				}
+			}
+			testProductionUnit(t, root)
+		})
+	}
+}
+
+func testProductionUnit(t *testing.T, root string) {
 	unit, err := os.ReadFile("../../dist/xenblkd.service")
 	if err != nil {
 		t.Fatal(err)
@@ -59,6 +77,7 @@ func TestProductionUnit(t *testing.T) {
 		"[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
 
 	sbx := systemd.Start(t, systemd.Options{
+		Root: root,
 		Units: map[string]string{
 			"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
 			"xenblkd.service":     sandboxed,
@@ -140,19 +159,38 @@ func TestProductionUnit(t *testing.T) {
 }
 
 // TestUnitSecurityScore: `systemd-analyze security` rates dist/xenblkd.service
-// at most 2.0 (an offline analysis of the file: no sandbox needed).
+// at most 2.0 (an offline analysis of the file: no sandbox needed), with the
+// host's systemd (Debian 12: 252) and Debian 13's (257, in the trixie root).
 func TestUnitSecurityScore(t *testing.T) {
-	out, err := exec.Command("systemd-analyze", "security", "--offline=true", "--no-pager", "../../dist/xenblkd.service").CombinedOutput()
+	dist, err := filepath.Abs("../../dist")
 	if err != nil {
-		t.Fatalf("systemd-analyze security: %v\n%s", err, out)
+		t.Fatal(err)
 	}
-	m := regexp.MustCompile(`Overall exposure level for xenblkd\.service: ([0-9.]+)`).FindSubmatch(out)
-	if m == nil {
-		t.Fatalf("no overall exposure level in:\n%s", out)
-	}
-	score, err := strconv.ParseFloat(string(m[1]), 64)
-	t.Logf("systemd-analyze security: exposure %s", m[1])
-	if err != nil || score > 2.0 {
-		t.Errorf("exposure level %s, want <= 2.0:\n%s", m[1], out)
+	for _, release := range []string{"host", "trixie"} {
+		t.Run(release, func(t *testing.T) {
+			cmd := exec.Command("systemd-analyze", "security", "--offline=true", "--no-pager", filepath.Join(dist, "xenblkd.service"))
+			if release == "trixie" {
+				testenv.RequireRoot(t, "chroots into the Debian 13 root")
+				root, err := trixie.Root()
+				if err != nil {
+					testenv.Skip(t, err.Error())
+				}
+				cmd = trixie.Command(root, dist, "sh", "-c", `systemctl --version | head -1; exec systemd-analyze security --offline=true --no-pager "$1"`,
+					"sh", trixie.HostDir+"/xenblkd.service")
+			}
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("systemd-analyze security: %v\n%s", err, out)
+			}
+			m := regexp.MustCompile(`Overall exposure level for xenblkd\.service: ([0-9.]+)`).FindSubmatch(out)
+			if m == nil {
+				t.Fatalf("no overall exposure level in:\n%s", out)
+			}
+			score, err := strconv.ParseFloat(string(m[1]), 64)
+			t.Logf("%s: systemd-analyze security: exposure %s", release, m[1])
+			if err != nil || score > 2.0 {
+				t.Errorf("exposure level %s, want <= 2.0:\n%s", m[1], out)
+			}
+		})
 	}
 }
