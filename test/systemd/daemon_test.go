@@ -12,12 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
 	"xenblkd/test/libxl"
 	"xenblkd/test/systemd"
-	"xenblkd/test/trixie"
 	"xenblkd/test/xenstored"
 )
 
@@ -240,18 +238,7 @@ func TestProductionUnitDaemon(t *testing.T) {
 // physical-device); on systemd 252 (Debian 12) stop drops the store, the idle
 // device is freed, and the next daemon finds its diskseq gone (docs/fdstore.md).
 func TestProductionUnitStopStart(t *testing.T) {
-	for _, release := range []string{"host", "trixie"} {
-		t.Run(release, func(t *testing.T) {
-			root := ""
-			if release == "trixie" {
-				var err error
-				if root, err = trixie.Root(); err != nil {
-					testenv.Skip(t, err.Error())
-				}
-			}
-			testProductionUnitStopStart(t, root)
-		})
-	}
+	eachRelease(t, testProductionUnitStopStart)
 }
 
 func testProductionUnitStopStart(t *testing.T, root string) {

@@ -14,9 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/fdstore"
-	"xenblkd/internal/testenv"
 	"xenblkd/test/systemd"
-	"xenblkd/test/trixie"
 )
 
 // TestFDStoreLifetime runs testdata/fdsvc as a Type=notify unit under a real
@@ -319,18 +317,7 @@ func pid1Holds(t *testing.T, sbx *systemd.Sandbox, number int) bool {
 // 252 (Debian 12) ignores the key: stop drops the store and the device, and
 // start attaches afresh (docs/fdstore.md).
 func TestFDStorePreserveStopStart(t *testing.T) {
-	for _, release := range []string{"host", "trixie"} {
-		t.Run(release, func(t *testing.T) {
-			root := ""
-			if release == "trixie" {
-				var err error
-				if root, err = trixie.Root(); err != nil {
-					testenv.Skip(t, err.Error())
-				}
-			}
-			testFDStorePreserve(t, root)
-		})
-	}
+	eachRelease(t, testFDStorePreserve)
 }
 
 func testFDStorePreserve(t *testing.T, root string) {

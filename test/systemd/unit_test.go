@@ -21,18 +21,7 @@ import (
 // fd store, and runs `systemd-analyze verify` on it inside the sandbox: under
 // the host's systemd (Debian 12: 252) and Debian 13's (257, the trixie root).
 func TestProductionUnit(t *testing.T) {
-	for _, release := range []string{"host", "trixie"} {
-		t.Run(release, func(t *testing.T) {
-			root := ""
-			if release == "trixie" {
-				var err error
-				if root, err = trixie.Root(); err != nil {
-					testenv.Skip(t, err.Error())
-				}
-			}
-			testProductionUnit(t, root)
-		})
-	}
+	eachRelease(t, testProductionUnit)
 }
 
 func testProductionUnit(t *testing.T, root string) {
