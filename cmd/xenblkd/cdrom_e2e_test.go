@@ -204,3 +204,29 @@ func TestTapBackendLeftAlone(t *testing.T) {
 		t.Errorf("the daemon logged about a vbd3 backend:\n%s", log)
 	}
 }
+
+// TestEmptyCDROMGuestAndStubdom: libxl gives a stub domain's drive its
+// guest's placeholder, so the guest's drive and the stub domain's name the
+// same 0-byte file, both read-only: one loop device serves both (read-only
+// images are shared), and it is freed after the last remove.
+func TestEmptyCDROMGuestAndStubdom(t *testing.T) {
+	d := startDaemon(t, xsd.Socket)
+	const guest, stubdom, devid = 1330, 1331, 5632
+	placeholder := emptyCDROM(t, guest)
+	guestDisk := cdromAdd(t, d, guest, devid, placeholder)
+	stubDisk := cdromAdd(t, d, stubdom, devid, placeholder)
+	pd1, _ := read(t, guestDisk.Backend()+"/physical-device")
+	pd2, _ := read(t, stubDisk.Backend()+"/physical-device")
+	if pd1 != pd2 {
+		t.Errorf("guest's drive on %s, stub domain's on %s: want one shared read-only device", pd1, pd2)
+	}
+	vm1, rdev := standIn(t, guestDisk.Backend(), "", false)
+	vm2, _ := standIn(t, stubDisk.Backend(), "", false)
+	seq := diskseqOf(t, guestDisk.Backend())
+	cdromRemove(t, d, stubDisk, vm2)
+	if !bound(rdev, seq) {
+		t.Fatal("the shared device was freed while the guest's drive still uses it")
+	}
+	cdromRemove(t, d, guestDisk, vm1)
+	waitFreed(t, "the shared placeholder device", rdev, seq)
+}
