@@ -30,10 +30,6 @@ func TestProductionUnitDaemon(t *testing.T) {
 	if _, err := os.Stat("/proc/xen"); err == nil {
 		t.Skip("this host runs Xen: the Xen condition cannot be tested here")
 	}
-	unit, err := os.ReadFile("../../dist/xenblkd.service")
-	if err != nil {
-		t.Fatal(err)
-	}
 	bin, err := build.Xenblkd(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -41,28 +37,15 @@ func TestProductionUnitDaemon(t *testing.T) {
 	xsd := xenstored.Start(t, xenstored.C)
 	data := t.TempDir()
 	svcLog := filepath.Join(data, "svc.log")
-
-	sandboxed := strings.Replace(string(unit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
-	sandboxed = strings.ReplaceAll(sandboxed, "/usr/sbin/xenblkd", bin)
-	// A short watchdog, so the test sees it fire.
-	sandboxed = strings.Replace(sandboxed, "\nWatchdogSec=30s\n", "\nWatchdogSec=3s\n", 1)
-	sandboxed = strings.Replace(sandboxed, "[Service]\n", fmt.Sprintf(
-		"[Service]\nEnvironment=XENSTORED_PATH=%s\nStandardError=append:%s\n", xsd.Socket, svcLog), 1)
-	if sandboxed == string(unit) || !strings.Contains(sandboxed, "WatchdogSec=3s") {
-		t.Fatal("dist/xenblkd.service changed shape: update the test's edits")
-	}
-	// dist/xenblkd.socket as shipped (xenblkd.service requires it): the
-	// daemon gets the API socket from systemd, in the sandbox's own /run.
-	socketUnit, err := os.ReadFile("../../dist/xenblkd.socket")
-	if err != nil {
-		t.Fatal(err)
-	}
 	sbx := systemd.Start(t, systemd.Options{
-		Units: map[string]string{
-			"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
-			"xenblkd.service":     sandboxed,
-			"xenblkd.socket":      strings.Replace(string(socketUnit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1),
-		},
+		Units: daemonUnits(t, bin, xsd.Socket, svcLog, func(service string) string {
+			// A short watchdog, so the test sees it fire.
+			edited := strings.Replace(service, "\nWatchdogSec=30s\n", "\nWatchdogSec=3s\n", 1)
+			if edited == service {
+				t.Fatal("dist/xenblkd.service changed shape: update the test's edits")
+			}
+			return edited
+		}),
 		Target: "xenblkd-test.target",
 		Binds:  []systemd.Bind{{Path: filepath.Dir(bin), ReadOnly: true}, {Path: xsd.Dir}, {Path: data}},
 	})
@@ -242,14 +225,6 @@ func TestProductionUnitStopStart(t *testing.T) {
 }
 
 func testProductionUnitStopStart(t *testing.T, root string) {
-	unit, err := os.ReadFile("../../dist/xenblkd.service")
-	if err != nil {
-		t.Fatal(err)
-	}
-	socketUnit, err := os.ReadFile("../../dist/xenblkd.socket")
-	if err != nil {
-		t.Fatal(err)
-	}
 	bin, err := build.Xenblkd(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -257,20 +232,12 @@ func testProductionUnitStopStart(t *testing.T, root string) {
 	xsd := xenstored.Start(t, xenstored.C)
 	data := t.TempDir()
 	svcLog := filepath.Join(data, "svc.log")
-	// In the sandbox only: no default dependencies, no Xen condition, no
-	// watchdog, the binary's path, its XenStore and where stderr goes.
-	sandboxed := strings.Replace(string(unit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
-	sandboxed = regexp.MustCompile(`(?m)^(ConditionPathExists|WatchdogSec)=.*\n`).ReplaceAllString(sandboxed, "")
-	sandboxed = strings.ReplaceAll(sandboxed, "/usr/sbin/xenblkd", bin)
-	sandboxed = strings.Replace(sandboxed, "[Service]\n", fmt.Sprintf(
-		"[Service]\nEnvironment=XENSTORED_PATH=%s\nStandardError=append:%s\n", xsd.Socket, svcLog), 1)
 	sbx := systemd.Start(t, systemd.Options{
 		Root: root,
-		Units: map[string]string{
-			"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
-			"xenblkd.service":     sandboxed,
-			"xenblkd.socket":      strings.Replace(string(socketUnit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1),
-		},
+		// No Xen condition (the daemon starts at boot) and no watchdog.
+		Units: daemonUnits(t, bin, xsd.Socket, svcLog, func(service string) string {
+			return regexp.MustCompile(`(?m)^(ConditionPathExists|WatchdogSec)=.*\n`).ReplaceAllString(service, "")
+		}),
 		Target: "xenblkd-test.target",
 		Binds:  []systemd.Bind{{Path: filepath.Dir(bin), ReadOnly: true}, {Path: xsd.Dir}, {Path: data}},
 	})
@@ -372,4 +339,34 @@ func lastLine(log, want string) string {
 		}
 	}
 	return ""
+}
+
+// daemonUnits are dist/xenblkd.service and dist/xenblkd.socket for the
+// sandbox, with the xenblkd-test.target that wants the service: both without
+// default dependencies, the service with the test's binary, XenStore and
+// stderr file, then edit's changes. The socket is as shipped (the service
+// requires it): the daemon gets the API socket from systemd, in the
+// sandbox's own /run.
+func daemonUnits(t *testing.T, bin, xsSocket, svcLog string, edit func(service string) string) map[string]string {
+	t.Helper()
+	unit, err := os.ReadFile("../../dist/xenblkd.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	socketUnit, err := os.ReadFile("../../dist/xenblkd.socket")
+	if err != nil {
+		t.Fatal(err)
+	}
+	service := strings.Replace(string(unit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
+	service = strings.ReplaceAll(service, "/usr/sbin/xenblkd", bin)
+	service = strings.Replace(service, "[Service]\n", fmt.Sprintf(
+		"[Service]\nEnvironment=XENSTORED_PATH=%s\nStandardError=append:%s\n", xsSocket, svcLog), 1)
+	if !strings.Contains(service, "DefaultDependencies=no") || !strings.Contains(service, "Environment=XENSTORED_PATH=") {
+		t.Fatal("dist/xenblkd.service changed shape: update the test's edits")
+	}
+	return map[string]string{
+		"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
+		"xenblkd.service":     edit(service),
+		"xenblkd.socket":      strings.Replace(string(socketUnit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1),
+	}
 }
