@@ -60,8 +60,8 @@ func checkBacking(fd int, opts Options) (FileID, error) {
 //
 // The kernel binds a loop device to a 0-byte file too (a 0-sector disk). Xen
 // 4.19+ relies on it: libxl passes an empty CD-ROM drive to the disk's script
-// as a 0-byte placeholder (/var/run/xen/empty-cdrom.<domid>, mode 0400, always
-// read-only), and the stock block script's losetup binds it. A read-write disk
+// as a 0-byte placeholder (/var/run/xen/empty-cdrom.<domid>, mode 0400; read-only,
+// xl's default access for a CD-ROM), and the stock block script's losetup binds it. A read-write disk
 // of 0 bytes can hold nothing: it is refused, as the mistake it is (an image
 // never written), with ErrEmptyFile.
 func fileID(fd int, readOnly bool) (FileID, error) {
