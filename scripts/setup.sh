@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
 # setup.sh: install everything xenblkd's tests, benchmarks and demo need on a
-# fresh Debian 12 machine. Idempotent: packages already present are not touched
-# (no upgrades as a side effect), so a second run costs well under a second.
+# fresh Debian 12 machine, and the cached Debian 13 root (scripts/trixie-root.sh).
+# Idempotent: packages already present are not touched (no upgrades as a side
+# effect), so a second run costs well under a second.
 #
 #   scripts/setup.sh            packages for `make test` and `make bench`
 #   scripts/setup.sh testbed    also the Xen-under-QEMU testbed (make demo / e2e)
 set -euo pipefail
 
+# The host release's Xen tools (the package name carries Xen's version); the
+# tests find the version at run time (/usr/lib/xen-X.Y).
+. /etc/os-release
+case ${VERSION_ID:-} in
+12) xen_utils=xen-utils-4.17 ;;
+13) xen_utils=xen-utils-4.20 ;;
+*) echo "setup.sh: Debian ${VERSION_ID:-?} is not supported (Debian 12 or 13: docs/platforms.md)" >&2; exit 1 ;;
+esac
 pkgs=(
 	# real XenStore peers (C xenstored, oxenstored), the stock block script and
-	# its helpers, the headers for the xenstored shim
-	xen-utils-4.17 xen-utils-common xenstore-utils libxen-dev
+	# its helpers, the headers for the xenstored shim; Debian 13's Xen (4.20) on a
+	# Debian 12 host is in the trixie root
+	"$xen_utils" xen-utils-common xenstore-utils libxen-dev
 	gcc libc6-dev make util-linux e2fsprogs
 	# the C hotplug entry: static (libc6-dev's libc.a) and its ASan/UBSan
 	# test build (gcc's runtimes; explicit in case gcc comes without them)
@@ -26,8 +36,21 @@ pkgs=(
 	prometheus
 )
 if [[ ${1:-} == testbed || ${1:-} == all ]]; then
-	pkgs+=(qemu-system-x86 qemu-utils debootstrap cpio gzip socat perl python3 xz-utils)
+	pkgs+=(qemu-system-x86 qemu-utils cpio gzip socat perl python3 xz-utils)
 fi
+# debootstrap: the testbed's image and the trixie root
+pkgs+=(debootstrap)
+
+# The cached Debian 13 root (Xen 4.20's xenstored and oxenstored, systemd 257, lintian 2.122) the
+# tests use beside the host's Debian 12 stack; built once (~2 min), then reused at no cost.
+trixie_root() {
+	if [[ $(id -u) != 0 ]]; then
+		[[ -f ${XENBLKD_TRIXIE_ROOT:-/var/cache/xenblkd-trixie-root}/.xenblkd-complete ]] ||
+			echo "setup.sh: need root to build the Debian 13 root (scripts/trixie-root.sh)" >&2
+		return 0
+	fi
+	"$(dirname "$0")/trixie-root.sh" >/dev/null
+}
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -36,6 +59,7 @@ for p in "${pkgs[@]}"; do
 	fi
 done
 if ((${#missing[@]} == 0)); then
+	trixie_root
 	exit 0
 fi
 if [[ $(id -u) != 0 ]]; then
@@ -57,3 +81,4 @@ fi
 # --no-install-recommends keeps the hypervisor, grub-xen and qemu-system-xen
 # out (and prometheus-node-exporter).
 apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >&2
+trixie_root

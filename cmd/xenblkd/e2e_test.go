@@ -3,7 +3,7 @@ package main_test
 // End-to-end tests: the built binary (CGO_ENABLED=0, as shipped) and the C
 // hotplug entry libxl execs (handing over to it), a daemon
 // subprocess on private sockets, the real C xenstored (test/xenstored) and
-// real loop devices. Each add/remove is exec'd exactly as libxl 4.17 does it
+// real loop devices. Each add/remove is exec'd exactly as libxl (4.17 to 4.20) does it
 // (argv [script, action], env XENBUS_*, script, stdin /dev/null) after
 // writing the nodes libxl writes; the test then stands in for xen-blkback by
 // opening the major:minor from physical-device.
@@ -176,7 +176,7 @@ func bePath(domid, devid int) string { return fmt.Sprintf("backend/vbd/%d/%d", d
 
 func abs(p string) string { return "/local/domain/0/" + p }
 
-// vbdSetup writes the nodes libxl 4.17 writes for a disk (one transaction;
+// vbdSetup writes the nodes libxl (4.17 to 4.20) writes for a disk (one transaction;
 // params or mode libxl.Omit leaves that node out), then state=2 as blkback's
 // probe does.
 func vbdSetup(t *testing.T, domid, devid int, params, mode string) string {
@@ -611,6 +611,10 @@ func TestBadInput(t *testing.T) {
 	}
 	roImg, _ := image(t, "ro.img")
 	os.Chmod(roImg, 0o444)
+	emptyImg := filepath.Join(dir, "empty.img")
+	if err := os.WriteFile(emptyImg, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	img, _ := image(t, "ok.img")
 	nowhere := &daemon{socket: filepath.Join(dir, "no-daemon.sock"), xsPath: xsd.Socket}
 
@@ -631,6 +635,7 @@ func TestBadInput(t *testing.T) {
 		{"FIFO", fifo, "w", "add", "", d, "is a FIFO", true},
 		{"character device", "/dev/null", "w", "add", "", d, "is a character device", true},
 		{"writable mode on read-only file", roImg, "w", "add", "", d, "the file is read-only", true},
+		{"writable mode on empty file", emptyImg, "w", "add", "", d, "the file is empty (0 bytes) but mode is w", true},
 		{"unknown mode", img, "rx", "add", "", d, `unknown mode "rx"`, true},
 		{"missing mode", img, "\x00", "add", "", d, "mode is missing", true},
 		{"oversized params", "/" + strings.Repeat("x", 3000), "w", "add", "", d, "the limit is 1024", true},

@@ -92,6 +92,12 @@ func targetOf(params, p string, st *unix.Stat_t, writable bool) (model.Target, e
 			// ever find it to check sharing, and its data dies with the last fd.
 			return model.Target{}, fmt.Errorf("params %q: the file has been deleted (no name links to it any more); restore it under a name and use that", text.Truncate(params, 200))
 		}
+		// A 0-byte file is attached read-only only: libxl (4.19+) passes an
+		// empty CD-ROM drive as one (mode r), while a read-write disk of 0
+		// bytes holds nothing and is an image never written (loop.fileID).
+		if writable && st.Size == 0 {
+			return model.Target{}, fmt.Errorf("params %q: the file is empty (0 bytes) but mode is w: a read-write disk needs an image with data (an empty file is attached with mode r only, as an empty CD-ROM)", text.Truncate(params, 200))
+		}
 		if writable && st.Mode&0o222 == 0 {
 			return model.Target{}, fmt.Errorf("params %q: the file is read-only (permissions %#o) but mode is w: use mode r, or make the file writable",
 				text.Truncate(params, 200), st.Mode&0o7777)

@@ -16,6 +16,8 @@
 //
 // On systemd 252 (Debian 12) the store survives restart, crash (with
 // Restart=), daemon-reload and daemon-reexec, but `systemctl stop` drops it;
+// from 254 on (Debian 13: 257) FileDescriptorStorePreserve=yes keeps it across
+// stop too, and $FDSTORE gives its size, which Store warns before exceeding;
 // see docs/fdstore.md.
 package fdstore
 
@@ -79,6 +81,9 @@ func Store(name string, fds ...int) error {
 	if err := send("FDSTOREREMOVE=1\nFDNAME="+name, nil); err != nil {
 		return fmt.Errorf("fdstore: store %q: remove old: %w", name, err)
 	}
+	// Counted (and warned about) before the push: systemd refuses fds
+	// beyond the store's size without an error to us.
+	stored.set(name, len(fds))
 	for len(fds) > 0 {
 		n := min(len(fds), MaxFDsPerMessage)
 		if err := send("FDSTORE=1\nFDNAME="+name, fds[:n]); err != nil {
@@ -98,6 +103,7 @@ func Remove(name string) error {
 	if err := send("FDSTOREREMOVE=1\nFDNAME="+name, nil); err != nil {
 		return fmt.Errorf("fdstore: remove %q: %w", name, err)
 	}
+	stored.set(name, 0)
 	return nil
 }
 
@@ -127,11 +133,17 @@ func Listen() ([]File, error) {
 			os.Unsetenv(v)
 		}
 	}()
-	return listen(os.Getenv, os.Getpid())
+	files, err := listen(os.Getenv, os.Getpid())
+	for _, f := range files {
+		stored.set(f.Name, stored.count(f.Name)+1)
+	}
+	return files, err
 }
 
 // Take splits files into those stored or passed under name (e.g. a socket
-// unit's FileDescriptorName=) and the rest, each in their order.
+// unit's FileDescriptorName=) and the rest, each in their order. The named
+// ones are taken to be a socket unit's, not the store's: they no longer count
+// towards the store's size.
 func Take(files []File, name string) (named, rest []File) {
 	for _, f := range files {
 		if f.Name == name {
@@ -139,6 +151,9 @@ func Take(files []File, name string) (named, rest []File) {
 		} else {
 			rest = append(rest, f)
 		}
+	}
+	if len(named) > 0 {
+		stored.set(name, 0)
 	}
 	return named, rest
 }

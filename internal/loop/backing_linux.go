@@ -18,7 +18,7 @@ func openBacking(path string, readOnly bool) (*os.File, error) {
 	if err != nil {
 		return nil, &OpError{Op: "open backing file", Dev: path, Err: err}
 	}
-	if _, err := fileID(fd); err != nil {
+	if _, err := fileID(fd, readOnly); err != nil {
 		unix.Close(fd)
 		return nil, &OpError{Op: "open backing file", Dev: path, Err: err}
 	}
@@ -34,7 +34,7 @@ func openBacking(path string, readOnly bool) (*os.File, error) {
 // checkBacking returns the identity of the file behind fd and fails with an
 // input error unless a loop device can be bound to it as opts asks.
 func checkBacking(fd int, opts Options) (FileID, error) {
-	id, err := fileID(fd)
+	id, err := fileID(fd, opts.ReadOnly)
 	if err != nil {
 		return FileID{}, err
 	}
@@ -54,16 +54,24 @@ func checkBacking(fd int, opts Options) (FileID, error) {
 	return id, nil
 }
 
-// fileID fstats fd and fails with an input error unless it is a non-empty
-// regular file or block device (what loop_validate_file accepts).
-func fileID(fd int) (FileID, error) {
+// fileID fstats fd and fails with an input error unless it is a regular file
+// or block device (what loop_validate_file accepts), non-empty unless the
+// device is to be read-only.
+//
+// The kernel binds a loop device to a 0-byte file too (a 0-sector disk). Xen
+// 4.19+ relies on it: libxl passes an empty CD-ROM drive to the disk's script
+// as a 0-byte placeholder (/var/run/xen/empty-cdrom.<domid>, mode 0400; read-only,
+// xl's default access for a CD-ROM), and the stock block script's losetup binds it. A read-write disk
+// of 0 bytes can hold nothing: it is refused, as the mistake it is (an image
+// never written), with ErrEmptyFile.
+func fileID(fd int, readOnly bool) (FileID, error) {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return FileID{}, err
 	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
-		if st.Size == 0 {
+		if st.Size == 0 && !readOnly {
 			return FileID{}, ErrEmptyFile
 		}
 	case unix.S_IFBLK:
@@ -71,7 +79,7 @@ func fileID(fd int) (FileID, error) {
 		if err != nil {
 			return FileID{}, err
 		}
-		if size == 0 {
+		if size == 0 && !readOnly {
 			return FileID{}, ErrEmptyFile
 		}
 	case unix.S_IFDIR:

@@ -52,7 +52,7 @@ var (
 	ErrFIFO         error = &inputError{"backing file is a FIFO, not a regular file or block device", unix.EINVAL}
 	ErrCharDevice   error = &inputError{"backing file is a character device, not a regular file or block device", unix.EINVAL}
 	ErrNotRegular   error = &inputError{"backing file is not a regular file or block device", unix.EINVAL}
-	ErrEmptyFile    error = &inputError{"backing file is empty (0 bytes)", unix.EINVAL}
+	ErrEmptyFile    error = &inputError{"backing file is empty (0 bytes) and the disk read-write (an empty file is attached read-only only, as an empty CD-ROM)", unix.EINVAL}
 	ErrNotReadable  error = &inputError{"backing file descriptor is not open for reading", unix.EBADF}
 	ErrReadOnlyFile error = &inputError{"backing file is open read-only but a read-write device was asked for", unix.EROFS}
 	ErrTagTooLong   error = &inputError{"tag longer than 63 bytes or contains a NUL byte", unix.EINVAL}

@@ -308,6 +308,31 @@ func TestIntegrationReadOnly(t *testing.T) {
 	}
 }
 
+// TestIntegrationEmptyReadOnly: a 0-byte file, mode 0400, as libxl 4.19+
+// passes an empty CD-ROM drive, binds read-only as a 0-byte device (as the
+// stock script's losetup does); read-write it stays refused (TestIntegrationBadInput).
+func TestIntegrationEmptyReadOnly(t *testing.T) {
+	requireRoot(t)
+	path := filepath.Join(t.TempDir(), "empty-cdrom.7")
+	if err := os.WriteFile(path, nil, 0o400); err != nil {
+		t.Fatal(err)
+	}
+	d := attach(t, path, loop.Options{ReadOnly: true})
+	if !d.ReadOnly() {
+		t.Errorf("ReadOnly() = false, flags %#x", d.Flags())
+	}
+	if err := d.Verify(); err != nil {
+		t.Errorf("Verify: %v", err)
+	}
+	size, err := unix.IoctlGetUint64(d.Fd(), unix.BLKGETSIZE64)
+	if err != nil || size != 0 {
+		t.Errorf("size of %s: %d, %v; want 0", d.Path(), size, err)
+	}
+	if got := d.Backing(); got != backingID(t, openBacking(t, path, true)) {
+		t.Errorf("Backing() = %+v, want the placeholder's", got)
+	}
+}
+
 func TestIntegrationAutoclear(t *testing.T) {
 	requireRoot(t)
 	path := sparseFile(t, 1<<20)

@@ -18,8 +18,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/internal/xenstore/xenstoretest"
+	"xenblkd/test/trixie"
 	"xenblkd/test/xenstored"
 )
 
@@ -34,14 +36,26 @@ type backend struct {
 }
 
 // backends starts each peer on demand; real daemons are private to the test.
+// The host's are Debian 12's (Xen 4.17), the trixie ones Debian 13's (4.20).
 var backends = []struct {
 	name  string
 	start func(t *testing.T) *backend
 }{
 	{"fake", func(t *testing.T) *backend { return fakeBackend(t, false) }},
 	{"fake-events-first", func(t *testing.T) *backend { return fakeBackend(t, true) }},
-	{"cxenstored", func(t *testing.T) *backend { return daemonBackend(t, xenstored.C) }},
-	{"oxenstored", func(t *testing.T) *backend { return daemonBackend(t, xenstored.OCaml) }},
+	{"cxenstored", func(t *testing.T) *backend { return daemonBackend(t, xenstored.C, "") }},
+	{"oxenstored", func(t *testing.T) *backend { return daemonBackend(t, xenstored.OCaml, "") }},
+	{"cxenstored-trixie", func(t *testing.T) *backend { return daemonBackend(t, xenstored.C, trixieRoot(t)) }},
+	{"oxenstored-trixie", func(t *testing.T) *backend { return daemonBackend(t, xenstored.OCaml, trixieRoot(t)) }},
+}
+
+// trixieRoot is the cached Debian 13 root, or skips the test (fails it in CI).
+func trixieRoot(t *testing.T) string {
+	root, err := trixie.Root()
+	if err != nil {
+		testenv.Skip(t, err.Error())
+	}
+	return root
 }
 
 func fakeBackend(t *testing.T, eventsFirst bool) *backend {
@@ -60,8 +74,8 @@ func fakeBackend(t *testing.T, eventsFirst bool) *backend {
 	}
 }
 
-func daemonBackend(t *testing.T, kind xenstored.Kind) *backend {
-	d := xenstored.Start(t, kind)
+func daemonBackend(t *testing.T, kind xenstored.Kind, root string) *backend {
+	d := xenstored.StartIn(t, kind, root)
 	signal := func(sig syscall.Signal) func(t *testing.T) {
 		return func(t *testing.T) {
 			if err := syscall.Kill(d.Pid, sig); err != nil {

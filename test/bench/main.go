@@ -1,5 +1,5 @@
 // Command bench drives the stock Xen `block` hotplug script and xenblkd
-// identically, as libxl 4.17 drives a disk's script, against the same private
+// identically, as libxl (4.17 to 4.20) drives a disk's script, against the same private
 // real C xenstored in the same run, and writes docs/benchmarks.md and
 // docs/bench-scaling.png (issue 6). Run it as root: `make bench`, or
 //
@@ -106,7 +106,7 @@ func run(c config) (err error) {
 		return fmt.Errorf("private xenstored: %w", err)
 	}
 	stopXenstored = stop
-	r.xenstored = fmt.Sprintf("private C xenstored (Debian %s), pid %d, socket %s", pkgVersion("xen-utils-4.17"), xsd.Pid, xsd.Socket)
+	r.xenstored = fmt.Sprintf("private C xenstored (Debian %s), pid %d, socket %s", pkgVersion("xen-utils-"+xsd.XenVersion), xsd.Pid, xsd.Socket)
 	b.xs, r.client, err = dialStore(ctx, xsd.Socket)
 	if err != nil {
 		return fmt.Errorf("connect to private xenstored: %w", err)

@@ -15,8 +15,8 @@ import (
 	"xenblkd/test/libxl"
 )
 
-// peer is one implementation of the vbd hotplug script, exec'd as libxl 4.17
-// execs a disk's script (libxl_device.c device_hotplug): argv [script, op],
+// peer is one implementation of the vbd hotplug script, exec'd as libxl (4.17
+// to 4.20) execs a disk's script (libxl_device.c device_hotplug): argv [script, op],
 // env script/XENBUS_TYPE/XENBUS_PATH/XENBUS_BASE_PATH, stdin /dev/null,
 // stdout to libxl's stderr (here: a log file, so no pipe-copy goroutines).
 type peer struct {

@@ -191,7 +191,7 @@ func (r *report) markdown() string {
 	fmt.Fprintf(&w, "- load average at start %s, at end %s (a shared machine: other work ran during the bench; medians are reported)\n", r.loadStart, r.loadEnd)
 	fmt.Fprintf(&w, "- XenStore: %s; bench client: %s\n", r.xenstored, r.client)
 	fmt.Fprintf(&w, "- stock: `/etc/xen/scripts/block` from xen-utils-common %s\n", r.stockVersion)
-	fmt.Fprintf(&w, "\nThe peers are exec'd as libxl 4.17 execs a disk's script: argv `[script, add|remove]`, env `script=<path> "+
+	fmt.Fprintf(&w, "\nThe peers are exec'd as libxl (4.17 to 4.20) execs a disk's script: argv `[script, add|remove]`, env `script=<path> "+
 		"XENBUS_TYPE=vbd XENBUS_PATH=backend/vbd/<domid>/<devid> XENBUS_BASE_PATH=backend` + `XENSTORED_PATH`, stdin /dev/null. "+
 		"xenblkd runs twice, as two peers: its daemon with `--presetup=false` (column *xenblkd*: the exec'd add does the whole add) "+
 		"and with `--presetup=true`, the default (column *xenblkd pre-setup*: the daemon starts the add on the watch event of "+

@@ -12,7 +12,7 @@ import (
 	"xenblkd/test/libxl"
 )
 
-// vbd is one disk of one guest, as libxl 4.17 describes it in XenStore.
+// vbd is one disk of one guest, as libxl (4.17 to 4.20) describes it in XenStore.
 type vbd struct {
 	domid, index int // index: xvda=0, xvdb=1, ...
 	params, mode string

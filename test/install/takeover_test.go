@@ -11,7 +11,8 @@ import (
 )
 
 // takeoverRoot is a scratch system for the maintainer scripts: dpkg's admin
-// directory, a stock block script, block-iscsi, and xenblkd (the real
+// directory, a stock block script, block-iscsi, block-tap (Xen 4.19+'s
+// script for backendtype=tap, backend/vbd3: not xenblkd's), and xenblkd (the real
 // binary) installed as the package lays it out. The scripts find it through
 // DPKG_ROOT, which dpkg exports to maintainer scripts and dpkg-divert and
 // xenblkd takeover honour.
@@ -28,6 +29,7 @@ func takeoverRoot(t *testing.T) (root, bin string) {
 	}
 	os.WriteFile(filepath.Join(root, "etc/xen/scripts/block"), []byte("#!/bin/bash\n# stock\n"), 0o755)
 	os.WriteFile(filepath.Join(root, "etc/xen/scripts/block-iscsi"), []byte("#!/bin/bash\n# iscsi\n"), 0o755)
+	os.WriteFile(filepath.Join(root, "etc/xen/scripts/block-tap"), []byte("#!/bin/bash\n# tap\n"), 0o755)
 	bin, err := build.Xenblkd(filepath.Join(root, "usr/sbin"))
 	if err != nil {
 		t.Fatal(err)
@@ -96,6 +98,11 @@ func TestMaintainerScriptsUndoTakeover(t *testing.T) {
 	takeoverCmd(t, root, bin, "--no-adopt")
 	if got := blockIs(t, root); got != "xenblkd" {
 		t.Fatalf("after xenblkd takeover: block is %s", got)
+	}
+	for name, want := range map[string]string{"block-iscsi": "# iscsi", "block-tap": "# tap"} {
+		if got, err := os.ReadFile(filepath.Join(root, "etc/xen/scripts", name)); err != nil || !strings.Contains(string(got), want) {
+			t.Errorf("after xenblkd takeover: %s is %q, %v; want the original", name, got, err)
+		}
 	}
 	if out, err := maint(t, root, "prerm", "upgrade", "1.0"); err != nil || blockIs(t, root) != "xenblkd" {
 		t.Fatalf("prerm upgrade: %v %s; block is %s, want still xenblkd", err, out, blockIs(t, root))

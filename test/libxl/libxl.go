@@ -1,6 +1,6 @@
-// Package libxl reproduces, for tests and benchmarks, what libxl 4.17 does
-// around a disk's hotplug script (libxl_device.c, libxl_disk.c): the
-// backend and frontend nodes device_disk_add writes in one transaction, and
+// Package libxl reproduces, for tests and benchmarks, what libxl does around a
+// disk's hotplug script (libxl_device.c, libxl_disk.c; the same in 4.17 and
+// 4.20): the backend and frontend nodes device_disk_add writes in one transaction, and
 // the argv and environment it execs the script with. Every harness that
 // stands in for libxl (the end-to-end tests, the recovery tests, make bench)
 // uses this one description of the contract.
@@ -31,11 +31,32 @@ type Disk struct {
 	// domains of one VM, e.g. both ends of a migration to localhost). ""
 	// means a VM of its own: /vm/00000000-0000-0000-0000-<domid>.
 	VM string
+	// CDROM: a CD-ROM drive (device-type cdrom, removable 1 in the backend,
+	// device-type cdrom in the frontend). Since Xen 4.19 an empty drive with a
+	// phy backend has as Params a 0-byte placeholder libxl creates, mode 0400:
+	// EmptyCDROM.
+	CDROM bool
+	// Kind is the backend's device kind: "" or "vbd" (phy, the block script),
+	// "vbd3" (backendtype=tap since Xen 4.19, the block-tap script).
+	Kind string
+}
+
+// EmptyCDROM is the placeholder libxl (4.19+) passes as an empty CD-ROM's
+// params for the guest targetDomid (LIBXL_STUBDOM_EMPTY_CDROM.<domid>); a stub
+// domain's drive gets its guest's.
+func EmptyCDROM(targetDomid int) string {
+	return fmt.Sprintf("/var/run/xen/empty-cdrom.%d", targetDomid)
 }
 
 // Backend is the backend's path relative to the backend domain, i.e. the
 // XENBUS_PATH libxl gives the script.
-func (d Disk) Backend() string { return fmt.Sprintf("backend/vbd/%d/%d", d.Domid, d.Devid) }
+func (d Disk) Backend() string {
+	kind := d.Kind
+	if kind == "" {
+		kind = "vbd"
+	}
+	return fmt.Sprintf("backend/%s/%d/%d", kind, d.Domid, d.Devid)
+}
 
 // BackendAbs is the backend's absolute path (backend domain 0).
 func (d Disk) BackendAbs() string { return "/local/domain/0/" + d.Backend() }
@@ -53,6 +74,10 @@ func (d Disk) Nodes() [][2]string {
 	if vdev == "" {
 		vdev = "xvda"
 	}
+	deviceType, removable := "disk", "0"
+	if d.CDROM {
+		deviceType, removable = "cdrom", "1"
+	}
 	if state == 0 {
 		state = 1
 	}
@@ -65,11 +90,11 @@ func (d Disk) Nodes() [][2]string {
 		{dom + "/name", fmt.Sprintf("guest%d", d.Domid)},
 		{be + "/frontend", fe}, {be + "/script", d.Script},
 		{be + "/frontend-id", strconv.Itoa(d.Domid)}, {be + "/online", "1"},
-		{be + "/removable", "0"}, {be + "/bootable", "1"}, {be + "/state", strconv.Itoa(state)},
-		{be + "/dev", vdev}, {be + "/type", "phy"}, {be + "/device-type", "disk"},
+		{be + "/removable", removable}, {be + "/bootable", "1"}, {be + "/state", strconv.Itoa(state)},
+		{be + "/dev", vdev}, {be + "/type", "phy"}, {be + "/device-type", deviceType},
 		{be + "/discard-enable", "1"}, {be + "/specification", "xen"},
 		{fe + "/backend", be}, {fe + "/backend-id", "0"}, {fe + "/state", "1"},
-		{fe + "/virtual-device", strconv.Itoa(d.Devid)}, {fe + "/device-type", "disk"}, {fe + "/trusted", "1"},
+		{fe + "/virtual-device", strconv.Itoa(d.Devid)}, {fe + "/device-type", deviceType}, {fe + "/trusted", "1"},
 	}
 	if d.Params != Omit {
 		nodes = append(nodes, [2]string{be + "/params", d.Params})

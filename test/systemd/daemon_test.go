@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -13,6 +14,7 @@ import (
 
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
+	"xenblkd/test/libxl"
 	"xenblkd/test/systemd"
 	"xenblkd/test/xenstored"
 )
@@ -28,10 +30,6 @@ func TestProductionUnitDaemon(t *testing.T) {
 	if _, err := os.Stat("/proc/xen"); err == nil {
 		t.Skip("this host runs Xen: the Xen condition cannot be tested here")
 	}
-	unit, err := os.ReadFile("../../dist/xenblkd.service")
-	if err != nil {
-		t.Fatal(err)
-	}
 	bin, err := build.Xenblkd(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -39,28 +37,15 @@ func TestProductionUnitDaemon(t *testing.T) {
 	xsd := xenstored.Start(t, xenstored.C)
 	data := t.TempDir()
 	svcLog := filepath.Join(data, "svc.log")
-
-	sandboxed := strings.Replace(string(unit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
-	sandboxed = strings.ReplaceAll(sandboxed, "/usr/sbin/xenblkd", bin)
-	// A short watchdog, so the test sees it fire.
-	sandboxed = strings.Replace(sandboxed, "\nWatchdogSec=30s\n", "\nWatchdogSec=3s\n", 1)
-	sandboxed = strings.Replace(sandboxed, "[Service]\n", fmt.Sprintf(
-		"[Service]\nEnvironment=XENSTORED_PATH=%s\nStandardError=append:%s\n", xsd.Socket, svcLog), 1)
-	if sandboxed == string(unit) || !strings.Contains(sandboxed, "WatchdogSec=3s") {
-		t.Fatal("dist/xenblkd.service changed shape: update the test's edits")
-	}
-	// dist/xenblkd.socket as shipped (xenblkd.service requires it): the
-	// daemon gets the API socket from systemd, in the sandbox's own /run.
-	socketUnit, err := os.ReadFile("../../dist/xenblkd.socket")
-	if err != nil {
-		t.Fatal(err)
-	}
 	sbx := systemd.Start(t, systemd.Options{
-		Units: map[string]string{
-			"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
-			"xenblkd.service":     sandboxed,
-			"xenblkd.socket":      strings.Replace(string(socketUnit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1),
-		},
+		Units: daemonUnits(t, bin, xsd.Socket, svcLog, func(service string) string {
+			// A short watchdog, so the test sees it fire.
+			edited := strings.Replace(service, "\nWatchdogSec=30s\n", "\nWatchdogSec=3s\n", 1)
+			if edited == service {
+				t.Fatal("dist/xenblkd.service changed shape: update the test's edits")
+			}
+			return edited
+		}),
 		Target: "xenblkd-test.target",
 		Binds:  []systemd.Bind{{Path: filepath.Dir(bin), ReadOnly: true}, {Path: xsd.Dir}, {Path: data}},
 	})
@@ -225,5 +210,163 @@ func TestProductionUnitDaemon(t *testing.T) {
 	}
 	if !strings.Contains(logs(), "flag provided but not defined: -bogus (see xenblkd daemon --help)") {
 		t.Errorf("no one-line flag error in the log:\n%s", logs())
+	}
+}
+
+// TestProductionUnitStopStart: the real daemon under dist/xenblkd.service
+// pre-sets-up a disk no VM has opened yet (an idle loop device: only the
+// daemon and the fd store hold it), then `systemctl stop` and `start`. On
+// systemd 257 (Debian 13, FileDescriptorStorePreserve=yes) the store outlives
+// the stop and the next daemon adopts the very device (same diskseq, same
+// physical-device); on systemd 252 (Debian 12) stop drops the store, the idle
+// device is freed, and the next daemon finds its diskseq gone (docs/fdstore.md).
+func TestProductionUnitStopStart(t *testing.T) {
+	eachRelease(t, testProductionUnitStopStart)
+}
+
+func testProductionUnitStopStart(t *testing.T, root string) {
+	bin, err := build.Xenblkd(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	xsd := xenstored.Start(t, xenstored.C)
+	data := t.TempDir()
+	svcLog := filepath.Join(data, "svc.log")
+	sbx := systemd.Start(t, systemd.Options{
+		Root: root,
+		// No Xen condition (the daemon starts at boot) and no watchdog.
+		Units: daemonUnits(t, bin, xsd.Socket, svcLog, func(service string) string {
+			return regexp.MustCompile(`(?m)^(ConditionPathExists|WatchdogSec)=.*\n`).ReplaceAllString(service, "")
+		}),
+		Target: "xenblkd-test.target",
+		Binds:  []systemd.Bind{{Path: filepath.Dir(bin), ReadOnly: true}, {Path: xsd.Dir}, {Path: data}},
+	})
+	version, _ := sbx.Exec("systemctl", "--version")
+	version = strings.SplitN(version, "\n", 2)[0]
+	svc := &service{t: t, sbx: sbx, unit: "xenblkd.service"}
+	logs := func() string {
+		b, _ := os.ReadFile(svcLog)
+		return string(b)
+	}
+	waitState := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for !ok() {
+			if time.Now().After(deadline) {
+				t.Fatalf("gave up waiting for %s; ActiveState=%s; daemon log:\n%s", what, svc.show("ActiveState"), logs())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitState("the daemon active", func() bool { return svc.show("ActiveState") == "active" })
+
+	ctx := context.Background()
+	xs, err := xenstore.DialUnix(ctx, xsd.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { xs.Close() })
+	image := filepath.Join(data, "disk.img")
+	if err := os.WriteFile(image, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	disk := libxl.Disk{Domid: 7, Devid: 51712, Params: image, Mode: "w", Script: "/etc/xen/scripts/xenblkd"}
+	if err := libxl.Write(ctx, xs, disk); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { libxl.Remove(ctx, xs, disk) })
+	var pd, seqHex string
+	waitState("physical-device written by pre-setup", func() bool {
+		pd, err = xs.Read(ctx, disk.BackendAbs()+"/physical-device")
+		return err == nil
+	})
+	if seqHex, err = xs.Read(ctx, disk.BackendAbs()+"/diskseq"); err != nil {
+		t.Fatal(err)
+	}
+	diskseq, err := strconv.ParseUint(seqHex, 16, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(pd, "%x:%x", &major, &minor); err != nil || major != 7 {
+		t.Fatalf("physical-device %q: not a loop device", pd)
+	}
+	number := minor // loop minors are the device numbers (max_part=0)
+	t.Cleanup(func() { waitCleared(t, number, diskseq) })
+	svc.wantStored(1)
+
+	svc.systemctl("stop", "xenblkd.service")
+	if strings.HasPrefix(version, "systemd 252 ") {
+		waitCleared(t, number, diskseq)
+		svc.systemctl("start", "xenblkd.service")
+		waitState("recovery after start", func() bool { return strings.Count(logs(), "recovery done") == 2 })
+		t.Logf("%s: stop dropped the store and freed the idle /dev/loop%d (diskseq %d); recovery after start:\n%s",
+			version, number, diskseq, lastLine(logs(), "recovery done"))
+		return
+	}
+	svc.wantStored(1)
+	if b, seq := binding(number); !b || seq != diskseq {
+		t.Fatalf("%s: the idle /dev/loop%d (diskseq %d) did not outlive systemctl stop", version, number, diskseq)
+	}
+	svc.systemctl("start", "xenblkd.service")
+	waitState("recovery after start", func() bool { return strings.Count(logs(), "recovery done") == 2 })
+	done := lastLine(logs(), "recovery done")
+	if !strings.Contains(done, "adopted=1 ") {
+		t.Errorf("%s: after stop/start the daemon did not adopt the stored device: %s", version, done)
+	}
+	if got, _ := xs.Read(ctx, disk.BackendAbs()+"/physical-device"); got != pd {
+		t.Errorf("physical-device %q → %q across stop/start", pd, got)
+	}
+	if got, _ := xs.Read(ctx, disk.BackendAbs()+"/diskseq"); got != seqHex {
+		t.Errorf("diskseq %q → %q across stop/start: the device was made again", seqHex, got)
+	}
+	if b, seq := binding(number); !b || seq != diskseq {
+		t.Errorf("/dev/loop%d is no longer bound with diskseq %d", number, diskseq)
+	}
+	t.Logf("%s: stop kept the store; start adopted /dev/loop%d diskseq %d: %s", version, number, diskseq, done)
+	// The disk goes: the daemon frees the device (the t.Cleanup above waits).
+	if out, err := sbx.Exec("env", "XENBUS_PATH="+disk.Backend(), "XENSTORED_PATH="+xsd.Socket, bin, "remove"); err != nil {
+		t.Errorf("remove: %v\n%s", err, out)
+	}
+}
+
+// lastLine is the last line of log containing want.
+func lastLine(log, want string) string {
+	lines := strings.Split(log, "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.Contains(lines[i], want) {
+			return lines[i]
+		}
+	}
+	return ""
+}
+
+// daemonUnits are dist/xenblkd.service and dist/xenblkd.socket for the
+// sandbox, with the xenblkd-test.target that wants the service: both without
+// default dependencies, the service with the test's binary, XenStore and
+// stderr file, then edit's changes. The socket is as shipped (the service
+// requires it): the daemon gets the API socket from systemd, in the
+// sandbox's own /run.
+func daemonUnits(t *testing.T, bin, xsSocket, svcLog string, edit func(service string) string) map[string]string {
+	t.Helper()
+	unit, err := os.ReadFile("../../dist/xenblkd.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	socketUnit, err := os.ReadFile("../../dist/xenblkd.socket")
+	if err != nil {
+		t.Fatal(err)
+	}
+	service := strings.Replace(string(unit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1)
+	service = strings.ReplaceAll(service, "/usr/sbin/xenblkd", bin)
+	service = strings.Replace(service, "[Service]\n", fmt.Sprintf(
+		"[Service]\nEnvironment=XENSTORED_PATH=%s\nStandardError=append:%s\n", xsSocket, svcLog), 1)
+	if !strings.Contains(service, "DefaultDependencies=no") || !strings.Contains(service, "Environment=XENSTORED_PATH=") {
+		t.Fatal("dist/xenblkd.service changed shape: update the test's edits")
+	}
+	return map[string]string{
+		"xenblkd-test.target": "[Unit]\nDefaultDependencies=no\nWants=xenblkd.service\n",
+		"xenblkd.service":     edit(service),
+		"xenblkd.socket":      strings.Replace(string(socketUnit), "[Unit]\n", "[Unit]\nDefaultDependencies=no\n", 1),
 	}
 }

@@ -308,3 +308,90 @@ func pid1Holds(t *testing.T, sbx *systemd.Sandbox, number int) bool {
 	}
 	return false
 }
+
+// TestFDStorePreserveStopStart: with FileDescriptorStorePreserve=yes (as
+// dist/xenblkd.service says), systemd 257 (Debian 13) keeps the store of a
+// stopped unit: an idle device stays bound across `systemctl stop` and the
+// next start receives it under its name (adopted, not made again); removing
+// the unit file and daemon-reload (the package's removal) frees it. systemd
+// 252 (Debian 12) ignores the key: stop drops the store and the device, and
+// start attaches afresh (docs/fdstore.md).
+func TestFDStorePreserveStopStart(t *testing.T) {
+	eachRelease(t, testFDStorePreserve)
+}
+
+func testFDStorePreserve(t *testing.T, root string) {
+	bin, data, image, events := prepareFdsvc(t)
+	var attached []string
+	t.Cleanup(func() {
+		for _, name := range attached {
+			number, diskseq, _ := fdstore.ParseLoopName(name)
+			waitCleared(t, number, diskseq)
+		}
+	})
+	sbx := systemd.Start(t, systemd.Options{
+		Root: root,
+		Units: map[string]string{
+			"fdsvc.target": "[Unit]\nDefaultDependencies=no\nWants=fdsvc.service\n",
+			"fdsvc.service": fmt.Sprintf(`[Unit]
+DefaultDependencies=no
+[Service]
+Type=notify
+ExecStart=%s %s %s
+FileDescriptorStoreMax=16
+FileDescriptorStorePreserve=yes
+StandardOutput=append:%s/svc.log
+StandardError=append:%s/svc.log
+`, filepath.Join(bin, "fdsvc"), image, events, data, data),
+		},
+		Target: "fdsvc.target",
+		Binds:  []systemd.Bind{{Path: bin, ReadOnly: true}, {Path: data}},
+	})
+	version, _ := sbx.Exec("systemctl", "--version")
+	version = strings.SplitN(version, "\n", 2)[0]
+	svc := &service{t: t, sbx: sbx, events: events, unit: "fdsvc.service"}
+	name := svc.waitEvent(svc.mainPID(), "attached")
+	attached = append(attached, name)
+	number, diskseq, _ := fdstore.ParseLoopName(name)
+	svc.wantStored(1)
+
+	svc.systemctl("stop", "fdsvc.service")
+	if strings.HasPrefix(version, "systemd 252 ") {
+		waitCleared(t, number, diskseq)
+		svc.systemctl("start", "fdsvc.service")
+		name = svc.waitEvent(svc.mainPID(), "attached")
+		attached = append(attached, name)
+		t.Logf("%s: stop dropped the store (/dev/loop%d cleared); start attached %s afresh", version, number, name)
+		return
+	}
+	// systemd >= 254: the inactive unit keeps the store, PID 1 the device.
+	if state := svc.show("ActiveState"); state != "inactive" {
+		t.Fatalf("after stop: ActiveState %s", state)
+	}
+	svc.wantStored(1)
+	if !pid1Holds(t, sbx, number) {
+		t.Errorf("%s: after stop, PID 1 holds no fd of /dev/loop%d", version, number)
+	}
+	if bound, seq := binding(number); !bound || seq != diskseq {
+		t.Fatalf("%s: /dev/loop%d lost its binding on stop (bound %v, diskseq %d)", version, number, bound, seq)
+	}
+	svc.systemctl("start", "fdsvc.service")
+	svc.wantReceived(svc.mainPID(), name)
+	t.Logf("%s: stop kept the store (/dev/loop%d diskseq %d bound); start received %s", version, number, diskseq, name)
+
+	// The package's removal: prerm stops the unit (and runs `systemctl clean
+	// --what=fdstore`, which needs the D-Bus system bus: the sandbox has none),
+	// dpkg removes the unit file, postrm's daemon-reload unloads the unit,
+	// and that drops the store: the device goes.
+	svc.systemctl("stop", "fdsvc.service")
+	svc.wantStored(1)
+	if out, err := sbx.Exec("rm", "/run/systemd/system/fdsvc.service"); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	svc.systemctl("daemon-reload")
+	waitCleared(t, number, diskseq)
+	if state := svc.show("LoadState"); state != "not-found" {
+		t.Errorf("after the unit file went and daemon-reload: LoadState %s, want not-found", state)
+	}
+	svc.wantStored(0)
+}

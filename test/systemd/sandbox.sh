@@ -1,7 +1,8 @@
 #!/bin/sh
 # Runs as PID 1 of fresh pid/mount/uts/ipc/net/cgroup namespaces (started by
 # systemd.go).
-# Builds a throw-away root: overlay(lower=/ read-only, upper=tmpfs), private
+# Builds a throw-away root: overlay(lower=$SBX_LOWER read-only: / or another
+# root file system such as the cached Debian 13 one, upper=tmpfs), private
 # /dev (mknod'd nodes only: no devtmpfs, so no udev side effects), read-only
 # /sys and /proc/sys, private /tmp and /run. Only $SBX_DIR and the paths in
 # $SBX_BINDS are shared with the host. Then a `systemd --test` dry run, whose
@@ -12,7 +13,7 @@ mount --make-rprivate /
 mkdir -p "$S"
 mount -t tmpfs -o mode=755 xenblkd-sbx "$S"
 mkdir -p "$S/upper" "$S/work" "$S/root"
-mount -t overlay overlay -o "lowerdir=/,upperdir=$S/upper,workdir=$S/work" "$S/root"
+mount -t overlay overlay -o "lowerdir=${SBX_LOWER:-/},upperdir=$S/upper,workdir=$S/work" "$S/root"
 R=$S/root
 mount -t proc proc "$R/proc"
 mount --bind "$R/proc/sys" "$R/proc/sys"; mount -o remount,bind,ro "$R/proc/sys"

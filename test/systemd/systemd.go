@@ -1,8 +1,11 @@
-// Package systemd boots a real systemd (Debian 12: 252) as PID 1 of a
-// throw-away sandbox, for tests of the fd store, restarts and crashes.
+// Package systemd boots a real systemd (the host's, Debian 12: 252; or that of
+// another root file system, Options.Root: the cached Debian 13 root's 257) as
+// PID 1 of a throw-away sandbox, for tests of the fd store, restarts and
+// crashes.
 //
 // The sandbox never touches the host: new pid/mount/uts/ipc/net/cgroup
-// namespaces, an overlay root (lower = / read-only, upper = tmpfs), a tmpfs
+// namespaces, an overlay root (lower = / or Options.Root, read-only; upper =
+// tmpfs), a tmpfs
 // /dev holding only mknod'd nodes (null, zero, full, random, urandom, tty,
 // loop-control and /dev/loopN for every number up to the highest existing one
 // + 512: loop numbers are global, and a tmpfs /dev gets no node for a device
@@ -22,6 +25,7 @@ package systemd
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	_ "embed"
 	"errors"
@@ -69,6 +73,10 @@ type Options struct {
 	LogLevel string
 	// Timeout for boot and for each command; default 60s.
 	Timeout time.Duration
+	// Root is the root file system the sandbox's overlay is made of (its
+	// systemd is the one booted); "" is the host's /. The cached Debian 13
+	// root (test/trixie) boots systemd 257.
+	Root string
 }
 
 // Sandbox is a running systemd in a sandbox. Close (also registered with
@@ -91,7 +99,7 @@ var sandboxCount atomic.Int64
 // anything else goes wrong.
 func Start(tb testing.TB, opts Options) *Sandbox {
 	tb.Helper()
-	cgroupRoot := checkPrerequisites(tb)
+	cgroupRoot := checkPrerequisites(tb, opts.Root)
 	if opts.Timeout == 0 {
 		opts.Timeout = 60 * time.Second
 	}
@@ -147,6 +155,7 @@ func Start(tb testing.TB, opts Options) *Sandbox {
 		"SBX_TARGET=" + opts.Target,
 		"SBX_BINDS=" + binds.String(),
 		"SBX_LOGLEVEL=" + opts.LogLevel,
+		"SBX_LOWER=" + cmp.Or(opts.Root, "/"),
 	}
 	s.cmd.Stdout, s.cmd.Stderr = logFile, logFile
 	stdin, err := s.cmd.StdinPipe()
@@ -194,7 +203,7 @@ func Start(tb testing.TB, opts Options) *Sandbox {
 
 // checkPrerequisites skips the test if a sandbox cannot be built here and
 // returns the cgroup2 mount point.
-func checkPrerequisites(tb testing.TB) string {
+func checkPrerequisites(tb testing.TB, root string) string {
 	tb.Helper()
 	skip := func(format string, args ...any) {
 		msg := "systemd sandbox unavailable, skipping: " + fmt.Sprintf(format, args...)
@@ -225,6 +234,14 @@ func checkPrerequisites(tb testing.TB) string {
 	for _, tool := range []string{"/lib/systemd/systemd", "/usr/bin/unshare", "/usr/bin/nsenter", "/usr/bin/setpriv"} {
 		if _, err := os.Stat(tool); err != nil {
 			tb.Fatalf("systemd sandbox: %s missing (install systemd and util-linux): %v", tool, err)
+		}
+	}
+	// The sandbox's own systemd and setpriv come from its root.
+	if root != "" {
+		for _, tool := range []string{"/lib/systemd/systemd", "/usr/bin/setpriv", "/usr/bin/systemctl"} {
+			if _, err := os.Stat(filepath.Join(root, tool)); err != nil {
+				tb.Fatalf("systemd sandbox: %s missing in %s: %v", tool, root, err)
+			}
 		}
 	}
 	return cgroupRoot

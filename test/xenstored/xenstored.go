@@ -1,11 +1,15 @@
 // Package xenstored starts private instances of Debian's real XenStore daemons
-// (C xenstored and OCaml oxenstored from xen-utils-4.17) for tests, without a
+// (C xenstored and OCaml oxenstored from xen-utils-X.Y) for tests, without a
 // hypervisor: an LD_PRELOAD shim (testdata/xsfake.c, built here with gcc on first use)
-// fakes the handful of hypervisor interfaces they open at start.
+// fakes the handful of hypervisor interfaces they open at start. The daemons
+// are the host's (Debian 12: Xen 4.17), or those of another root file system
+// (StartIn: the cached Debian 13 root, Xen 4.20, run chrooted); the Xen
+// version is found at run time (/usr/lib/xen-X.Y), never written in.
 //
 // Each daemon listens on its own socket in a private directory; nothing on the
 // host's /run/xenstored is used (oxenstored, whose socket path is compiled in,
-// runs in a private mount namespace with the directory bind-mounted there).
+// and every chrooted daemon run in a private mount namespace with the
+// directory bind-mounted there).
 // Limits of this peer: every socket client is dom0 (privileged, so permissions
 // are stored but never refuse it), there are no guest rings, and
 // @releaseDomain never fires. See ../../docs/xenstore.md.
@@ -34,15 +38,17 @@ import (
 // Kind names a xenstored implementation.
 type Kind string
 
-// The two daemons of Debian's xen-utils-4.17.
+// The two daemons of Debian's xen-utils-X.Y.
 const (
 	C     Kind = "cxenstored"
 	OCaml Kind = "oxenstored"
 )
 
+// innerDir is the daemon's private directory as a chrooted daemon sees it:
+// oxenstored's compiled-in socket directory (/var/run is /run in the roots).
+const innerDir = "/run/xenstored"
+
 const (
-	cxenstoredBin = "/usr/lib/xen-4.17/bin/xenstored"
-	oxenstoredBin = "/usr/lib/xen-4.17/bin/oxenstored"
 	// startTimeout bounds how long a daemon may take to accept connections;
 	// it only turns a broken setup into an error instead of a hang.
 	startTimeout = 20 * time.Second
@@ -53,10 +59,14 @@ var shimSource []byte
 
 // Daemon is a running private xenstored.
 type Daemon struct {
-	Kind   Kind
-	Socket string // the daemon's unix socket, as seen from the host
-	Pid    int    // the daemon process itself (for oxenstored: not the unshare wrapper)
-	Dir    string // private directory: socket, config, logs
+	Kind       Kind
+	Root       string // the root file system it runs in; "" for the host's
+	XenVersion string // of the daemon's xen-utils, e.g. "4.17"
+	Socket     string // the daemon's unix socket, as seen from the host
+	Pid        int    // the daemon process itself (for oxenstored: not the unshare wrapper)
+	Dir        string // private directory: socket, config, logs
+
+	bin string // the daemon's binary, as seen from the host
 
 	shim   shimFiles
 	exited chan struct{} // closed when the current process has been reaped
@@ -67,7 +77,14 @@ type Daemon struct {
 // nothing global.
 func Start(tb testing.TB, kind Kind) *Daemon {
 	tb.Helper()
-	d, stop, err := StartMain(kind)
+	return StartIn(tb, kind, "")
+}
+
+// StartIn is Start with the daemon of another root file system (root "" is
+// the host's), run chrooted there in a private mount namespace.
+func StartIn(tb testing.TB, kind Kind, root string) *Daemon {
+	tb.Helper()
+	d, stop, err := StartMainIn(kind, root)
 	if err != nil {
 		tb.Fatalf("start %s: %v", kind, err)
 	}
@@ -77,11 +94,19 @@ func Start(tb testing.TB, kind Kind) *Daemon {
 
 // StartMain is for TestMain (one daemon per test package): returns the daemon
 // and a stop func that kills it and removes its directory.
-func StartMain(kind Kind) (*Daemon, func(), error) {
+func StartMain(kind Kind) (*Daemon, func(), error) { return StartMainIn(kind, "") }
+
+// StartMainIn is StartMain with the daemon of root ("" for the host's).
+func StartMainIn(kind Kind, root string) (*Daemon, func(), error) {
 	if kind != C && kind != OCaml {
 		return nil, nil, fmt.Errorf("unknown xenstored kind %q", kind)
 	}
-	if err := checkPrerequisites(kind); err != nil {
+	version, err := XenVersion(root)
+	if err != nil {
+		return nil, nil, err
+	}
+	bin := filepath.Join(root, "/usr/lib/xen-"+version+"/bin", map[Kind]string{C: "xenstored", OCaml: "oxenstored"}[kind])
+	if err := checkPrerequisites(kind, root, bin); err != nil {
 		return nil, nil, err
 	}
 	shim, err := buildShim()
@@ -93,10 +118,18 @@ func StartMain(kind Kind) (*Daemon, func(), error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	d := &Daemon{Kind: kind, Socket: filepath.Join(dir, "socket"), Dir: dir, shim: shim}
+	d := &Daemon{Kind: kind, Root: root, XenVersion: version, Socket: filepath.Join(dir, "socket"), Dir: dir, bin: bin, shim: shim}
 	stop := func() {
 		d.Kill()
 		os.RemoveAll(dir)
+	}
+	if root != "" {
+		// A chrooted daemon sees only its root and its own directory: the shim
+		// goes there too.
+		if d.shim, err = copyShim(shim, dir); err != nil {
+			stop()
+			return nil, nil, err
+		}
 	}
 	if err := d.start(); err != nil {
 		stop()
@@ -149,9 +182,14 @@ func (d *Daemon) start() error {
 	defer logFile.Close()
 
 	var cmd *exec.Cmd
-	switch d.Kind {
-	case C:
-		cmd = exec.Command(cxenstoredBin, "--no-fork", "--pid-file", filepath.Join(d.Dir, "xenstored.pid"))
+	switch {
+	case d.Root != "":
+		cmd, err = d.chrootCommand()
+		if err != nil {
+			return err
+		}
+	case d.Kind == C:
+		cmd = exec.Command(d.bin, "--no-fork", "--pid-file", filepath.Join(d.Dir, "xenstored.pid"))
 		// A minimal environment: an inherited XENSTORED_PATH would make
 		// cxenstored bind that path instead of $XENSTORED_RUNDIR/socket.
 		cmd.Env = []string{
@@ -161,7 +199,7 @@ func (d *Daemon) start() error {
 			"XSFAKE_PORT=" + d.shim.port,
 			"XSFAKE_KVA=" + d.shim.kva,
 		}
-	case OCaml:
+	case d.Kind == OCaml:
 		target, err := oxenstoredMountTarget()
 		if err != nil {
 			return err
@@ -173,7 +211,7 @@ func (d *Daemon) start() error {
 		// oxenstored: the pid we started is the daemon's.
 		cmd = exec.Command("unshare", "-m", "--propagation", "private", "sh", "-c",
 			`mount --bind "$1" "$2" && exec env LD_PRELOAD="$3" "$4" --no-fork --config-file "$1/oxenstored.conf"`,
-			"sh", d.Dir, target, d.shim.lib, oxenstoredBin)
+			"sh", d.Dir, target, d.shim.lib, d.bin)
 		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
@@ -216,12 +254,8 @@ func (d *Daemon) waitReady() error {
 		}
 	}
 	defer c.Close()
-	want := cxenstoredBin
-	if d.Kind == OCaml {
-		want = oxenstoredBin
-	}
-	if exe, err := os.Readlink("/proc/" + strconv.Itoa(d.Pid) + "/exe"); err != nil || exe != want {
-		return fmt.Errorf("pid %d runs %q, want %s", d.Pid, exe, want)
+	if exe, err := os.Readlink("/proc/" + strconv.Itoa(d.Pid) + "/exe"); err != nil || exe != d.bin {
+		return fmt.Errorf("pid %d runs %q, want %s", d.Pid, exe, d.bin)
 	}
 	if err := c.Mkdir(ctx, "/local/domain/0"); err != nil {
 		return err
@@ -269,18 +303,16 @@ func oxenstoredConf(dir string, s shimFiles) string {
 	}, "\n")
 }
 
-func checkPrerequisites(kind Kind) error {
+func checkPrerequisites(kind Kind, root, bin string) error {
 	need := []string{"gcc"}
-	bin := cxenstoredBin
-	if kind == OCaml {
-		bin = oxenstoredBin
+	if kind == OCaml || root != "" {
 		need = append(need, "unshare", "mount", "sh")
 		if os.Geteuid() != 0 {
-			return errors.New("oxenstored needs root (a private mount namespace): run the tests as root")
+			return fmt.Errorf("%s needs root (a private mount namespace): run the tests as root", bin)
 		}
 	}
 	if _, err := os.Stat(bin); err != nil {
-		return fmt.Errorf("%s not found: run scripts/setup.sh (installs xen-utils-4.17 --no-install-recommends): %w", bin, err)
+		return fmt.Errorf("%s not found: run scripts/setup.sh (installs xen-utils --no-install-recommends): %w", bin, err)
 	}
 	for _, tool := range need {
 		if _, err := exec.LookPath(tool); err != nil {
@@ -368,4 +400,82 @@ func writeAtomic(path string, b []byte) error {
 		return err
 	}
 	return os.Rename(f.Name(), path)
+}
+
+// XenVersion returns the version X.Y of the Xen tools in root ("" for the
+// host): the highest /usr/lib/xen-X.Y that has a xenstored.
+func XenVersion(root string) (string, error) {
+	bins, _ := filepath.Glob(filepath.Join(root, "/usr/lib/xen-*/bin/xenstored"))
+	best, bestKey := "", [2]int{-1, -1}
+	for _, bin := range bins {
+		v := strings.TrimPrefix(filepath.Base(filepath.Dir(filepath.Dir(bin))), "xen-")
+		major, minor, ok := strings.Cut(v, ".")
+		ma, err1 := strconv.Atoi(major)
+		mi, err2 := strconv.Atoi(minor)
+		if !ok || err1 != nil || err2 != nil {
+			continue
+		}
+		if key := [2]int{ma, mi}; key[0] > bestKey[0] || key[0] == bestKey[0] && key[1] > bestKey[1] {
+			best, bestKey = v, key
+		}
+	}
+	if best == "" {
+		where := root
+		if where == "" {
+			where = "the host"
+		}
+		return "", fmt.Errorf("no /usr/lib/xen-X.Y/bin/xenstored in %s: run scripts/setup.sh (installs xen-utils --no-install-recommends)", where)
+	}
+	return best, nil
+}
+
+// chrootCommand runs the daemon chrooted in d.Root, in a private mount
+// namespace where a tmpfs covers the root's /run and d.Dir is bind-mounted on
+// innerDir: the cached root is never written, and the socket d.Dir/socket is
+// the same file on both sides. unshare and chroot exec without forking, so
+// the pid started is the daemon's.
+func (d *Daemon) chrootCommand() (*exec.Cmd, error) {
+	inner := strings.TrimPrefix(d.bin, d.Root)
+	env := []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LD_PRELOAD=" + d.shim.lib}
+	var args []string
+	switch d.Kind {
+	case C:
+		env = append(env, "XENSTORED_RUNDIR="+innerDir, "XSFAKE_PORT="+d.shim.port, "XSFAKE_KVA="+d.shim.kva)
+		args = []string{inner, "--no-fork", "--pid-file", innerDir + "/xenstored.pid"}
+	case OCaml:
+		if err := os.WriteFile(filepath.Join(d.Dir, "oxenstored.conf"), []byte(oxenstoredConf(innerDir, d.shim)), 0o644); err != nil {
+			return nil, err
+		}
+		args = []string{inner, "--no-fork", "--config-file", innerDir + "/oxenstored.conf"}
+	}
+	script := `R=$1 D=$2 I=$3; shift 3
+mount -t tmpfs -o mode=755 xsd-run "$R/run" && mkdir -p "$R$I" && mount --bind "$D" "$R$I" &&
+mount -t proc proc "$R/proc" && exec chroot "$R" env -i "$@"`
+	cmd := exec.Command("unshare", append([]string{"-m", "--propagation", "private", "sh", "-c", script, "sh", d.Root, d.Dir, innerDir}, append(env, args...)...)...)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	return cmd, nil
+}
+
+// copyShim copies the shim's files into dir, for a daemon that sees dir as
+// innerDir, and returns their paths as the daemon sees them.
+func copyShim(s shimFiles, dir string) (shimFiles, error) {
+	inner := shimFiles{}
+	for _, f := range []struct {
+		from, name string
+		to         *string
+	}{
+		{s.lib, "libxsfake.so", &inner.lib},
+		{s.port, "xsd_port", &inner.port},
+		{s.kva, "xsd_kva", &inner.kva},
+	} {
+		b, err := os.ReadFile(f.from)
+		if err != nil {
+			return inner, fmt.Errorf("copy shim: %w", err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f.name), b, 0o755); err != nil {
+			return inner, fmt.Errorf("copy shim: %w", err)
+		}
+		*f.to = innerDir + "/" + f.name
+	}
+	return inner, nil
 }

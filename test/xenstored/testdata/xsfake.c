@@ -1,5 +1,5 @@
 /* Kept under testdata/ because the go tool refuses C files in a non-cgo package. */
-/* LD_PRELOAD shim: run Debian's xenstored/oxenstored 4.17 without a hypervisor.
+/* LD_PRELOAD shim: run Debian's xenstored/oxenstored (Xen 4.17 and 4.20) without a hypervisor.
  * Build: gcc -O2 -Wall -shared -fPIC -o libxsfake.so xsfake.c -ldl
  * Env: XSFAKE_PORT=<file containing "1" (no newline)>  XSFAKE_KVA=<4096-byte zero file> */
 #define _GNU_SOURCE
@@ -22,7 +22,7 @@ void *xc_interface_open(void *l, void *dl, unsigned f) { (void)l; (void)dl; (voi
 int xc_interface_close(void *x) { free(x); return 0; }
 /* cxenstored asks whether a domain exists (e.g. when set-perms names a domid):
  * every domain exists and runs. Only the leading fields of xc_dominfo_t
- * (xenctrl.h 4.17) are written; the caller's struct is larger. */
+ * (xenctrl.h 4.17; Xen 4.17 and older) are written; the caller's struct is larger. */
 struct fake_dominfo_head { uint32_t domid, ssidref; unsigned int flags, shutdown_reason; };
 int xc_domain_getinfo(void *x, uint32_t first, unsigned int max, void *info)
 {
@@ -33,6 +33,32 @@ int xc_domain_getinfo(void *x, uint32_t first, unsigned int max, void *info)
 	h->domid = first;
 	return 1;
 }
+/* Xen 4.18 replaced xc_domain_getinfo with these (xc_domaininfo_t is the
+ * hypercall's struct xen_domctl_getdomaininfo): 4.20's cxenstored asks for one
+ * domain, oxenstored's domain_getinfo_v1 plugin for one or for all. Only the
+ * leading fields (domain, pad, flags) are written; the caller's struct is
+ * larger. flags 0: running, neither dying nor shut down. */
+struct fake_domaininfo_head { uint16_t domain, pad1; uint32_t flags; };
+int xc_domain_getinfo_single(void *x, uint32_t domid, void *info)
+{
+	struct fake_domaininfo_head *h = info;
+	(void)x;
+	memset(h, 0, sizeof(*h));
+	h->domain = (uint16_t)domid;
+	return 0;
+}
+/* The plugin fails on 0 domains; dom0 is the only one. It asks only when
+ * VIRQ_DOM_EXC fires, which never happens here. */
+int xc_domain_getinfolist(void *x, uint32_t first, unsigned int max, void *info)
+{
+	(void)x;
+	if (max == 0 || first > 0) return 0;
+	return xc_domain_getinfo_single(x, 0, info) == 0 ? 1 : -1;
+}
+/* xc_error: { int code; char message[1024]; }, code 0 is XC_ERROR_NONE */
+struct fake_xc_error { int code; char message[1024]; };
+const void *xc_get_last_error(void *x) { static struct fake_xc_error none; (void)x; return &none; }
+const char *xc_error_code_to_desc(int code) { (void)code; return "no error (xsfake)"; }
 /* libxengnttab */
 void *xengnttab_open(void *l, unsigned f) { (void)l; (void)f; return calloc(1, 64); }
 int xengnttab_close(void *h) { free(h); return 0; }
