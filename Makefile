@@ -121,7 +121,7 @@ PREFIX       ?= /usr
 SBINDIR      ?= $(PREFIX)/sbin
 MANDIR       ?= $(PREFIX)/share/man
 XENSCRIPTDIR ?= /etc/xen/scripts
-UNITDIR      ?= /lib/systemd/system
+UNITDIR      ?= /usr/lib/systemd/system
 BUILDDIR     ?= build
 UNIT         := dist/xenblkd.service
 SOCKETUNIT   := dist/xenblkd.socket
@@ -190,10 +190,14 @@ uninstall:
 # dist/debian/; docs (copyright, changelog), the lintian override and md5sums
 # are added here. `lintian build/xenblkd_*.deb` is clean (test/install).
 DOCDIR := /usr/share/doc/xenblkd
+# Units under /usr/lib: /lib is an alias of /usr/lib on Debian 12 and 13 (merged /usr), and
+# Debian 13's lintian reports files under the alias (aliased-location); Debian 12's accepts both.
+# Overridable only so a test can build a package of the old layout and upgrade from it.
+DEB_UNITDIR ?= /usr/lib/systemd/system
 deb: check-unit build man
 	rm -rf $(BUILDDIR)/deb
 	$(MAKE) --no-print-directory install DESTDIR=$(abspath $(BUILDDIR))/deb PREFIX=/usr SBINDIR=/usr/sbin \
-		MANDIR=/usr/share/man UNITDIR=/lib/systemd/system XENSCRIPTDIR=/etc/xen/scripts
+		MANDIR=/usr/share/man UNITDIR=$(DEB_UNITDIR) XENSCRIPTDIR=/etc/xen/scripts
 	# stripped as dh_strip does (make install keeps the symbols for debugging)
 	strip --remove-section=.comment --remove-section=.note --strip-unneeded $(BUILDDIR)/deb/etc/xen/scripts/xenblkd
 	install -D -m 0644 dist/debian/copyright $(BUILDDIR)/deb$(DOCDIR)/copyright

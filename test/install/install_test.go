@@ -126,10 +126,10 @@ func checkLayout(t *testing.T, destdir, sbindir string) {
 	root := repoRoot(t)
 	bin := strings.TrimPrefix(sbindir, "/") + "/xenblkd"
 	want := map[string]fs.FileMode{
-		bin:                                  0o755,
-		"etc/xen/scripts/xenblkd":            0o755,
-		"lib/systemd/system/xenblkd.service": 0o644,
-		"lib/systemd/system/xenblkd.socket":  0o644,
+		bin:                                      0o755,
+		"etc/xen/scripts/xenblkd":                0o755,
+		"usr/lib/systemd/system/xenblkd.service": 0o644,
+		"usr/lib/systemd/system/xenblkd.socket":  0o644,
 		strings.TrimPrefix(filepath.Dir(sbindir), "/") + "/share/man/man8/xenblkd.8.gz": 0o644,
 	}
 	got := tree(t, destdir)
@@ -159,7 +159,7 @@ func checkLayout(t *testing.T, destdir, sbindir string) {
 	if out, err := cmd.CombinedOutput(); err != nil || !strings.HasPrefix(string(out), "xenblkd ") {
 		t.Errorf("XENBLKD_BIN=%s %s version: %q, %v; want the binary's version", filepath.Join(destdir, bin), entry, out, err)
 	}
-	unit, err := os.ReadFile(filepath.Join(destdir, "lib/systemd/system/xenblkd.service"))
+	unit, err := os.ReadFile(filepath.Join(destdir, "usr/lib/systemd/system/xenblkd.service"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,8 +303,8 @@ func TestDeb(t *testing.T) {
 	for _, want := range []*regexp.Regexp{
 		regexp.MustCompile(`(?m)^-rwxr-xr-x root/root .* \./usr/sbin/xenblkd$`),
 		regexp.MustCompile(`(?m)^-rwxr-xr-x root/root .* \./etc/xen/scripts/xenblkd$`),
-		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./lib/systemd/system/xenblkd\.service$`),
-		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./lib/systemd/system/xenblkd\.socket$`),
+		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./usr/lib/systemd/system/xenblkd\.service$`),
+		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./usr/lib/systemd/system/xenblkd\.socket$`),
 		regexp.MustCompile(`(?m)^-rw-r--r-- root/root .* \./usr/share/man/man8/xenblkd\.8\.gz$`),
 	} {
 		if !want.MatchString(listing) {
@@ -357,7 +357,7 @@ func TestDeb(t *testing.T) {
 		t.Errorf("md5sum --check DEBIAN/md5sums: %v\n%s", err, out)
 	}
 	sums, _ := os.ReadFile(filepath.Join(control, "md5sums"))
-	for _, f := range []string{"usr/sbin/xenblkd", "lib/systemd/system/xenblkd.service", "usr/share/doc/xenblkd/copyright"} {
+	for _, f := range []string{"usr/sbin/xenblkd", "usr/lib/systemd/system/xenblkd.service", "usr/share/doc/xenblkd/copyright"} {
 		if !strings.Contains(string(sums), "  "+f+"\n") {
 			t.Errorf("md5sums lacks %s:\n%s", f, sums)
 		}

@@ -114,26 +114,28 @@ func TestProductionUnit(t *testing.T) {
 		t.Fatalf("%v: %s", err, out)
 	}
 	out, err := sbx.Exec("systemd-analyze", "verify", filepath.Join(dir, "xenblkd.service"), filepath.Join(dir, "xenblkd.socket"))
-	t.Logf("systemd-analyze verify dist/xenblkd.service dist/xenblkd.socket:\n%s", out)
+	version, _ := sbx.Exec("systemctl", "--version")
+	version = strings.SplitN(version, "\n", 2)[0]
+	t.Logf("%s: systemd-analyze verify dist/xenblkd.service dist/xenblkd.socket:\n%s", version, out)
 	if err != nil {
 		t.Errorf("systemd-analyze verify: %v", err)
 	}
+	// FileDescriptorStorePreserve= is systemd >= 254's: 252 logs that it
+	// ignores it, and nothing else; newer ones say nothing.
+	old := strings.HasPrefix(version, "systemd 252 ")
+	unknownKey := 0
 	for _, line := range strings.Split(out, "\n") {
-		if (strings.Contains(line, "xenblkd.service") || strings.Contains(line, "xenblkd.socket")) && !strings.Contains(line, "Documentation") {
-			t.Errorf("systemd-analyze verify complains about the unit: %s", line)
+		if !strings.Contains(line, "xenblkd.service") && !strings.Contains(line, "xenblkd.socket") || strings.Contains(line, "Documentation") {
+			continue
 		}
+		if old && strings.Contains(line, "Unknown key 'FileDescriptorStorePreserve' in section [Service], ignoring") {
+			unknownKey++
+			continue
+		}
+		t.Errorf("systemd-analyze verify complains about the unit: %s", line)
 	}
-	// The commented FileDescriptorStorePreserve= line, enabled: systemd 252
-	// ignores it with "Unknown key"; newer ones accept it.
-	preserve := strings.Replace(string(unit), "#FileDescriptorStorePreserve=", "FileDescriptorStorePreserve=", 1)
-	if err := os.WriteFile(filepath.Join(dir, "xenblkd.service"), []byte(preserve), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	out, _ = sbx.Exec("systemd-analyze", "verify", filepath.Join(dir, "xenblkd.service"))
-	version, _ := sbx.Exec("systemctl", "--version")
-	t.Logf("%s with FileDescriptorStorePreserve=restart: %q", strings.SplitN(version, "\n", 2)[0], out)
-	if strings.HasPrefix(version, "systemd 252 ") && !strings.Contains(out, "Unknown key") {
-		t.Errorf("systemd 252 accepted FileDescriptorStorePreserve=? verify said %q", out)
+	if old && unknownKey != 1 {
+		t.Errorf("systemd 252: verify said %d times that it ignores FileDescriptorStorePreserve=, want once:\n%s", unknownKey, out)
 	}
 }
 
