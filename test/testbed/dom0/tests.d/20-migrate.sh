@@ -38,7 +38,7 @@ test_migrate() {
 	TEST_DOMIDS=()
 	xenblkd_ready "$name: migrate and save/restore" || return
 	dev=$(losetup -f --show "$WORK/xenblkd-phy.img") || { fail "$name: losetup" "no loop device"; return; }
-	write_cfg "$name" 1 "format=raw, vdev=xvda, access=rw, script=xenblkd, target=$img" \
+	write_cfg "$name" reads "format=raw, vdev=xvda, access=rw, script=xenblkd, target=$img" \
 		"backendtype=phy, format=raw, vdev=xvdb, access=rw, script=xenblkd, target=$dev"
 	say "$name: a running guest with a rw file disk and a rw phy: disk ($dev), script=xenblkd"
 	create "$name"

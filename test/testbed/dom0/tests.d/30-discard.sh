@@ -40,7 +40,8 @@ discard_initrd() {
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /mods/order); do insmod "/mods/$m" || echo "DOMU-DISCARD insmod $m failed"; done
-i=0; while [ $i -lt 100 ] && [ ! -e /sys/block/xvda ]; do sleep 0.1; i=$((i+1)); done
+end=$(($(cut -d. -f1 /proc/uptime) + 60))
+while [ ! -e /sys/block/xvda ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.1; done
 phase=$(sed -n 's/.*xbd.phase=\([a-z]*\).*/\1/p' /proc/cmdline)
 q=/sys/block/xvda/queue
 echo "DOMU-DISCARD phase=$phase lbs=$(cat $q/logical_block_size) discard_max=$(cat $q/discard_max_bytes)"
