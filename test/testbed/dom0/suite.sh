@@ -74,7 +74,7 @@ elapsed() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN{printf "%.1f", b - a}'; }
 
 say "dom0 up after $(cut -d' ' -f1 /proc/uptime)s; $(xl info | awk '/^xen_version/{print "Xen " $3}'), kernel $(uname -r)"
 # What this boot runs on: the release's versions head the report (docs/testbed.md quotes them).
-report "INFO dom0: Debian $(cat /etc/debian_version), Xen $(xl info | awk '/^xen_version/{print $3}'), kernel $(uname -r), $(systemctl --version | head -1 | cut -d' ' -f1-2), libvirt $(dpkg-query -W -f='${Version}' libvirt-daemon 2>/dev/null), $(ps -eo comm= | grep -m1 xenstored)"
+report "INFO dom0: Debian $(cat /etc/debian_version), Xen $(xl info | awk '/^xen_version/{print $3}'), kernel $(uname -r), $(systemctl --version | head -1 | cut -d' ' -f1-2), libvirt $(dpkg-query -W -f='${Version}' libvirt-daemon 2>/dev/null), $(ps -eo comm= | grep -m1 xenstored), virt_caps: $(xl info | sed -n 's/^virt_caps *: //p')"
 modprobe loop
 modprobe xen-blkback
 mkdir -p "$WORK" "$CONSOLE_DIR"
@@ -431,7 +431,9 @@ test_phy() { # SCRIPT
 	TEST_DOMIDS=()
 	[[ $script == xenblkd ]] && ! xenblkd_ready "$name: phy: disk" && return
 	dev=$(losetup -f --show "$WORK/$script-phy.img") || { fail "$name: losetup" "no loop device"; return; }
-	write_cfg "$name" 0 "backendtype=phy, format=raw, vdev=xvda, access=rw, script=$script, target=$dev"
+	# idle: held up until destroyed, so the vbd is still there to be seen Connected (a guest that
+	# powers off after reading can be gone before dom0 looks).
+	write_cfg "$name" idle "backendtype=phy, format=raw, vdev=xvda, access=rw, script=$script, target=$dev"
 	say "$name: xl create of a guest whose disk is $dev (phy), script=$script"
 	create "$name"
 	if ((CREATE_RC != 0)); then
@@ -442,7 +444,7 @@ test_phy() { # SCRIPT
 		pass "$name: xl create (${CREATE_S}s)"
 		check "$name: vbd reaches state 4" "not Connected" wait_connected "$name" 1
 		check "$name: guest reads the phy disk's signature" "signature mismatch" guest_reads "$name" XBD-PHY
-		wait_gone "$name"
+		timeout 120 xl destroy "$name"
 		check "$name: teardown leaves the test's own $dev alone and nothing else" "leftovers" no_leftovers "$dev"
 		check "$name: $dev still bound to its image" "the hotplug script detached a device it did not make" \
 			test "$(losetup -nO BACK-FILE "$dev" 2>/dev/null)" = "$WORK/$script-phy.img"

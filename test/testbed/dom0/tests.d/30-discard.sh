@@ -23,8 +23,10 @@ discard_initrd() {
 	(cd "$dir" && gzip -dc /root/domu/initrd.gz | cpio -idm --quiet) || return 1
 	: >"$dir/mods/order"
 	# modprobe prints the insmod lines of ext4 and its dependencies, in load order
-	# ("builtin ..." for what the kernel has built in).
-	for ko in $(modprobe --show-depends ext4 | awk '$1 == "insmod" {print $2}'); do
+	# ("builtin ..." for what the kernel has built in). crc32c_generic too: ext4 asks the crypto
+	# API for crc32c at mount time (a soft dependency modprobe does not list), and Linux 6.12 has
+	# it as a module.
+	for ko in $(modprobe --show-depends -a ext4 crc32c_generic | awk '$1 == "insmod" {print $2}'); do
 		b=$(basename "$ko")
 		case $ko in
 		*.ko) cp "$ko" "$dir/mods/$b" ;;
@@ -32,7 +34,7 @@ discard_initrd() {
 		*.ko.zst) b=${b%.zst}; zstd -qdc "$ko" >"$dir/mods/$b" ;;
 		*) echo "discard: cannot unpack module $ko"; return 1 ;;
 		esac
-		echo "$b" >>"$dir/mods/order"
+		grep -qxF "$b" "$dir/mods/order" || echo "$b" >>"$dir/mods/order"
 	done
 	echo xen-blkfront.ko >>"$dir/mods/order"
 	cat >"$dir/init" <<'EOF'
