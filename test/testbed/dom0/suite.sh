@@ -641,13 +641,13 @@ for f in ./tests.d/*.sh; do
 	. "$f"
 done
 
+GROUP_TIMES=() # the demo runs no groups
 if [[ $MODE == demo ]]; then
 	test_file_disks block 4
 	clean_stock_leftovers
 	test_file_disks xenblkd 4
 else
 	ONLY=$(cat ./only 2>/dev/null || true)
-	GROUP_TIMES=()
 	for g in "${GROUP_NAMES[@]}"; do
 		if [[ -n $ONLY ]] && ! [[ $g =~ ^($ONLY)$ ]]; then
 			report "SKIP group $g (XENBLKD_E2E_ONLY=$ONLY)"
