@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# configure-rootfs.sh ROOTFS OUT: turn a fresh debootstrap of bookworm into the testbed's dom0
+# configure-rootfs.sh ROOTFS OUT: turn a fresh debootstrap (bookworm or trixie) into the testbed's dom0
 # and put the files QEMU boots (xen, vmlinuz, initrd.img) into OUT. Called by build-image.sh;
 # part of the recipe hash.
 set -euo pipefail
@@ -70,13 +70,17 @@ rm -rf "$domu"
 dd=$(mktemp -d)
 mkdir -p "$dd"/{bin,dev,proc,sys,run,tmp,srv,xbd,usr/bin,usr/sbin,lib/modules,etc/xen/scripts,var/log/xen,var/lib/xen}
 cp "$rootfs/bin/busybox" "$dd/bin/busybox"
-for bin in /usr/lib/xen-4.17/bin/xl /usr/bin/xenstore; do
+# The Xen tools live in /usr/lib/xen-<version>/ (4.17 on bookworm, 4.20 on trixie): found here,
+# not written in.
+xenlib=$(cd "$rootfs" && ls -d usr/lib/xen-[0-9]* | sort -V | tail -1)
+[[ -x $rootfs/$xenlib/bin/xl ]] || { echo "no xl in $rootfs/usr/lib/xen-*/bin" >&2; exit 1; }
+for bin in "/$xenlib/bin/xl" /usr/bin/xenstore; do
 	for f in "$bin" $(chroot "$rootfs" ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
 		mkdir -p "$dd$(dirname "$f")"
 		cp -L "$rootfs$f" "$dd$f"
 	done
 done
-ln -s ../lib/xen-4.17/bin/xl "$dd/usr/sbin/xl"
+ln -s "../${xenlib#usr/}/bin/xl" "$dd/usr/sbin/xl"
 # One binary for every xenstore-* command (it dispatches on argv[0]).
 for c in read write exists list ls rm watch chmod; do ln -s xenstore "$dd/usr/bin/xenstore-$c"; done
 cp "$rootfs/etc/xen/xl.conf" "$dd/etc/xen/xl.conf"

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # e2e.sh: the end-to-end suite on real Xen (or, with --demo, the demo), from the host.
 #
-#   test/testbed/e2e.sh           build/reuse the image, boot it once, run dom0/suite.sh
-#   test/testbed/e2e.sh --demo    the same boot, one 4-disk guest: stock script, then xenblkd
+#   test/testbed/e2e.sh           build/reuse each release's image, boot each once, run dom0/suite.sh
+#   test/testbed/e2e.sh --demo    one boot (XENBLKD_TESTBED_RELEASE, default bookworm), one 4-disk
+#                                 guest: stock script, then xenblkd
+#   test/testbed/e2e.sh --images  only build (or find in the cache) every release's image, side by
+#                                 side; `make test` runs it beside the unit stage
 #
-# Puts bin/xenblkd and bin/xenblkd-hotplug (if built), the unit (dist/xenblkd.service, else the testbed's fallback
-# unit) and the packages of `make testbed-debs` (if built) on the control disk with dom0/suite.sh, boots with run.sh, prints dom0's report. The last
-# line is always `N passed, N failed` (CI reads it); exit status non-zero on any failure.
-# Results: $XENBLKD_TESTBED_RESULTS (default build/testbed/<timestamp>) in the checkout.
+# XENBLKD_TESTBED_RELEASES (default: every releases/*.conf, oldest first: bookworm trixie) are the
+# Debian releases the suite runs on, one boot each; their images are built (or found in the cache)
+# side by side before the first boot. Puts bin/xenblkd and bin/xenblkd-hotplug (if built), the
+# unit (dist/xenblkd.service, else the testbed's fallback unit) and the packages of `make
+# testbed-debs` (if built) on the control disk with dom0/suite.sh, boots with run.sh, prints each
+# release's report (its timing tables included). The last line is always `N passed, N failed`
+# over every release (CI reads it); exit status non-zero on any failure.
+# Results: $XENBLKD_TESTBED_RESULTS (default build/testbed/<timestamp>-<mode>) in the checkout,
+# one directory per release.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 mode=e2e
 [[ ${1:-} == --demo ]] && mode=demo
+[[ ${1:-} == --images ]] && mode=images
 repo=$(cd "$TESTBED_DIR/../.." && pwd)
 res=${XENBLKD_TESTBED_RESULTS:-$repo/build/testbed/$(date +%Y%m%d-%H%M%S)-$mode}
 mkdir -p "$res"
@@ -27,9 +36,35 @@ command -v qemu-system-x86_64 >/dev/null || cannot_run "qemu-system-x86_64 not i
 [[ $(id -u) == 0 ]] || cannot_run "must run as root (debootstrap, chroot)"
 [[ $(uname -m) == x86_64 ]] || cannot_run "needs an x86_64 host (QEMU TCG emulates the same CPU family)"
 
+if [[ $mode == demo ]]; then
+	releases=("$TESTBED_RELEASE")
+else
+	read -ra releases <<<"${XENBLKD_TESTBED_RELEASES:-$(testbed_releases | tr '\n' ' ')}"
+fi
+for rel in "${releases[@]}"; do
+	TESTBED_RELEASE=$rel check_release
+done
+
+# The images first, side by side (debootstrap waits on the network and the disk, not the CPU);
+# each build logs to its release's result directory.
 t0=$EPOCHREALTIME
-"$TESTBED_DIR/build-image.sh" >/dev/null || cannot_run "building the testbed image failed (see above)"
-log "image ready after $(seconds_since "$t0")s: $(image_dir)"
+declare -A build_pid
+for rel in "${releases[@]}"; do
+	mkdir -p "$res/$rel"
+	XENBLKD_TESTBED_RELEASE=$rel "$TESTBED_DIR/build-image.sh" >/dev/null 2>"$res/$rel/build-image.log" &
+	build_pid[$rel]=$!
+done
+build_failed=""
+for rel in "${releases[@]}"; do
+	if wait "${build_pid[$rel]}"; then
+		log "$rel image ready after $(seconds_since "$t0")s: $(TESTBED_RELEASE=$rel image_dir)"
+	else
+		cat "$res/$rel/build-image.log" >&2
+		build_failed="$build_failed $rel"
+	fi
+done
+[[ -z $build_failed ]] || cannot_run "building the testbed image failed for:$build_failed (see above)"
+[[ $mode == images ]] && exit 0
 
 ctl=$(mktemp -d)
 trap 'rm -rf "$ctl"' EXIT
@@ -84,30 +119,55 @@ if ! flock -n 8; then
 	flock -w 5400 8 || cannot_run "another testbed run held $TESTBED_CACHE/.run-lock for 90 min"
 fi
 
-t1=$EPOCHREALTIME
-rc=0
-"$TESTBED_DIR/run.sh" "$ctl" "$res" || rc=$?
-log "boot + $mode + poweroff: $(seconds_since "$t1")s (total $(seconds_since "$t0")s); results in $res"
-grep -h . "$res/qemu.txt" >&2 || true
-
-if [[ $mode == demo && -f $res/out/narration.txt ]]; then
-	echo "What happened in dom0:"
-	cat "$res/out/narration.txt"
-	echo
-fi
-if [[ -f $res/out/report.txt ]]; then
-	cat "$res/out/report.txt"
-	# The report's last line is the summary unless the suite died before writing it.
-	tail -1 "$res/out/report.txt" | grep -Eq '^[0-9]+ passed, [0-9]+ failed$' ||
-		{ echo "FAIL suite: dom0 script stopped early (rc=$rc; see $res/out/suite.log)"; echo "0 passed, 1 failed"; }
-else
-	case $rc in
-	124) why="deadline hit" ;;
-	125) why="dom0 never came up (2 boots; see $res/serial*.log)" ;;
-	*) why="no report (rc=$rc)" ;;
-	esac
-	echo "FAIL testbed: $why"
+# run_release REL: one boot of REL's image, its report on stdout with a header line, and its own
+# `N passed, N failed` (a failure line when the suite did not get to write one).
+run_release() {
+	local rel=$1 r=$res/$1 t1=$EPOCHREALTIME why REL_RC=0
+	XENBLKD_TESTBED_RELEASE=$rel "$TESTBED_DIR/run.sh" "$ctl" "$r" || REL_RC=$?
+	log "$rel: boot + $mode + poweroff: $(seconds_since "$t1")s; results in $r"
+	grep -h . "$r/qemu.txt" >&2 || true
+	echo "=== $rel"
+	if [[ $mode == demo && -f $r/out/narration.txt ]]; then
+		echo "What happened in dom0:"
+		cat "$r/out/narration.txt"
+		echo
+	fi
+	if [[ -f $r/out/report.txt ]]; then
+		cat "$r/out/report.txt"
+		# The report's last line is the summary unless the suite died before writing it.
+		tail -1 "$r/out/report.txt" | grep -Eq '^[0-9]+ passed, [0-9]+ failed$' && return
+		echo "FAIL $rel suite: dom0 script stopped early (rc=$REL_RC; see $r/out/suite.log)"
+	else
+		case $REL_RC in
+		124) why="deadline hit" ;;
+		125) why="dom0 never came up (2 boots; see $r/serial*.log)" ;;
+		*) why="no report (rc=$REL_RC)" ;;
+		esac
+		echo "FAIL $rel testbed: $why"
+	fi
 	echo "0 passed, 1 failed"
-	exit 1
-fi
+}
+
+total_passed=0
+total_failed=0
+rc=0
+summary=()
+for rel in "${releases[@]}"; do
+	t1=$EPOCHREALTIME
+	run_release "$rel" | tee "$res/$rel/e2e-report.txt"
+	# run_release ran in the pipeline's subshell: its result is read back from its output.
+	line=$(tail -1 "$res/$rel/e2e-report.txt")
+	p=${line%% passed*}
+	f=${line#*passed, }
+	f=${f%% failed*}
+	total_passed=$((total_passed + p))
+	total_failed=$((total_failed + f))
+	((f == 0)) || rc=1
+	summary+=("$(printf '%-9s %4d passed %3d failed  %6.0f s  (boot to runner %s s)' "$rel" "$p" "$f" \
+		"$(seconds_since "$t1")" "$(sed -n 's/^dom0_runner_start_s=//p' "$res/$rel/qemu.txt" 2>/dev/null | tail -1)")")
+done
+echo
+echo "Suite per release (wall time: boot + suite + poweroff; total with image builds $(seconds_since "$t0") s):"
+printf '%s\n' "${summary[@]}"
+echo "$total_passed passed, $total_failed failed"
 exit "$rc"

@@ -3,13 +3,26 @@
 
 TESTBED_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TESTBED_CACHE=${XENBLKD_TESTBED_CACHE:-/var/cache/xenblkd-testbed}
+# The Debian release of the dom0 image: releases/<name>.conf. XENBLKD_TESTBED_RELEASE picks one for
+# build-image.sh and run.sh; e2e.sh runs every release in XENBLKD_TESTBED_RELEASES.
+TESTBED_RELEASE=${XENBLKD_TESTBED_RELEASE:-bookworm}
 
-# The recipe is every file that shapes the cached image. Editing any of them changes the hash
-# and so triggers a rebuild; the in-dom0 test scripts and the xenblkd binary are not part of it
-# (they travel on the control disk at every run).
+# testbed_releases prints every release the testbed has a recipe for, oldest first.
+testbed_releases() {
+	local f
+	for f in "$TESTBED_DIR"/releases/*.conf; do
+		f=${f##*/}
+		printf '%s %s\n' "$(. "$TESTBED_DIR/releases/$f" && echo "$ORDER")" "${f%.conf}"
+	done | sort -n | cut -d' ' -f2
+}
+
+# The recipe is every file that shapes the cached image of $TESTBED_RELEASE: the shared scripts
+# and image/* plus that release's conf (not the other releases'). Editing any of them changes the
+# hash and so triggers a rebuild; the in-dom0 test scripts and the xenblkd binary are not part of
+# it (they travel on the control disk at every run).
 recipe_files() {
 	printf '%s\n' "$TESTBED_DIR/build-image.sh" "$TESTBED_DIR/configure-rootfs.sh" \
-		"$TESTBED_DIR"/image/*
+		"$TESTBED_DIR"/image/* "$TESTBED_DIR/releases/$TESTBED_RELEASE.conf"
 }
 
 # recipe_hash prints a short hash of the recipe's content (file names relative, so that two
@@ -22,8 +35,14 @@ recipe_hash() {
 	done | sha256sum | cut -c1-16
 }
 
-# image_dir prints the cache directory of the current recipe (it may not exist yet).
-image_dir() { printf '%s/%s\n' "$TESTBED_CACHE" "$(recipe_hash)"; }
+# image_dir prints the cache directory of the current release's recipe (it may not exist yet).
+image_dir() { printf '%s/%s-%s\n' "$TESTBED_CACHE" "$TESTBED_RELEASE" "$(recipe_hash)"; }
+
+# check_release dies unless $TESTBED_RELEASE has a recipe.
+check_release() {
+	[[ -f $TESTBED_DIR/releases/$TESTBED_RELEASE.conf ]] ||
+		die "no release $TESTBED_RELEASE (test/testbed/releases/: $(testbed_releases | tr '\n' ' '))"
+}
 
 log() { printf '[testbed %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }

@@ -13,7 +13,8 @@
 #
 # Env: XENBLKD_TESTBED_BOOT_DEADLINE (s, default 600): dom0 must start the runner by then, else
 #      QEMU is killed and the boot retried once; XENBLKD_TESTBED_RUN_DEADLINE (s, default 3000):
-#      the whole run; QEMU_CPU (default Nehalem), QEMU_MEM (MiB, 2048), QEMU_SMP (2).
+#      the whole run; XENBLKD_TESTBED_RELEASE (default bookworm): whose image boots;
+#      QEMU_CPU (default Nehalem), QEMU_MEM (MiB, 2048), QEMU_SMP (2).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -27,6 +28,7 @@ XEN_ARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 boo
 # QEMU's multiboot module list is comma-separated: no commas in here.
 DOM0_ARGS="root=/dev/vda ro console=hvc0 quiet systemd.show_status=1"
 
+check_release
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing: run scripts/setup.sh testbed"
 img=$(image_dir)
 [[ -f $img/complete ]] || die "no testbed image for this recipe in $img: run test/testbed/build-image.sh"

@@ -33,12 +33,12 @@ console_name() {
 }
 
 test_migrate() {
-	local name=t20-xenblkd-migrate dev img=$WORK/xenblkd-d1.img domid newdomid seq t0 rc oldloop newloop
+	local name=t20-xenblkd-migrate dev img=$WORK/xenblkd-d1.img domid newdomid seq t0 rc oldloop newloop allowed
 	CURRENT_SCRIPT=xenblkd
 	TEST_DOMIDS=()
 	xenblkd_ready "$name: migrate and save/restore" || return
 	dev=$(losetup -f --show "$WORK/xenblkd-phy.img") || { fail "$name: losetup" "no loop device"; return; }
-	write_cfg "$name" 1 "format=raw, vdev=xvda, access=rw, script=xenblkd, target=$img" \
+	write_cfg "$name" reads "format=raw, vdev=xvda, access=rw, script=xenblkd, target=$img" \
 		"backendtype=phy, format=raw, vdev=xvdb, access=rw, script=xenblkd, target=$dev"
 	say "$name: a running guest with a rw file disk and a rw phy: disk ($dev), script=xenblkd"
 	create "$name"
@@ -48,36 +48,44 @@ test_migrate() {
 	domid=$(domid_of "$name")
 	oldloop=$(loop_of "$img")
 
-	# xl(1): with an empty ssh command, xl runs <host> itself as the receiver: a local migration.
-	seq=$(last_read_seq "$name")
-	say "$name: xl migrate of domain $domid to localhost (receiver: xl migrate-receive, no ssh)"
-	t0=$EPOCHREALTIME
-	timeout 300 xl -vvv migrate -s '' "$name" 'xl -vvv migrate-receive' >"$OUT/xl-migrate-$name.log" 2>&1
-	rc=$?
-	say "$name: xl migrate rc=$rc in $(elapsed "$t0")s"
-	check "$name: xl migrate to localhost succeeds ($(elapsed "$t0")s)" \
-		"rc=$rc: $(grep -a 'libxl: error\|migration target' "$OUT/xl-migrate-$name.log" | head -3 | tr '\n' ' ')" test "$rc" = 0
-	newdomid=$(domid_of "$name")
-	TEST_DOMIDS=("$domid" ${newdomid:+"$newdomid"})
-	check "$name: the guest runs in a new domain" "domain ${newdomid:-none}, was $domid" \
-		test -n "$newdomid" -a "$newdomid" != "$domid"
-	if [[ -n $newdomid && $newdomid != "$domid" ]]; then
-		check "$name: new domain's vbds Connected" "states [$(vbd_states "$newdomid")]" \
-			test "$(vbd_states "$newdomid")" = "4 4 "
-		check "$name: guest keeps reading its disks after the migration" "reads failed" \
-			reads_after "$(console_name "$name")" "${seq:-0}" XBD-DISK-1 XBD-PHY
-		check "$name: old domain's backends removed" "leftovers" wait_no_backends "$domid"
-		check "$name: old domain's loop device released, one left for the new domain" "was [$oldloop]" \
-			wait_loops "$img" 1
-		newloop=$(loop_of "$img")
-		say "$name: loop device on d1.img: before [${oldloop% }], after [${newloop% }]"
-		check "$name: phy: device still bound to its image" "$(losetup -nO BACK-FILE "$dev")" \
-			test "$(losetup -nO BACK-FILE "$dev" 2>/dev/null)" = "$WORK/xenblkd-phy.img"
-		# Both disks were attached while the sender still had them: by the same-VM rule.
-		local allowed
-		allowed=$(journalctl -b -u xenblkd --no-pager 2>/dev/null | grep -ac "sharing allowed.* domid=$newdomid .*why=\"same VM\" other_domid=$domid ")
-		check "$name: xenblkd let the receiver share both disks as the same VM" "$allowed 'sharing allowed' lines, want 2" \
-			test "$allowed" = 2
+	# A PV guest's live migration tracks dirty pages with shadow paging; a hypervisor built
+	# without it (Debian 13's: CONFIG_SHADOW_PAGING is not set) refuses log-dirty mode, and
+	# `xl migrate` fails before any disk is touched. Xen says so in virt_caps.
+	local caps
+	caps=$(timeout 20 xl info | sed -n 's/^virt_caps *: //p')
+	if [[ " $caps " != *" shadow "* ]]; then
+		report "INFO $name: no xl migrate on this Xen: no shadow paging (virt_caps: $caps), which a PV guest's live migration needs (log-dirty); the same-VM exception during a migration stays unproven here, save + restore runs"
+	else
+		# xl(1): with an empty ssh command, xl runs <host> itself as the receiver: a local migration.
+		seq=$(last_read_seq "$name")
+		say "$name: xl migrate of domain $domid to localhost (receiver: xl migrate-receive, no ssh)"
+		t0=$EPOCHREALTIME
+		timeout 300 xl -vvv migrate -s '' "$name" 'xl -vvv migrate-receive' >"$OUT/xl-migrate-$name.log" 2>&1
+		rc=$?
+		say "$name: xl migrate rc=$rc in $(elapsed "$t0")s"
+		check "$name: xl migrate to localhost succeeds ($(elapsed "$t0")s)" \
+			"rc=$rc: $(grep -a 'libxl: error\|migration target' "$OUT/xl-migrate-$name.log" | head -3 | tr '\n' ' ')" test "$rc" = 0
+		newdomid=$(domid_of "$name")
+		TEST_DOMIDS=("$domid" ${newdomid:+"$newdomid"})
+		check "$name: the guest runs in a new domain" "domain ${newdomid:-none}, was $domid" \
+			test -n "$newdomid" -a "$newdomid" != "$domid"
+		if [[ -n $newdomid && $newdomid != "$domid" ]]; then
+			check "$name: new domain's vbds Connected" "states [$(vbd_states "$newdomid")]" \
+				test "$(vbd_states "$newdomid")" = "4 4 "
+			check "$name: guest keeps reading its disks after the migration" "reads failed" \
+				reads_after "$(console_name "$name")" "${seq:-0}" XBD-DISK-1 XBD-PHY
+			check "$name: old domain's backends removed" "leftovers" wait_no_backends "$domid"
+			check "$name: old domain's loop device released, one left for the new domain" "was [$oldloop]" \
+				wait_loops "$img" 1
+			newloop=$(loop_of "$img")
+			say "$name: loop device on d1.img: before [${oldloop% }], after [${newloop% }]"
+			check "$name: phy: device still bound to its image" "$(losetup -nO BACK-FILE "$dev")" \
+				test "$(losetup -nO BACK-FILE "$dev" 2>/dev/null)" = "$WORK/xenblkd-phy.img"
+			# Both disks were attached while the sender still had them: by the same-VM rule.
+			allowed=$(journalctl -b -u xenblkd --no-pager 2>/dev/null | grep -ac "sharing allowed.* domid=$newdomid .*why=\"same VM\" other_domid=$domid ")
+			check "$name: xenblkd let the receiver share both disks as the same VM" "$allowed 'sharing allowed' lines, want 2" \
+				test "$allowed" = 2
+		fi
 	fi
 
 	# xl save stops the domain after writing its state; xl restore starts a new domain from it.

@@ -10,7 +10,7 @@ test_readd() {
 	CURRENT_SCRIPT=xenblkd
 	TEST_DOMIDS=()
 	xenblkd_ready "$name: re-add while the released loop device is held" || return
-	write_cfg "$name" 1 "format=raw, vdev=xvda, access=rw, script=xenblkd, target=$img"
+	write_cfg "$name" idle "format=raw, vdev=xvda, access=rw, script=xenblkd, target=$img"
 	write_cfg "$name-b" 0 "format=raw, vdev=xvda, access=rw, script=xenblkd, target=$img"
 	create "$name"
 	check "$name: xl create" "rc=$CREATE_RC: $(xl_errors "$name")" test "$CREATE_RC" = 0
@@ -25,14 +25,16 @@ test_readd() {
 	rm -f "$held"
 	(
 		exec 9<"$dev" && touch "$held"
-		for _ in $(seq 1200); do
-			timeout 5 xenstore-list backend/vbd 2>/dev/null | grep -qvxF "${others[@]}" && break
+		deadline=$(($(now) + 60))
+		until timeout 5 xenstore-list backend/vbd 2>/dev/null | grep -qvxF "${others[@]}" || (($(now) >= deadline)); do
 			sleep 0.05
 		done
-		sleep 0.3
+		sleep 0.3 # the test's hold time after the new backend appeared, not a wait
 	) &
 	holder=$!
-	for _ in $(seq 100); do [[ -e $held ]] && break; sleep 0.05; done
+	local deadline=$(($(now) + 30))
+	until [[ -e $held ]] || (($(now) >= deadline)); do sleep 0.05; done
+	check "$name: dom0's holder has $dev open" "no $held within 30 s" test -e "$held"
 	say "$name: dom0 holds $dev open; xl destroy of domain $domid, then xl create of $name-b on the same image"
 	timeout 120 xl destroy "$name"
 	check "$name: the old domain's $dev, released by xenblkd, stays bound while held" "loops [$(losetup -nO NAME -j "$img" | tr '\n' ' ')]" \

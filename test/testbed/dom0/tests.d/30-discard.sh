@@ -23,8 +23,10 @@ discard_initrd() {
 	(cd "$dir" && gzip -dc /root/domu/initrd.gz | cpio -idm --quiet) || return 1
 	: >"$dir/mods/order"
 	# modprobe prints the insmod lines of ext4 and its dependencies, in load order
-	# ("builtin ..." for what the kernel has built in).
-	for ko in $(modprobe --show-depends ext4 | awk '$1 == "insmod" {print $2}'); do
+	# ("builtin ..." for what the kernel has built in). crc32c_generic too: ext4 asks the crypto
+	# API for crc32c at mount time (a soft dependency modprobe does not list), and Linux 6.12 has
+	# it as a module.
+	for ko in $(modprobe --show-depends -a ext4 crc32c_generic | awk '$1 == "insmod" {print $2}'); do
 		b=$(basename "$ko")
 		case $ko in
 		*.ko) cp "$ko" "$dir/mods/$b" ;;
@@ -32,7 +34,7 @@ discard_initrd() {
 		*.ko.zst) b=${b%.zst}; zstd -qdc "$ko" >"$dir/mods/$b" ;;
 		*) echo "discard: cannot unpack module $ko"; return 1 ;;
 		esac
-		echo "$b" >>"$dir/mods/order"
+		grep -qxF "$b" "$dir/mods/order" || echo "$b" >>"$dir/mods/order"
 	done
 	echo xen-blkfront.ko >>"$dir/mods/order"
 	cat >"$dir/init" <<'EOF'
@@ -40,7 +42,8 @@ discard_initrd() {
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /mods/order); do insmod "/mods/$m" || echo "DOMU-DISCARD insmod $m failed"; done
-i=0; while [ $i -lt 100 ] && [ ! -e /sys/block/xvda ]; do sleep 0.1; i=$((i+1)); done
+end=$(($(cut -d. -f1 /proc/uptime) + 60))
+while [ ! -e /sys/block/xvda ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.1; done
 phase=$(sed -n 's/.*xbd.phase=\([a-z]*\).*/\1/p' /proc/cmdline)
 q=/sys/block/xvda/queue
 echo "DOMU-DISCARD phase=$phase lbs=$(cat $q/logical_block_size) discard_max=$(cat $q/discard_max_bytes)"

@@ -76,7 +76,7 @@ test_takeover() {
 	tko_img new TKO-NEW
 
 	# Guests of the stock script: no script= in the disk spec, as libvirt and most configs have.
-	write_cfg "$p-stock" 1 "format=raw, vdev=xvda, access=rw, target=$WORK/tko-d1.img" \
+	write_cfg "$p-stock" reads "format=raw, vdev=xvda, access=rw, target=$WORK/tko-d1.img" \
 		"format=raw, vdev=xvdb, access=ro, target=$WORK/tko-ro.img"
 	say "$p: a guest with 2 disks attached by the stock block script (no script= in the spec)"
 	create "$p-stock"
@@ -120,7 +120,7 @@ test_takeover() {
 	timeout 120 xl destroy "$p-rw-b" >/dev/null 2>&1
 
 	# A new guest under the taken-over block: attached by xenblkd.
-	write_cfg "$p-new" 1 "format=raw, vdev=xvda, access=rw, target=$WORK/tko-new.img"
+	write_cfg "$p-new" idle "format=raw, vdev=xvda, access=rw, target=$WORK/tko-new.img"
 	create "$p-new"
 	check "$p: new guest created through the taken-over block" "rc=$CREATE_RC: $(xl_errors "$p-new")" test "$CREATE_RC" = 0
 	check "$p: new guest connected" "not Connected" wait_connected "$p-new" 1

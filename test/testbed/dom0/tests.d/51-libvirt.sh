@@ -11,9 +11,9 @@ LV=(timeout 300 virsh -c xen:///system)
 
 # lv_xml NAME HOLD DISK_XML...: a PV domain for libvirt's libxl driver.
 lv_xml() {
-	local name=$1 hold=$2 extra="console=hvc0 quiet"
+	local name=$1 hold=$2 extra="console=hvc0 quiet xbd.disks=$(($# - 2))"
 	shift 2
-	[[ $hold == 1 ]] && extra="$extra xbd.hold"
+	[[ $hold == 1 ]] && extra="$extra xbd.idle" # up until destroyed; nothing here waits for DOMU-READ
 	{
 		echo "<domain type='xen'><name>$name</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>"
 		echo "<os><type>linux</type><kernel>/root/domu/vmlinuz</kernel><initrd>/root/domu/initrd.gz</initrd><cmdline>$extra</cmdline></os>"

@@ -48,7 +48,8 @@ printf 'XBD-DRIVERDOM-1' | dd of=/srv/dd-d1.img conv=notrunc 2>/dev/null
 # xenblkd: no systemd here, so the daemon runs in the background and logs to a file (slog text).
 mkdir -p -m 700 /run/xenblkd
 XENBLKD_LOG_LEVEL=debug /usr/sbin/xenblkd daemon >/var/log/xenblkd.log 2>&1 &
-i=0; while [ $i -lt 600 ] && [ ! -S /run/xenblkd/api.sock ]; do sleep 0.1; i=$((i+1)); done
+end=$(($(cut -d. -f1 /proc/uptime) + 60))
+while [ ! -S /run/xenblkd/api.sock ] && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 0.1; done
 echo "DD-XBD xenblkd: $(grep -m1 'msg=serving' /var/log/xenblkd.log || tail -3 /var/log/xenblkd.log)"
 # xl devd runs the backends' hotplug scripts (upstream's xendriverdomain.service runs it).
 xl -vvv devd -F >/var/log/xen/xl-devd.log 2>&1 &
@@ -205,8 +206,8 @@ EOF
 
 	# A guest whose disk is in the driver domain.
 	spec="format=raw, vdev=xvda, access=rw, backend=$DD_NAME, backendtype=phy, script=xenblkd, target=$DD_IMG"
-	write_cfg "$g" 1 "$spec"
-	write_cfg "$g2" 1 "$spec"
+	write_cfg "$g" idle "$spec"
+	write_cfg "$g2" idle "$spec"
 	say "$p: guest $g with disk [$spec]"
 	create "$g"
 	check "$p: xl create of a guest whose disk is served by the driver domain (${CREATE_S}s)" "rc=$CREATE_RC: $(xl_errors "$g")" \
