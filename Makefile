@@ -57,7 +57,7 @@ STRESS_LOAD  ?= --cpu 2 --hdd 1 --hdd-bytes 128M
 STRESS_PKGS  ?= ./...
 STRESS_RUN   ?=
 HEAVY_LOCK   ?= /tmp/xenblkd-heavy.lock
-test-stress: setup build
+test-stress: setup
 	$(GO) run ./test/stress -runs $(STRESS_RUNS) -count $(STRESS_COUNT) -cpu $(STRESS_CPU) \
 		-load '$(STRESS_LOAD)' -lock '$(HEAVY_LOCK)' -run '$(STRESS_RUN)' $(STRESS_PKGS)
 
