@@ -12,11 +12,13 @@ import (
 
 // event is one line of `go test -json` (cmd/test2json).
 type event struct {
-	Action  string
-	Package string
-	Test    string
-	Output  string
-	Elapsed float64
+	Action      string
+	Package     string
+	Test        string
+	Output      string
+	Elapsed     float64
+	ImportPath  string // build-output events: the package being built
+	FailedBuild string // a package's fail event: the build that failed
 }
 
 // testKey names a test (or, with Test empty, a package's own output: a
@@ -81,6 +83,7 @@ func (c *collector) read(r io.Reader, run int) runResult {
 	var res runResult
 	out := map[testKey]*strings.Builder{}
 	running := map[testKey]bool{}
+	builds := map[string]*strings.Builder{} // build output by ImportPath
 	finish := func(k testKey, failed bool) {
 		var output string
 		if b := out[k]; b != nil {
@@ -102,6 +105,13 @@ func (c *collector) read(r io.Reader, run int) runResult {
 		if err := json.Unmarshal(line, &e); err != nil || e.Action == "" {
 			// go test's own messages (a vet or build error) are not events.
 			res.stray = append(res.stray, string(line))
+			continue
+		}
+		if e.Action == "build-output" {
+			if builds[e.ImportPath] == nil {
+				builds[e.ImportPath] = &strings.Builder{}
+			}
+			builds[e.ImportPath].WriteString(e.Output)
 			continue
 		}
 		k := testKey{e.Package, e.Test}
@@ -134,6 +144,10 @@ func (c *collector) read(r io.Reader, run int) runResult {
 				}
 				// No test of the package failed: the package did (a build
 				// error, TestMain, a crash outside any test): its output.
+				if b := builds[e.FailedBuild]; b != nil && out[k] != nil {
+					b.WriteString(out[k].String())
+					out[k] = b
+				}
 				finish(k, true)
 				continue
 			}

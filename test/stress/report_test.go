@@ -78,6 +78,25 @@ func TestCollectorPackageFailure(t *testing.T) {
 	}
 }
 
+// A build failure is reported with the compiler's messages.
+func TestCollectorBuildFailure(t *testing.T) {
+	stream := `{"ImportPath":"p [p.test]","Action":"build-output","Output":"# p [p.test]\n"}
+{"ImportPath":"p [p.test]","Action":"build-output","Output":"p/x.go:3:2: undefined: y\n"}
+{"ImportPath":"p [p.test]","Action":"build-fail"}
+{"Action":"start","Package":"p"}
+{"Action":"output","Package":"p","Output":"FAIL\tp [build failed]\n"}
+{"Action":"fail","Package":"p","Elapsed":0,"FailedBuild":"p [p.test]"}
+`
+	col := newCollector()
+	res := col.read(strings.NewReader(stream), 1)
+	if len(res.failed) != 1 || len(res.stray) != 0 {
+		t.Fatalf("failed = %v, stray = %q; want the package, none", res.failed, res.stray)
+	}
+	if got := col.tests[testKey{Package: "p"}].firstFailure; !strings.Contains(got, "undefined: y") || !strings.Contains(got, "[build failed]") {
+		t.Errorf("first failure's output = %q", got)
+	}
+}
+
 func TestTrimLines(t *testing.T) {
 	got := trimLines("a\nb\nc\nd\n", 2)
 	if want := "[2 earlier lines cut]\nc\nd"; got != want {
