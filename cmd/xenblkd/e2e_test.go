@@ -27,6 +27,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
 	"xenblkd/test/libxl"
@@ -45,8 +46,7 @@ func TestMain(m *testing.M) { os.Exit(testMain(m)) }
 
 func testMain(m *testing.M) int {
 	if os.Getuid() != 0 {
-		fmt.Fprintln(os.Stderr, "e2e tests need root (loop devices); skipping")
-		return 0
+		return testenv.SkipPackage("needs root: loop devices, a private xenstored")
 	}
 	dir, err := os.MkdirTemp("", "xenblkd-e2e-")
 	if err != nil {
@@ -76,7 +76,7 @@ func testMain(m *testing.M) int {
 	}
 	defer xs.Close()
 	tag = fmt.Sprintf("xenblkd-test:e2e-%d", os.Getpid())
-	return m.Run()
+	return testenv.Run(m)
 }
 
 // daemon is a running `xenblkd daemon` subprocess.

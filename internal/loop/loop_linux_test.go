@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/loop"
+	"xenblkd/internal/testenv"
 )
 
 // holdEnv makes the test binary a "second opener" child: it opens the loop
@@ -35,7 +36,7 @@ func TestMain(m *testing.M) {
 	if spec := os.Getenv(holdEnv); spec != "" {
 		os.Exit(holdDevice(spec))
 	}
-	os.Exit(m.Run())
+	testenv.Main(m)
 }
 
 func holdDevice(spec string) int {
@@ -68,9 +69,7 @@ var tagCounter atomic.Int64
 
 func requireRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates loop devices")
-	}
+	testenv.RequireRoot(t, "creates loop devices")
 }
 
 // testTag returns a tag unique to this test run.

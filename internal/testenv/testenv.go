@@ -31,7 +31,6 @@ func Strict() bool { return os.Getenv(StrictEnv) == "1" }
 var skipped struct {
 	sync.Mutex
 	byWhy map[string][]string // reason -> test names, in skip order
-	n     int
 }
 
 // Skip skips t, saying why, or fails it when Strict.
@@ -40,14 +39,31 @@ func Skip(t testing.TB, why string) {
 	if Strict() {
 		t.Fatalf("%s=1, and this test would skip: %s", StrictEnv, why)
 	}
+	record(t, why)
+	t.Skip(why)
+}
+
+// SkipPart is for a check at the end of a test, or in a helper, that this
+// machine cannot make (a lint whose tool is missing): the rest of the test
+// runs either way; the part fails the test when Strict, and is otherwise
+// logged and counted in the package's summary.
+func SkipPart(t testing.TB, why string) {
+	t.Helper()
+	if Strict() {
+		t.Errorf("%s=1, and part of this test would skip: %s", StrictEnv, why)
+		return
+	}
+	record(t, "in part: "+why)
+	t.Log("skipped: " + why)
+}
+
+func record(t testing.TB, why string) {
 	skipped.Lock()
+	defer skipped.Unlock()
 	if skipped.byWhy == nil {
 		skipped.byWhy = map[string][]string{}
 	}
 	skipped.byWhy[why] = append(skipped.byWhy[why], t.Name())
-	skipped.n++
-	skipped.Unlock()
-	t.Skip(why)
 }
 
 // Skipf is Skip with a format.
@@ -79,7 +95,7 @@ func Main(m *testing.M) { os.Exit(Run(m)) }
 func Run(m *testing.M) int {
 	code := m.Run()
 	skipped.Lock()
-	line := summary(pkgName(), skipped.n, skipped.byWhy)
+	line := summary(pkgName(), skipped.byWhy)
 	skipped.Unlock()
 	if line != "" {
 		report(line)
@@ -100,14 +116,20 @@ func SkipPackage(why string) int {
 }
 
 // summary is the line Run prints: "SKIP pkg: 3 tests skipped: needs
-// root: ... (TestA, TestB); no dpkg (TestC)"; empty if nothing skipped.
-func summary(pkg string, n int, byWhy map[string][]string) string {
+// root: ... (TestA, TestB); no dpkg (TestC)", counting each test once;
+// empty if nothing skipped.
+func summary(pkg string, byWhy map[string][]string) string {
+	tests := map[string]bool{}
+	whys := make([]string, 0, len(byWhy))
+	for why, names := range byWhy {
+		whys = append(whys, why)
+		for _, name := range names {
+			tests[name] = true
+		}
+	}
+	n := len(tests)
 	if n == 0 {
 		return ""
-	}
-	whys := make([]string, 0, len(byWhy))
-	for why := range byWhy {
-		whys = append(whys, why)
 	}
 	sort.Strings(whys)
 	parts := make([]string, 0, len(whys))
@@ -120,11 +142,11 @@ func summary(pkg string, n int, byWhy map[string][]string) string {
 		}
 		parts = append(parts, fmt.Sprintf("%s (%s)", why, list))
 	}
-	tests := "tests"
+	noun := "tests"
 	if n == 1 {
-		tests = "test"
+		noun = "test"
 	}
-	return fmt.Sprintf("SKIP %s: %d %s skipped: %s", pkg, n, tests, strings.Join(parts, "; "))
+	return fmt.Sprintf("SKIP %s: %d %s skipped: %s", pkg, n, noun, strings.Join(parts, "; "))
 }
 
 func report(line string) {

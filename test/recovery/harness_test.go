@@ -28,6 +28,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/loop"
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
 	"xenblkd/test/libxl"
@@ -48,12 +49,10 @@ func TestMain(m *testing.M) { os.Exit(testMain(m)) }
 
 func testMain(m *testing.M) int {
 	if os.Getuid() != 0 {
-		fmt.Fprintln(os.Stderr, "SKIP test/recovery: needs root (loop devices, xenstored)")
-		return 0
+		return testenv.SkipPackage("needs root: loop devices, a private xenstored")
 	}
 	if _, err := os.Stat("/dev/loop-control"); err != nil {
-		fmt.Fprintln(os.Stderr, "SKIP test/recovery: no /dev/loop-control (kernel without loop devices):", err)
-		return 0
+		return testenv.SkipPackage(fmt.Sprintf("no /dev/loop-control (a kernel without loop devices): %v", err))
 	}
 	var err error
 	// Not under /tmp's test dirs: the sandbox binds it at the same path.
@@ -84,7 +83,7 @@ func testMain(m *testing.M) int {
 	}
 	defer xs.Close()
 	tag = fmt.Sprintf("xenblkd-test:rec-%d", os.Getpid())
-	return m.Run()
+	return testenv.Run(m)
 }
 
 // privateDir is a 0700 directory under /tmp removed at cleanup. Short paths:
