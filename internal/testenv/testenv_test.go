@@ -1,8 +1,13 @@
 package testenv
 
 import (
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"io/fs"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -79,5 +84,55 @@ func TestSummary(t *testing.T) {
 		if got := summary("p", tt.byWhy); got != tt.want {
 			t.Errorf("summary(%v) = %q, want %q", tt.byWhy, got, tt.want)
 		}
+	}
+}
+
+// TestNoBareSkips: every skip in the tree goes through this package, or
+// says, in a comment just above it, why it is no environment gate (a
+// -short size cut, an input too large to matter): a bare t.Skip would
+// pass under XENBLKD_TEST_STRICT=1 and hide a test that never ran.
+func TestNoBareSkips(t *testing.T) {
+	const marker = "Not an environment gate"
+	root := filepath.Join("..", "..")
+	fset := token.NewFileSet()
+	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && (d.Name() == ".git" || d.Name() == "testdata") {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasPrefix(path, filepath.Join(root, "internal", "testenv")) {
+			return nil
+		}
+		f, err := parser.ParseFile(fset, path, nil, parser.ParseComments)
+		if err != nil {
+			return err
+		}
+		ast.Inspect(f, func(n ast.Node) bool {
+			call, ok := n.(*ast.CallExpr)
+			if !ok {
+				return true
+			}
+			sel, ok := call.Fun.(*ast.SelectorExpr)
+			if !ok || (sel.Sel.Name != "Skip" && sel.Sel.Name != "Skipf" && sel.Sel.Name != "SkipNow") {
+				return true
+			}
+			if id, ok := sel.X.(*ast.Ident); ok && id.Name == "testenv" {
+				return true
+			}
+			line := fset.Position(call.Pos()).Line
+			for _, cg := range f.Comments {
+				if end := fset.Position(cg.End()).Line; end < line && end >= line-2 && strings.Contains(cg.Text(), marker) {
+					return true
+				}
+			}
+			t.Errorf("%s: a bare %s: use testenv.Skip, or say above it why it is %q", fset.Position(call.Pos()), sel.Sel.Name, marker)
+			return true
+		})
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
