@@ -261,6 +261,29 @@ func losetup(t *testing.T, file string, extra ...string) string {
 	return dev
 }
 
+// losetupDetach detaches dev (bound by losetup) and waits until the kernel
+// has cleared it. losetup -d clears at once only when nothing else has dev
+// open; on a shared machine something may (a daemon of another test reading
+// the devices its uevents named), and the clear then waits for that open to
+// end.
+func losetupDetach(t *testing.T, dev string) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(dev, &st); err != nil {
+		t.Fatal(err)
+	}
+	rdev := uint64(st.Rdev)
+	seq, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/diskseq", unix.Major(rdev), unix.Minor(rdev)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+		t.Fatalf("losetup -d %s: %v: %s", dev, err, out)
+	}
+	n, _ := strconv.ParseUint(strings.TrimSpace(string(seq)), 10, 64)
+	waitUntil(t, dev+" cleared", func() bool { return !bound(rdev, n) })
+}
+
 // standIn opens physical-device's major:minor the way blkback does (by dev_t,
 // through a node made in a private directory), checks the first bytes, and
 // returns the open file: the VM's reference.
