@@ -184,6 +184,9 @@ func storm(t *testing.T, d daemonCtl, dir string, holdAll bool, phy ...string) {
 		recoveries, mism, st.lost.Load(), c)
 	t.Log(report)
 	fmt.Fprintln(os.Stderr, "CHAOS", report)
+	if c.Completed > 0 && c.Tagged == 0 {
+		t.Errorf("%d completed adds but no device of this run found (the sysfs match of ourBindings is broken?): %s", c.Completed, c)
+	}
 	if !c.ok() {
 		t.Errorf("invariants violated: %s\n%s", c, strings.Join(why, "\n"))
 		for _, w := range why {
