@@ -92,6 +92,15 @@ func stress(ctx context.Context, c config) int {
 	start := time.Now()
 	clean, streak, done := 0, 0, 0
 	for i := 1; i <= c.runs && ctx.Err() == nil; i++ {
+		if i > 1 && c.lock != "" {
+			// The kernel wakes every waiter when the lock is released, and
+			// this process would win the race to take it again at once:
+			// a moment off lets a waiting heavy run (a testbed) go first.
+			select {
+			case <-ctx.Done():
+			case <-time.After(2 * time.Second):
+			}
+		}
 		res, err := oneRun(ctx, c, col, i)
 		if ctx.Err() != nil {
 			fmt.Printf("run %d/%d: interrupted\n", i, c.runs)
