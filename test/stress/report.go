@@ -185,15 +185,17 @@ func anyIn(ks []testKey, pkg string) bool {
 	return false
 }
 
-// trimLines keeps the last n lines of s (a failure's cause is usually near
-// its end: the assertion, the panic, the timeout's goroutine dump start is
-// cut, the test's own log before it is kept).
+// trimLines keeps the first third and the last two thirds of n lines of
+// s: a failure's assertion is usually near its start, and a panic, a
+// timeout or the end of a log dump near its end.
 func trimLines(s string, n int) string {
 	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	if len(lines) <= n {
 		return strings.Join(lines, "\n")
 	}
-	return fmt.Sprintf("[%d earlier lines cut]\n", len(lines)-n) + strings.Join(lines[len(lines)-n:], "\n")
+	head := n / 3
+	tail := n - head
+	return strings.Join(lines[:head], "\n") + fmt.Sprintf("\n[%d lines cut]\n", len(lines)-n) + strings.Join(lines[len(lines)-tail:], "\n")
 }
 
 // report writes the table of every test that failed at least once: runs,

@@ -98,8 +98,8 @@ func TestCollectorBuildFailure(t *testing.T) {
 }
 
 func TestTrimLines(t *testing.T) {
-	got := trimLines("a\nb\nc\nd\n", 2)
-	if want := "[2 earlier lines cut]\nc\nd"; got != want {
+	got := trimLines("a\nb\nc\nd\ne\nf\ng\n", 3)
+	if want := "a\n[4 lines cut]\nf\ng"; got != want {
 		t.Errorf("trimLines = %q, want %q", got, want)
 	}
 }
