@@ -158,25 +158,38 @@ func waitCleared(t testing.TB, number int, seq uint64) {
 	}
 }
 
-// waitNoneTagged waits until no bound device carries tag.
-func waitNoneTagged(t testing.TB, tag string) {
-	t.Helper()
-	for deadline := time.Now().Add(waitLimit); ; time.Sleep(time.Millisecond) {
-		all, err := loop.List()
+// boundTo lists the loop devices whose backing file, as sysfs shows it, is
+// path or below it. It opens no device: a test that opened every device of
+// the host (loop.List) would be an opener of other tests' devices, and their
+// release (AUTOCLEAR, losetup -d) would wait for it.
+func boundTo(path string) []string {
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
 		if err != nil {
-			t.Fatalf("List: %v", err)
+			continue // cleared meanwhile
 		}
-		var left []string
-		for _, b := range all {
-			if b.Tag == tag {
-				left = append(left, b.Path)
-			}
+		backing := strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
+		if backing == path || strings.HasPrefix(backing, path+"/") {
+			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(f))))
 		}
+	}
+	return out
+}
+
+// waitNoneBound waits until no loop device is bound to a file of this test
+// (all made under its temporary directories).
+func waitNoneBound(t testing.TB) {
+	t.Helper()
+	root := filepath.Dir(t.TempDir())
+	for deadline := time.Now().Add(waitLimit); ; time.Sleep(time.Millisecond) {
+		left := boundTo(root)
 		if len(left) == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("devices tagged %q still bound after %v: %v", tag, waitLimit, left)
+			t.Fatalf("devices bound to files of this test under %s still bound after %v: %v", root, waitLimit, left)
 		}
 	}
 }
@@ -721,7 +734,6 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 			}
 		}
 	}()
-	churnID := backingID(t, openBacking(t, churnFile, true))
 	var stopOnce sync.Once
 	stopChurn := func() {
 		stopOnce.Do(func() {
@@ -733,20 +745,16 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 			// detach. `losetup -d` of a device another opener (udev's
 			// probe) still holds only sets AUTOCLEAR: the kernel unbinds
 			// it at that opener's last close, so wait for it as
-			// waitNoneTagged does.
-			var left []loop.Binding
+			// waitNoneBound does.
+			var left []string
 			for deadline := time.Now().Add(waitLimit); ; time.Sleep(time.Millisecond) {
-				var err error
-				if left, err = loop.FindByBacking(churnID, nil); err != nil {
-					t.Error(err)
-				}
-				if len(left) == 0 || time.Now().After(deadline) {
+				if left = boundTo(churnFile); len(left) == 0 || time.Now().After(deadline) {
 					break
 				}
 			}
-			for _, b := range left {
-				exec.Command("losetup", "-d", b.Path).Run()
-				t.Errorf("churn left %s bound after %v", b.Path, waitLimit)
+			for _, dev := range left {
+				exec.Command("losetup", "-d", dev).Run()
+				t.Errorf("churn left %s bound after %v", dev, waitLimit)
 			}
 		})
 	}
@@ -784,7 +792,7 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 	stopChurn()
 	t.Logf("%d attach cycles (%d attempts retried); churn did %d losetup cycles meanwhile",
 		attached.Load(), loop.Retries()-retriesBefore, churnCycles.Load())
-	waitNoneTagged(t, tag)
+	waitNoneBound(t)
 }
 
 // TestIntegrationBusyFreeDevice makes the device LOOP_CTL_GET_FREE returns
