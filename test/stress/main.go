@@ -133,7 +133,7 @@ func stress(ctx context.Context, c config) int {
 
 // oneRun holds the lock, starts the load, runs go test and stops the load.
 func oneRun(ctx context.Context, c config, col *collector, run int) (runResult, error) {
-	unlock, err := lock(c.lock)
+	unlock, err := lock(ctx, c.lock)
 	if err != nil {
 		return runResult{}, err
 	}
@@ -179,8 +179,10 @@ func oneRun(ctx context.Context, c config, col *collector, run int) (runResult, 
 	return res, err
 }
 
-// lock takes an exclusive flock on path, saying so when it has to wait.
-func lock(path string) (unlock func(), err error) {
+// lock takes an exclusive flock on path, saying so when it has to wait; an
+// interrupt while it waits ends the wait (the process then exits, which
+// drops the lock if the blocked flock took it meanwhile).
+func lock(ctx context.Context, path string) (unlock func(), err error) {
 	if path == "" {
 		return func() {}, nil
 	}
@@ -190,7 +192,16 @@ func lock(path string) (unlock func(), err error) {
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
 		fmt.Printf("stress: waiting for %s (another heavy run)\n", path)
-		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		got := make(chan error, 1)
+		go func() { got <- unix.Flock(int(f.Fd()), unix.LOCK_EX) }()
+		select {
+		case err = <-got:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	} else if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("flock %s: %w", path, err)
 	}
 	if err != nil {
 		f.Close()
