@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -190,6 +191,12 @@ func lock(ctx context.Context, path string) (unlock func(), err error) {
 	if err != nil {
 		return nil, err
 	}
+	if inherited(f) {
+		// Run under flock(1) on the same file: the caller holds the lock
+		// for the whole run already, and waiting for it would never end.
+		f.Close()
+		return func() {}, nil
+	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
 		fmt.Printf("stress: waiting for %s (another heavy run)\n", path)
 		got := make(chan error, 1)
@@ -208,6 +215,27 @@ func lock(ctx context.Context, path string) (unlock func(), err error) {
 		return nil, fmt.Errorf("flock %s: %w", path, err)
 	}
 	return func() { f.Close() }, nil // closing the only fd releases the lock
+}
+
+// inherited reports whether this process has another fd open on f's file
+// from before it started (flock(1) passes its locked fd to the command).
+func inherited(f *os.File) bool {
+	var want unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &want); err != nil {
+		return false
+	}
+	fds, _ := os.ReadDir("/proc/self/fd")
+	for _, e := range fds {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd == int(f.Fd()) {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Fstat(fd, &st) == nil && st.Dev == want.Dev && st.Ino == want.Ino {
+			return true
+		}
+	}
+	return false
 }
 
 // startLoad starts stress-ng with args in a process group of its own; stop
