@@ -91,7 +91,7 @@ func stress(ctx context.Context, c config) int {
 		c.runs, c.count, c.cpu, strings.Join(c.pkgs, " "), orNone(c.load), c.keep)
 	col := newCollector()
 	start := time.Now()
-	clean, streak, done := 0, 0, 0
+	clean, streak, longest, done := 0, 0, 0, 0
 	for i := 1; i <= c.runs && ctx.Err() == nil; i++ {
 		if i > 1 && c.lock != "" {
 			// The kernel wakes every waiter when the lock is released, and
@@ -118,14 +118,15 @@ func stress(ctx context.Context, c config) int {
 		if failed == 0 {
 			clean++
 			streak++
+			longest = max(longest, streak)
 		} else {
 			streak = 0
 		}
 		fmt.Printf("run %d/%d: %d test executions, %d failed, %s%s\n", i, c.runs, res.tests, failed,
 			res.elapsed.Round(time.Second), names(res.failed))
 	}
-	fmt.Printf("\nstress: %d of %d runs passed with 0 failures (%d consecutive at the end), %s\n\n",
-		clean, done, streak, time.Since(start).Round(time.Second))
+	fmt.Printf("\nstress: %d of %d runs passed with 0 failures (%d in a row at the end, %d at most), %s\n\n",
+		clean, done, streak, longest, time.Since(start).Round(time.Second))
 	if col.report(os.Stdout) > 0 || done < c.runs {
 		return 1
 	}
