@@ -32,8 +32,11 @@ pkgs=(
 	# loop tests: fio, and file systems to make in image files (ext4 from
 	# e2fsprogs above)
 	hyperfine strace fio xfsprogs btrfs-progs
-	# promtool: the metrics tests lint the real /metrics output with it
-	prometheus
+	# promtool: the metrics tests lint the real /metrics output with it;
+	# curl: the operator tests scrape the daemon's metrics socket with it
+	prometheus curl
+	# make test-stress: the CPU and I/O load beside the stressed runs
+	stress-ng
 )
 if [[ ${1:-} == testbed || ${1:-} == all ]]; then
 	pkgs+=(qemu-system-x86 qemu-utils cpio gzip socat perl python3 xz-utils)

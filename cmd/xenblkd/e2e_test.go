@@ -27,6 +27,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
 	"xenblkd/test/libxl"
@@ -45,8 +46,7 @@ func TestMain(m *testing.M) { os.Exit(testMain(m)) }
 
 func testMain(m *testing.M) int {
 	if os.Getuid() != 0 {
-		fmt.Fprintln(os.Stderr, "e2e tests need root (loop devices); skipping")
-		return 0
+		return testenv.SkipPackage("needs root: loop devices, a private xenstored")
 	}
 	dir, err := os.MkdirTemp("", "xenblkd-e2e-")
 	if err != nil {
@@ -76,7 +76,7 @@ func testMain(m *testing.M) int {
 	}
 	defer xs.Close()
 	tag = fmt.Sprintf("xenblkd-test:e2e-%d", os.Getpid())
-	return m.Run()
+	return testenv.Run(m)
 }
 
 // daemon is a running `xenblkd daemon` subprocess.
@@ -259,6 +259,29 @@ func losetup(t *testing.T, file string, extra ...string) string {
 	dev := strings.TrimSpace(string(out))
 	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
 	return dev
+}
+
+// losetupDetach detaches dev (bound by losetup) and waits until the kernel
+// has cleared it. losetup -d clears at once only when nothing else has dev
+// open; on a shared machine something may (a daemon of another test reading
+// the devices its uevents named), and the clear then waits for that open to
+// end.
+func losetupDetach(t *testing.T, dev string) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(dev, &st); err != nil {
+		t.Fatal(err)
+	}
+	rdev := uint64(st.Rdev)
+	seq, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/diskseq", unix.Major(rdev), unix.Minor(rdev)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+		t.Fatalf("losetup -d %s: %v: %s", dev, err, out)
+	}
+	n, _ := strconv.ParseUint(strings.TrimSpace(string(seq)), 10, 64)
+	waitUntil(t, dev+" cleared", func() bool { return !bound(rdev, n) })
 }
 
 // standIn opens physical-device's major:minor the way blkback does (by dev_t,

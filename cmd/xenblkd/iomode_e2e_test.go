@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/loop"
+	"xenblkd/internal/testenv"
 )
 
 // TestIOModeEndToEnd: the daemon's --direct-io and a disk's own
@@ -24,7 +25,7 @@ func TestIOModeEndToEnd(t *testing.T) {
 	bad, _ := image(t, "io-bad.img")
 	for path, v := range map[string]string{off: "off", bad: "sometimes"} {
 		if err := unix.Setxattr(path, "user.xenblkd.direct-io", []byte(v), 0); err != nil {
-			t.Skipf("no user xattrs on %s: %v", path, err)
+			testenv.Skipf(t, "no user xattrs on %s: %v", path, err)
 		}
 	}
 	// Direct I/O where this machine's file system allows it at 512-byte sectors.

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"xenblkd/internal/testenv"
 	"xenblkd/test/xenstored"
 )
 
@@ -83,7 +84,7 @@ func TestStatusCommand(t *testing.T) {
 func TestMetricsOverUnixSocketWithCurl(t *testing.T) {
 	curl, err := exec.LookPath("curl")
 	if err != nil {
-		t.Skip("no curl")
+		testenv.Skip(t, "no curl (scripts/setup.sh installs it)")
 	}
 	sock := filepath.Join(t.TempDir(), "metrics.sock")
 	d := startDaemon(t, xsd.Socket, "--metrics-listen", "unix:"+sock)
@@ -126,7 +127,7 @@ func TestMetricsOverUnixSocketWithCurl(t *testing.T) {
 			t.Errorf("promtool check metrics: %v\n%s", err, out)
 		}
 	} else {
-		t.Log("no promtool (scripts/setup.sh installs it): lint skipped")
+		testenv.SkipPart(t, "no promtool (scripts/setup.sh installs prometheus): the metrics lint")
 	}
 	out, _ = exec.Command(curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--unix-socket", sock, "http://localhost/").Output()
 	if string(out) != "404" {

@@ -166,6 +166,8 @@ func TestPresetupBackendRemovedBeforeExec(t *testing.T) {
 // device; then all removed before any script ran: released.
 func TestPresetupStorm(t *testing.T) {
 	if testing.Short() {
+		// Not an environment gate (plain t.Skip): -short asks for a
+		// quicker run, and this is the package's slowest test.
 		t.Skip("2,000 backends")
 	}
 	d := startDaemon(t, xsd.Socket)

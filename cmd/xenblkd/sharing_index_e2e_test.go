@@ -1,7 +1,6 @@
 package main_test
 
 import (
-	"os/exec"
 	"strings"
 	"testing"
 )
@@ -26,9 +25,7 @@ func TestForeignLoopDeviceIndexed(t *testing.T) {
 	if herr, _ := read(t, be2+"/hotplug-error"); code == 0 || !strings.Contains(herr, foreign) || !strings.Contains(stderr, foreign) {
 		t.Fatalf("rw add with foreign %s bound after the index started: exit %d, stderr %q, hotplug-error %q; want a refusal naming it", foreign, code, stderr, herr)
 	}
-	if out, err := exec.Command("losetup", "-d", foreign).CombinedOutput(); err != nil {
-		t.Fatalf("losetup -d %s: %v: %s", foreign, err, out)
-	}
+	losetupDetach(t, foreign)
 	be3 := vbdSetup(t, 322, 51712, img, "w")
 	mustHotplug(t, d, "add", be3)
 	mustHotplug(t, d, "remove", be3)

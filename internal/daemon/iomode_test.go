@@ -10,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/loop"
+	"xenblkd/internal/testenv"
 )
 
 func TestChooseIO(t *testing.T) {
@@ -96,7 +97,7 @@ func TestReadDiskIO(t *testing.T) {
 			}
 			for k, v := range tt.attrs {
 				if err := unix.Setxattr(path, k, []byte(v), 0); err != nil {
-					t.Skipf("no user xattrs here: %v", err)
+					testenv.Skipf(t, "no user xattrs here: %v", err)
 				}
 			}
 			f, err := os.Open(path)
@@ -122,9 +123,7 @@ func TestReadDiskIO(t *testing.T) {
 // machine's file system with the I/O mode the policy chose, and a per-disk
 // attribute wins over the daemon's setting.
 func TestIntegrationHostIOMode(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates loop devices")
-	}
+	testenv.RequireRoot(t, "creates loop devices")
 	tests := []struct {
 		name    string
 		policy  IOPolicy
@@ -143,7 +142,7 @@ func TestIntegrationHostIOMode(t *testing.T) {
 			}
 			if tt.attr != "" {
 				if err := unix.Setxattr(path, xattrDirectIO, []byte(tt.attr), 0); err != nil {
-					t.Skipf("no user xattrs here: %v", err)
+					testenv.Skipf(t, "no user xattrs here: %v", err)
 				}
 			}
 			backing, err := loop.OpenBacking(path, false)

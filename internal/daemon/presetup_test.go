@@ -91,10 +91,20 @@ const ourScript = "/etc/xen/scripts/xenblkd"
 // waitFor is a readiness wait: it fails only if cond never holds.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
+	waitState(t, what, func() (bool, string) { return cond(), "" })
+}
+
+// waitState is waitFor whose cond also says what it saw, for the failure.
+func waitState(t *testing.T, what string, cond func() (ok bool, saw string)) {
+	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
+	for {
+		ok, saw := cond()
+		if ok {
+			return
+		}
 		if time.Now().After(deadline) {
-			t.Fatalf("gave up waiting for %s", what)
+			t.Fatalf("gave up waiting for %s (last seen: %s)", what, saw)
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -121,6 +131,25 @@ func (e *preEnv) waitAttached(t *testing.T, b hotplug.Backend) string {
 		return ok
 	})
 	return pd
+}
+
+// waitReleased waits until the model holds none of bs and host has open
+// devices open. Both are waited for: model.Remove forgets the attachment
+// first and closes its device after it drops the model's lock (so that
+// lookups never wait on a close), so a test that only waited for the lookup
+// could count the devices in between.
+func (e *preEnv) waitReleased(t *testing.T, what string, host *fakeMachine, open int, bs ...hotplug.Backend) {
+	t.Helper()
+	waitState(t, fmt.Sprintf("%s: attachments gone and %d devices open", what, open), func() (bool, string) {
+		held := 0
+		for _, b := range bs {
+			if _, ok := e.d.model.Lookup(keyOf(b)); ok {
+				held++
+			}
+		}
+		got := host.Open()
+		return held == 0 && got == open, fmt.Sprintf("%d attachments held, %d devices open", held, got)
+	})
 }
 
 // settle waits until every event before it was handled (Workers: 1, FIFO):
@@ -194,10 +223,7 @@ func TestPresetupBackendGoneBeforeExec(t *testing.T) {
 		if err := e.xs.Rm(context.Background(), p); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, "release of "+remove, func() bool { _, ok := e.d.model.Lookup(keyOf(b)); return !ok })
-		if host.Open() != 0 {
-			t.Fatalf("%s removed: %d devices still open", remove, host.Open())
-		}
+		e.waitReleased(t, "release of "+remove, host, 0, b)
 		if st := e.d.backends.Get(keyOf(b)); st.Known() {
 			t.Fatalf("%s removed: state %+v still remembered", remove, st)
 		}
@@ -359,10 +385,7 @@ func TestPresetupStorm(t *testing.T) {
 	if err := e.xs.Rm(context.Background(), "backend/vbd"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "release of all", func() bool { return len(e.d.model.List()) == 0 })
-	if host.Open() != 0 {
-		t.Fatalf("%d devices still open", host.Open())
-	}
+	e.waitReleased(t, "release of all", host, 0, bs...)
 	waitFor(t, "state forgotten", func() bool { return len(e.d.backends.Keys(0, true)) == 0 })
 }
 
@@ -446,10 +469,7 @@ func TestPresetupSkipsEventsItNeedNotCheck(t *testing.T) {
 	if err := e.xs.Rm(ctx, b.Path()); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "release", func() bool { _, ok := e.d.model.Lookup(keyOf(b)); return !ok })
-	if got := host.Open(); got != open-1 {
-		t.Fatalf("removed: %d devices open, want %d", got, open-1)
-	}
+	e.waitReleased(t, "release", host, open-1, b)
 	libxlBackend(t, e.xs, 3, 51712, ourScript, e.img, "w")
 	e.waitAttached(t, b)
 	if host.Open() != open || host.Made() != made+1 {

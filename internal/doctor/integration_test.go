@@ -9,15 +9,15 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/testenv"
 )
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for loop devices")
-	}
+	testenv.RequireRoot(t, "loop devices")
 	if _, err := os.Stat(DefaultLoopControl); err != nil {
-		t.Skip("no " + DefaultLoopControl)
+		testenv.Skip(t, "no "+DefaultLoopControl+" (a kernel without loop devices)")
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/loop"
+	"xenblkd/internal/testenv"
 	"xenblkd/test/scratchfs"
 )
 
@@ -17,7 +18,7 @@ func scratch(t *testing.T, kind string, sectorSize uint32) *scratchfs.FS {
 	t.Helper()
 	requireRoot(t)
 	if err := scratchfs.Available(kind); err != nil {
-		t.Skip(err)
+		testenv.Skip(t, err.Error())
 	}
 	fs, err := scratchfs.Make(t.TempDir(), kind, 0, sectorSize)
 	if err != nil {

@@ -44,11 +44,21 @@ func losetupAttach(t testing.TB, path string, extra ...string) string {
 	return dev
 }
 
+// losetupDetach detaches dev and waits until the kernel has cleared it.
+// losetup -d clears at once only when nothing else has dev open; on a shared
+// machine something may (a daemon of another test reading the devices its
+// uevents named), and the clear then waits for that open to end.
 func losetupDetach(t testing.TB, dev string) {
 	t.Helper()
-	if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil && !strings.Contains(string(out), "No such device") {
-		t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+	number := devNumber(dev)
+	seq, _ := sysfsDiskSeq(t, number)
+	if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+		if !strings.Contains(string(out), "No such device") {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+		return
 	}
+	waitCleared(t, number, seq)
 }
 
 func paths(bs []loop.Binding) []string {

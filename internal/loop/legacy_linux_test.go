@@ -8,15 +8,15 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"xenblkd/internal/testenv"
 )
 
 // TestIntegrationLegacyConfigure runs the pre-5.8 path (LOOP_SET_FD +
 // LOOP_SET_STATUS64) on the running kernel: the result must be the same
 // binding LOOP_CONFIGURE makes, and it must clear on Close.
 func TestIntegrationLegacyConfigure(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates loop devices")
-	}
+	testenv.RequireRoot(t, "creates loop devices")
 	path := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
 		t.Fatal(err)

@@ -24,6 +24,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/loop"
+	"xenblkd/internal/testenv"
 )
 
 // holdEnv makes the test binary a "second opener" child: it opens the loop
@@ -35,7 +36,7 @@ func TestMain(m *testing.M) {
 	if spec := os.Getenv(holdEnv); spec != "" {
 		os.Exit(holdDevice(spec))
 	}
-	os.Exit(m.Run())
+	testenv.Main(m)
 }
 
 func holdDevice(spec string) int {
@@ -68,9 +69,7 @@ var tagCounter atomic.Int64
 
 func requireRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates loop devices")
-	}
+	testenv.RequireRoot(t, "creates loop devices")
 }
 
 // testTag returns a tag unique to this test run.
@@ -159,25 +158,38 @@ func waitCleared(t testing.TB, number int, seq uint64) {
 	}
 }
 
-// waitNoneTagged waits until no bound device carries tag.
-func waitNoneTagged(t testing.TB, tag string) {
-	t.Helper()
-	for deadline := time.Now().Add(waitLimit); ; time.Sleep(time.Millisecond) {
-		all, err := loop.List()
+// boundTo lists the loop devices whose backing file, as sysfs shows it, is
+// path or below it. It opens no device: a test that opened every device of
+// the host (loop.List) would be an opener of other tests' devices, and their
+// release (AUTOCLEAR, losetup -d) would wait for it.
+func boundTo(path string) []string {
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
 		if err != nil {
-			t.Fatalf("List: %v", err)
+			continue // cleared meanwhile
 		}
-		var left []string
-		for _, b := range all {
-			if b.Tag == tag {
-				left = append(left, b.Path)
-			}
+		backing := strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
+		if backing == path || strings.HasPrefix(backing, path+"/") {
+			out = append(out, "/dev/"+filepath.Base(filepath.Dir(filepath.Dir(f))))
 		}
+	}
+	return out
+}
+
+// waitNoneBound waits until no loop device is bound to a file of this test
+// (all made under its temporary directories).
+func waitNoneBound(t testing.TB) {
+	t.Helper()
+	root := filepath.Dir(t.TempDir())
+	for deadline := time.Now().Add(waitLimit); ; time.Sleep(time.Millisecond) {
+		left := boundTo(root)
 		if len(left) == 0 {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("devices tagged %q still bound after %v: %v", tag, waitLimit, left)
+			t.Fatalf("devices bound to files of this test under %s still bound after %v: %v", root, waitLimit, left)
 		}
 	}
 }
@@ -747,7 +759,6 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 			}
 		}
 	}()
-	churnID := backingID(t, openBacking(t, churnFile, true))
 	var stopOnce sync.Once
 	stopChurn := func() {
 		stopOnce.Do(func() {
@@ -759,20 +770,16 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 			// detach. `losetup -d` of a device another opener (udev's
 			// probe) still holds only sets AUTOCLEAR: the kernel unbinds
 			// it at that opener's last close, so wait for it as
-			// waitNoneTagged does.
-			var left []loop.Binding
+			// waitNoneBound does.
+			var left []string
 			for deadline := time.Now().Add(waitLimit); ; time.Sleep(time.Millisecond) {
-				var err error
-				if left, err = loop.FindByBacking(churnID, nil); err != nil {
-					t.Error(err)
-				}
-				if len(left) == 0 || time.Now().After(deadline) {
+				if left = boundTo(churnFile); len(left) == 0 || time.Now().After(deadline) {
 					break
 				}
 			}
-			for _, b := range left {
-				exec.Command("losetup", "-d", b.Path).Run()
-				t.Errorf("churn left %s bound after %v", b.Path, waitLimit)
+			for _, dev := range left {
+				exec.Command("losetup", "-d", dev).Run()
+				t.Errorf("churn left %s bound after %v", dev, waitLimit)
 			}
 		})
 	}
@@ -810,7 +817,7 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 	stopChurn()
 	t.Logf("%d attach cycles (%d attempts retried); churn did %d losetup cycles meanwhile",
 		attached.Load(), loop.Retries()-retriesBefore, churnCycles.Load())
-	waitNoneTagged(t, tag)
+	waitNoneBound(t)
 }
 
 // TestIntegrationBusyFreeDevice makes the device LOOP_CTL_GET_FREE returns
@@ -819,7 +826,7 @@ func TestIntegrationConcurrentChurn(t *testing.T) {
 func TestIntegrationBusyFreeDevice(t *testing.T) {
 	requireRoot(t)
 	path := sparseFile(t, 1<<20)
-	for try := 0; ; try++ {
+	for deadline := time.Now().Add(waitLimit); ; {
 		busy, release := holdFreeDevice(t)
 		before := loop.Retries()
 		d := attach(t, path, loop.Options{})
@@ -833,15 +840,16 @@ func TestIntegrationBusyFreeDevice(t *testing.T) {
 			t.Logf("loop%d busy; Attach retried %d times and got loop%d", busy, loop.Retries()-before, d.Number())
 			return
 		}
-		if try == 10 {
-			t.Fatalf("Attach never hit the busy loop%d", busy)
+		if time.Now().After(deadline) {
+			t.Fatalf("Attach never hit the busy loop%d in %v", busy, waitLimit)
 		}
 	}
 }
 
 // holdFreeDevice opens the device LOOP_CTL_GET_FREE returns O_EXCL, under
 // the loop-control lock so cooperating allocators cannot take it first.
-// release (also run at cleanup) closes it.
+// An allocator that does not take the lock (losetup, another test binary)
+// may still bind or hold it in between: EBUSY, and GET_FREE is asked again. release (also run at cleanup) closes it.
 func holdFreeDevice(t *testing.T) (index int, release func()) {
 	t.Helper()
 	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
@@ -852,15 +860,23 @@ func holdFreeDevice(t *testing.T) (index int, release func()) {
 	if err := unix.Flock(ctl, unix.LOCK_EX); err != nil {
 		t.Fatal(err)
 	}
-	index, err = unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
-	if err != nil {
-		t.Fatal(err)
+	for deadline := time.Now().Add(waitLimit); ; {
+		index, err = unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd, err := unix.Open(fmt.Sprintf("/dev/loop%d", index), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+		if errors.Is(err, unix.EBUSY) && time.Now().Before(deadline) {
+			// Bound since GET_FREE, or held O_EXCL unbound (another test
+			// doing this): wait until GET_FREE names one we can hold.
+			time.Sleep(time.Millisecond)
+			continue
+		}
+		if err != nil {
+			t.Fatalf("open loop%d O_EXCL: %v", index, err)
+		}
+		release = sync.OnceFunc(func() { unix.Close(fd) })
+		t.Cleanup(release)
+		return index, release
 	}
-	fd, err := unix.Open(fmt.Sprintf("/dev/loop%d", index), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	release = sync.OnceFunc(func() { unix.Close(fd) })
-	t.Cleanup(release)
-	return index, release
 }

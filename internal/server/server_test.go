@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/api"
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/unixsock"
 )
 
@@ -23,9 +24,7 @@ import (
 // socket), nor below one that is not sticky; a sticky /tmp-like parent and
 // a missing directory (created 0700) are fine.
 func TestListenRefusesUnsafeDirectory(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root: the check trusts only root-owned directories")
-	}
+	testenv.RequireRoot(t, "the check trusts only root-owned directories")
 	tests := []struct {
 		name    string
 		mode    os.FileMode // of the socket's directory

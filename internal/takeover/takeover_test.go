@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"xenblkd/internal/takeover"
+	"xenblkd/internal/testenv"
 )
 
 // scratch makes a root with dpkg's admin directory, a stock block script,
@@ -16,7 +17,7 @@ import (
 func scratch(t *testing.T) takeover.Config {
 	t.Helper()
 	if _, err := exec.LookPath("dpkg-divert"); err != nil {
-		t.Skip("no dpkg-divert")
+		testenv.Skip(t, "no dpkg-divert (dpkg)")
 	}
 	root := t.TempDir()
 	for _, d := range []string{"var/lib/dpkg", "etc/xen/scripts", "usr/sbin"} {

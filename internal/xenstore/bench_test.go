@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/xenstored"
 )
@@ -82,7 +83,7 @@ func BenchmarkCxenstored(b *testing.B) {
 	b.Run("ExecXenstoreWrite", func(b *testing.B) {
 		tool, err := exec.LookPath("xenstore-write")
 		if err != nil {
-			b.Skip("xenstore-write not installed (xenstore-utils)")
+			testenv.Skip(b, "no xenstore-write (scripts/setup.sh installs xenstore-utils)")
 		}
 		env := append(os.Environ(), d.Env()...)
 		for i := 0; b.Loop(); i++ {

@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/testenv"
 	"xenblkd/test/build"
 )
 
@@ -84,7 +85,7 @@ func testMain(m *testing.M) int {
 			return 1
 		}
 	}
-	return m.Run()
+	return testenv.Run(m)
 }
 
 // fakeDaemon answers each connection with the next of its replies (a reply
@@ -395,9 +396,7 @@ func nobodyDaemon() int {
 // TestPeerNotRoot: a socket served by another user gets no request; the Go
 // entry (the real one here) refuses it too, with a message naming the uid.
 func TestPeerNotRoot(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root to run a daemon as another user")
-	}
+	testenv.RequireRoot(t, "runs a daemon as another user")
 	dir := t.TempDir()
 	goBinary, err := build.Xenblkd(dir)
 	if err != nil {
@@ -472,7 +471,7 @@ func TestHandoverTargetMissing(t *testing.T) {
 func TestSyscalls(t *testing.T) {
 	strace, err := exec.LookPath("strace")
 	if err != nil {
-		t.Skip("strace not installed")
+		testenv.Skip(t, "no strace (scripts/setup.sh installs it)")
 	}
 	f := startFake(t)
 	out := filepath.Join(t.TempDir(), "strace.txt")

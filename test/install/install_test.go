@@ -14,6 +14,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"xenblkd/internal/testenv"
 )
 
 // repoRoot is the checkout this test belongs to.
@@ -260,7 +262,7 @@ func dpkgDeb(t *testing.T, args ...string) string {
 
 func TestDeb(t *testing.T) {
 	if _, err := exec.LookPath("dpkg-deb"); err != nil {
-		t.Skip("no dpkg-deb")
+		testenv.Skip(t, "no dpkg-deb (dpkg)")
 	}
 	scratch := t.TempDir()
 	out, err := runMake(t, scratch, "deb")
@@ -383,7 +385,7 @@ func TestDeb(t *testing.T) {
 // (overrides in dist/debian/lintian-overrides carry their reasons).
 func TestLintian(t *testing.T) {
 	if _, err := exec.LookPath("lintian"); err != nil {
-		t.Skip("no lintian (scripts/setup.sh installs it)")
+		testenv.Skip(t, "no lintian (scripts/setup.sh installs it)")
 	}
 	scratch := t.TempDir()
 	if out, err := runMake(t, scratch, "deb"); err != nil {
@@ -406,7 +408,7 @@ func TestLintian(t *testing.T) {
 // downgrade.
 func TestVersionGoesUp(t *testing.T) {
 	if _, err := exec.LookPath("dpkg"); err != nil {
-		t.Skip("no dpkg")
+		testenv.Skip(t, "no dpkg")
 	}
 	root := repoRoot(t)
 	out, err := exec.Command("make", "-C", root, "--no-print-directory", "-s", "deb-version").Output()

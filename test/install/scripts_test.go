@@ -7,6 +7,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"xenblkd/internal/testenv"
 )
 
 // stubPath makes a directory of stand-ins for deb-systemd-helper,
@@ -183,7 +185,7 @@ func TestPrermInUse(t *testing.T) {
 // documents every command the binary has.
 func TestManPage(t *testing.T) {
 	if _, err := exec.LookPath("man"); err != nil {
-		t.Skip("no man (apt-get install man-db)")
+		testenv.Skip(t, "no man (scripts/setup.sh installs man-db)")
 	}
 	page := filepath.Join(repoRoot(t), "docs/xenblkd.8")
 	cmd := exec.Command("man", "--warnings", "-l", page)

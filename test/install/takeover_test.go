@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"xenblkd/internal/testenv"
 	"xenblkd/test/build"
 )
 
@@ -19,7 +20,7 @@ import (
 func takeoverRoot(t *testing.T) (root, bin string) {
 	t.Helper()
 	if _, err := exec.LookPath("dpkg-divert"); err != nil {
-		t.Skip("no dpkg-divert")
+		testenv.Skip(t, "no dpkg-divert (dpkg)")
 	}
 	root = t.TempDir()
 	for _, d := range []string{"var/lib/dpkg", "etc/xen/scripts", "usr/sbin"} {

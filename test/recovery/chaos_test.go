@@ -64,6 +64,7 @@ func storm(t *testing.T, d daemonCtl, dir string, holdAll bool, phy ...string) {
 	domains := max(*chaosDomains, workers)
 
 	var st stormStats
+	var tr trail
 	var wantMu sync.Mutex
 	want := map[key]*attached{} // completed adds not removed since
 	t.Cleanup(func() {
@@ -109,6 +110,7 @@ func storm(t *testing.T, d daemonCtl, dir string, holdAll bool, phy ...string) {
 			for opsLeft.Add(-1) >= 0 && !t.Failed() {
 				k := slots[r.Intn(len(slots))]
 				if a := mine[k]; a != nil {
+					tr.note(k, "remove")
 					removeUntilDone(t, d, k)
 					a.release() // blkback lets go (after the remove: it is the last user here)
 					rmBackend(k)
@@ -131,7 +133,9 @@ func storm(t *testing.T, d daemonCtl, dir string, holdAll bool, phy ...string) {
 				}
 				setupBackend(t, k, params, mode, "/etc/xen/scripts/xenblkd")
 				st.adds.Add(1)
-				if _, code := hotplug(t, d, "add", k); code != 0 {
+				tr.note(k, "add "+params+" "+mode)
+				if out, code := hotplug(t, d, "add", k); code != 0 {
+					tr.note(k, fmt.Sprintf("add failed (%d): %s", code, strings.TrimSpace(out)))
 					// As libxl: a failed add is followed by remove.
 					st.addsFailed.Add(1)
 					removeUntilDone(t, d, k)
@@ -142,6 +146,7 @@ func storm(t *testing.T, d daemonCtl, dir string, holdAll bool, phy ...string) {
 				if err == nil && (holdAll || r.Intn(2) == 0) {
 					err = hold(t, &a)
 				}
+				tr.note(k, fmt.Sprintf("add done: %x diskseq %d held %v, err %v", a.rdev, a.diskseq, a.vm >= 0, err))
 				if err != nil {
 					// The daemon was killed after it answered and before the
 					// stand-in opened the device: without the fd store the
@@ -179,8 +184,18 @@ func storm(t *testing.T, d daemonCtl, dir string, holdAll bool, phy ...string) {
 		recoveries, mism, st.lost.Load(), c)
 	t.Log(report)
 	fmt.Fprintln(os.Stderr, "CHAOS", report)
+	if c.Completed > 0 && c.Tagged == 0 {
+		t.Errorf("%d completed adds but no device of this run found (the sysfs match of ourBindings is broken?): %s", c.Completed, c)
+	}
 	if !c.ok() {
 		t.Errorf("invariants violated: %s\n%s", c, strings.Join(why, "\n"))
+		for _, w := range why {
+			if m := backendRE.FindStringSubmatch(w); m != nil {
+				domid, _ := strconv.Atoi(m[1])
+				devid, _ := strconv.Atoi(m[2])
+				t.Logf("%s, what the test did:\n%s\nand the daemon's log of it:\n%s", m[0], tr.of(key{domid, devid}), linesAbout(d.Log(), domid, devid))
+			}
+		}
 	}
 	if !holdAll && st.lost.Load() != 0 {
 		t.Errorf("%d completed adds lost with the fd store: it must keep every device", st.lost.Load())
@@ -196,6 +211,43 @@ func storm(t *testing.T, d daemonCtl, dir string, holdAll bool, phy ...string) {
 	want = map[key]*attached{}
 	waitNoneTagged(t)
 	fmt.Fprintf(os.Stderr, "CHAOS %s: after removing everything: %d tagged loop devices left\n", t.Name(), tagged(t))
+}
+
+// trail is what the storm did to each backend, for the report of a
+// violated invariant.
+type trail struct {
+	mu   sync.Mutex
+	byBE map[key][]string
+}
+
+func (tr *trail) note(k key, what string) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if tr.byBE == nil {
+		tr.byBE = map[key][]string{}
+	}
+	tr.byBE[k] = append(tr.byBE[k], time.Now().UTC().Format("15:04:05.000 ")+what)
+}
+
+func (tr *trail) of(k key) string {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	return "\t" + strings.Join(tr.byBE[k], "\n\t")
+}
+
+var backendRE = regexp.MustCompile(`backend/vbd/(\d+)/(\d+)`)
+
+// linesAbout returns the daemon log's lines about backend domid/devid.
+func linesAbout(log string, domid, devid int) string {
+	var out []string
+	ids := fmt.Sprintf("domid=%d devid=%d ", domid, devid)
+	path := fmt.Sprintf("backend/vbd/%d/%d", domid, devid)
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, ids) || strings.Contains(l, path) || strings.Contains(l, "recovery done") || strings.Contains(l, "serving") {
+			out = append(out, "\t"+l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 var summaryRE = regexp.MustCompile(`msg="recovery done".* mismatched=(\d+)`)

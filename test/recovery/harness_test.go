@@ -13,10 +13,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -28,6 +30,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/loop"
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
 	"xenblkd/test/libxl"
@@ -48,12 +51,10 @@ func TestMain(m *testing.M) { os.Exit(testMain(m)) }
 
 func testMain(m *testing.M) int {
 	if os.Getuid() != 0 {
-		fmt.Fprintln(os.Stderr, "SKIP test/recovery: needs root (loop devices, xenstored)")
-		return 0
+		return testenv.SkipPackage("needs root: loop devices, a private xenstored")
 	}
 	if _, err := os.Stat("/dev/loop-control"); err != nil {
-		fmt.Fprintln(os.Stderr, "SKIP test/recovery: no /dev/loop-control (kernel without loop devices):", err)
-		return 0
+		return testenv.SkipPackage(fmt.Sprintf("no /dev/loop-control (a kernel without loop devices): %v", err))
 	}
 	var err error
 	// Not under /tmp's test dirs: the sandbox binds it at the same path.
@@ -84,7 +85,7 @@ func testMain(m *testing.M) int {
 	}
 	defer xs.Close()
 	tag = fmt.Sprintf("xenblkd-test:rec-%d", os.Getpid())
-	return m.Run()
+	return testenv.Run(m)
 }
 
 // privateDir is a 0700 directory under /tmp removed at cleanup. Short paths:
@@ -489,10 +490,20 @@ func (a *attached) release() {
 
 // --- images -----------------------------------------------------------------
 
-// makeImage creates a sparse 1 MiB image in dir.
+// images are the backing files this run made (makeImage), by the paths
+// sysfs shows for them: this run's loop devices are the ones bound to them.
+var images sync.Map
+
+// makeImage creates a sparse 1 MiB image in dir. Its name starts with this
+// process's id: sysfs shows the backing file of a device made inside the
+// systemd sandbox, where dir is a bind mount, as /<name>, and that must name
+// no other test run's file.
 func makeImage(t testing.TB, dir, name string) string {
 	t.Helper()
+	name = fmt.Sprintf("xbrec%d-%s", os.Getpid(), name)
 	p := filepath.Join(dir, name)
+	images.Store(p, true)
+	images.Store("/"+name, true)
 	f, err := os.Create(p)
 	if err != nil {
 		t.Fatal(err)
@@ -520,6 +531,65 @@ func losetup(t testing.TB, file string) string {
 	return dev
 }
 
+// ourBindings lists the bound loop devices backed by this run's images. It
+// finds them in sysfs and opens only them: opening every device of the
+// host, as loop.List does, would make this test an opener of other tests'
+// devices, whose release (AUTOCLEAR, losetup -d) then waits for it.
+func ourBindings(t testing.TB) []loop.Binding {
+	t.Helper()
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	var out []loop.Binding
+	for _, f := range files {
+		backing, err := os.ReadFile(f)
+		if err != nil {
+			continue // cleared meanwhile
+		}
+		if _, ok := images.Load(strings.TrimSpace(string(backing))); !ok {
+			continue
+		}
+		number, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(filepath.Dir(filepath.Dir(f))), "loop"))
+		if err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		if b, ok := bindingOf(t, number); ok {
+			out = append(out, b)
+		}
+	}
+	slices.SortFunc(out, func(a, b loop.Binding) int { return a.Number - b.Number })
+	return out
+}
+
+// bindingOf reads loop device number's binding (ok false if it is not
+// bound), opening that device only.
+func bindingOf(t testing.TB, number int) (loop.Binding, bool) {
+	t.Helper()
+	for {
+		text, err := os.ReadFile(fmt.Sprintf("/sys/block/loop%d/diskseq", number))
+		if errors.Is(err, fs.ErrNotExist) {
+			return loop.Binding{}, false
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		seq, err := strconv.ParseUint(strings.TrimSpace(string(text)), 10, 64)
+		if err != nil {
+			t.Fatalf("loop%d diskseq %q: %v", number, text, err)
+		}
+		d, err := loop.Open(number, seq)
+		switch {
+		case errors.Is(err, loop.ErrDiskSeqMismatch):
+			continue // rebound since sysfs said: read it again
+		case errors.Is(err, loop.ErrNotBound), errors.Is(err, unix.ENXIO), errors.Is(err, unix.ENOENT):
+			return loop.Binding{}, false
+		case err != nil:
+			t.Fatalf("open loop%d: %v", number, err)
+		}
+		b := d.Binding()
+		d.Close()
+		return b, true
+	}
+}
+
 // --- invariants -------------------------------------------------------------
 
 // counts are the invariants checked after a restart or a storm.
@@ -544,10 +614,7 @@ func check(t testing.TB, d daemonCtl, want map[key]*attached) (counts, []string)
 	var c counts
 	var why []string
 	ctx := context.Background()
-	bindings, err := loop.List()
-	if err != nil {
-		t.Fatal(err)
-	}
+	bindings := ourBindings(t)
 	byRdev := map[uint64]loop.Binding{}
 	for _, b := range bindings {
 		byRdev[b.Rdev] = b
@@ -645,12 +712,8 @@ func settle(t testing.TB, d daemonCtl, want map[key]*attached) (counts, []string
 // tagged counts bound devices with this run's tag.
 func tagged(t testing.TB) int {
 	t.Helper()
-	bs, err := loop.List()
-	if err != nil {
-		t.Fatal(err)
-	}
 	n := 0
-	for _, b := range bs {
+	for _, b := range ourBindings(t) {
 		if strings.HasPrefix(b.Tag, tag) {
 			n++
 		}

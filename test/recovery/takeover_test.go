@@ -110,16 +110,7 @@ func detachIfStill(dev, file string) {
 // binding returns the current binding of the loop device rdev (ok false if unbound).
 func binding(t *testing.T, rdev uint64) (loop.Binding, bool) {
 	t.Helper()
-	bs, err := loop.List()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, b := range bs {
-		if b.Rdev == rdev {
-			return b, true
-		}
-	}
-	return loop.Binding{}, false
+	return bindingOf(t, int(unix.Minor(rdev)))
 }
 
 // waitFreed waits until the device of s is no longer bound with its diskseq.

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
 	"xenblkd/test/libxl"
@@ -28,6 +29,10 @@ import (
 // restarts, and the watchdog.
 func TestProductionUnitDaemon(t *testing.T) {
 	if _, err := os.Stat("/proc/xen"); err == nil {
+		// Not an environment gate (plain t.Skip, also under
+		// XENBLKD_TEST_STRICT): the test is of the unit on a host without
+		// Xen, which a Xen host cannot stand in for; the testbed tests it
+		// on Xen.
 		t.Skip("this host runs Xen: the Xen condition cannot be tested here")
 	}
 	bin, err := build.Xenblkd(t.TempDir())
@@ -134,6 +139,8 @@ func TestProductionUnitDaemon(t *testing.T) {
 		if err != nil {
 			t.Errorf("promtool check metrics: %v\n%s", err, out)
 		}
+	} else {
+		testenv.SkipPart(t, "no promtool (scripts/setup.sh installs prometheus): the metrics lint")
 	}
 
 	// The watchdog is fed while XenStore and the API are healthy...
