@@ -24,6 +24,9 @@ pkgs=(
 	hyperfine strace fio xfsprogs btrfs-progs
 	# promtool: the metrics tests lint the real /metrics output with it
 	prometheus
+	# cluster mode's two-host tests (internal/sanlock, cmd/xenblkd): the real
+	# sanlock daemon, run with its watchdog off; never wdmd or softdog
+	sanlock
 )
 if [[ ${1:-} == testbed || ${1:-} == all ]]; then
 	pkgs+=(qemu-system-x86 qemu-utils debootstrap cpio gzip socat perl python3 xz-utils)
