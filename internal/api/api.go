@@ -66,6 +66,19 @@ type Response struct {
 	UnusedLoopDevices []LoopDevice `json:"unused_loop_devices,omitempty"`
 	// Summary (adopt): what was taken over, for the administrator.
 	Summary string `json:"summary,omitempty"`
+	// Leases (status, cluster mode): the sanlock leases this host holds.
+	Leases []Lease `json:"leases,omitempty"`
+}
+
+// Lease is a sanlock resource lease the daemon holds for a shared target
+// (cluster mode, docs/cluster.md).
+type Lease struct {
+	Name     string    `json:"name"`     // the sanlock resource name
+	Identity string    `json:"identity"` // the target's identity every host computes
+	Target   string    `json:"target"`   // the target's path on this host
+	Mode     string    `json:"mode"`     // "exclusive", "shared", or "pending" (a migration's hand-over)
+	Users    int       `json:"users"`    // backends using it on this host
+	Since    time.Time `json:"since,omitzero"`
 }
 
 // LoopDevice is a loop device the daemon holds.

@@ -17,6 +17,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/lease"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
 )
@@ -42,6 +43,8 @@ type Daemon struct {
 	Scripts Scripts
 
 	tag string // lo_file_name prefix of our devices, as Recover was told (claims of stock devices use it)
+
+	leases *lease.Manager // cluster mode (cluster.go); nil: off
 }
 
 // New returns a daemon on store (XenStore) and host (loop devices, mounts).

@@ -73,8 +73,12 @@ func CodeOf(err error) int32 {
 }
 
 // Held reports whether err says another host holds the lease (now, or until
-// its lease expires).
+// its lease expires). EAGAIN is an exclusive acquire of a lease others hold
+// shared.
 func Held(err error) bool {
+	if errors.Is(err, syscall.EAGAIN) {
+		return true
+	}
 	switch CodeOf(err) {
 	case CodeAcquireIDLive, CodeAcquireOwned, CodeOwnedRetry, CodeAcquireIDDisk, CodeAcquireShRetry:
 		return true

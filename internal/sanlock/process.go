@@ -106,4 +106,3 @@ func indexNUL(b []byte) int {
 	}
 	return -1
 }
-

@@ -46,6 +46,7 @@ const (
 	cmdInqLockspace       = 16
 	cmdWriteLockspace     = 18
 	cmdWriteResource      = 19
+	cmdReadLockspace      = 20
 	cmdGetHosts           = 23
 	cmdReadResourceOwners = 24
 	cmdConvert            = 27
@@ -57,13 +58,13 @@ const (
 	smProto = 0x00000001
 
 	headerSize    = 32
-	diskSize      = PathLen + 16           // sanlk_disk
-	lockspaceSize = 64 + diskSize          // sanlk_lockspace: name, host_id, flags, pad, disk
-	resourceSize  = 128                    // sanlk_resource without its disks
-	optionsSize   = NameLen + 8            // sanlk_options without its string
-	hostSize      = 32                     // sanlk_host
-	maxReply      = 1 << 20                // MAX_CLIENT_MSG
-	pidSelf       = 0xffffffff             // data2 = -1: the registered connection's own pid
+	diskSize      = PathLen + 16  // sanlk_disk
+	lockspaceSize = 64 + diskSize // sanlk_lockspace: name, host_id, flags, pad, disk
+	resourceSize  = 128           // sanlk_resource without its disks
+	optionsSize   = NameLen + 8   // sanlk_options without its string
+	hostSize      = 32            // sanlk_host
+	maxReply      = 1 << 20       // MAX_CLIENT_MSG
+	pidSelf       = 0xffffffff    // data2 = -1: the registered connection's own pid
 )
 
 // Resource flags (SANLK_RES_*).
@@ -338,6 +339,20 @@ func (c Client) InqLockspace(ctx context.Context, ls Lockspace) error {
 	return err
 }
 
+// ReadLockspace reads the lockspace's io_timeout (seconds) from its disk:
+// the one it was initialised with, which every host should join with.
+func (c Client) ReadLockspace(ctx context.Context, ls Lockspace) (ioTimeout uint32, err error) {
+	body, err := ls.marshal()
+	if err != nil {
+		return 0, &Error{Op: "read_lockspace", Err: err}
+	}
+	h, _, err := c.call(ctx, "read_lockspace "+ls.Name, cmdReadLockspace, 0, 0, 0, body)
+	if err != nil {
+		return 0, err
+	}
+	return h.data2, nil
+}
+
 // RemLockspace leaves the lockspace (it fails while leases in it are held).
 func (c Client) RemLockspace(ctx context.Context, ls Lockspace) error {
 	body, err := ls.marshal()
@@ -383,7 +398,7 @@ func (c Client) ReadResourceOwners(ctx context.Context, r Resource) ([]Host, err
 // Hosts returns the lockspace's hosts as this daemon sees them (all of
 // them for hostID 0), with their liveness.
 func (c Client) Hosts(ctx context.Context, lockspace string, hostID uint64) ([]Host, error) {
-	body, err := Lockspace{Name: lockspace, HostID: hostID, }.marshal()
+	body, err := Lockspace{Name: lockspace, HostID: hostID}.marshal()
 	if err != nil {
 		return nil, &Error{Op: "get_hosts", Err: err}
 	}
