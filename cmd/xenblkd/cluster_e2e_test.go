@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -314,6 +315,37 @@ func TestClusterMigration(t *testing.T) {
 	a2 := c.a.disk(t, 2, lun, "w", "/vm/oooo")
 	c.a.refused(t, a2, "hostB", "/vm/mmmm")
 	c.a.removeNodes(a2)
+	c.b.remove(t, b7)
+}
+
+// TestClusterMigrationNotOvertaken: while a migration's destination waits
+// for the lease, another VM on the source cannot take it in the moment
+// between the source's release and the destination's retry. The
+// destination's daemon is stopped (SIGSTOP) to hold that moment open.
+func TestClusterMigrationNotOvertaken(t *testing.T) {
+	c := newCluster(t)
+	lun := c.lun(t, "disk5.img")
+	a1 := c.a.disk(t, 1, lun, "w", "/vm/mmmm")
+	c.a.mustAdd(t, a1)
+	b7 := c.b.disk(t, 7, lun, "w", "/vm/mmmm")
+	c.b.mustAdd(t, b7)
+	if err := c.b.d.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := true
+	cont := func() {
+		if stopped {
+			c.b.d.cmd.Process.Signal(syscall.SIGCONT)
+			stopped = false
+		}
+	}
+	t.Cleanup(cont)
+	c.a.remove(t, a1) // A lets go; B cannot retry
+	a2 := c.a.disk(t, 2, lun, "w", "/vm/oooo")
+	c.a.refused(t, a2, "hostB", "/vm/mmmm", "migrated there")
+	c.a.removeNodes(a2)
+	cont()
+	waitFor(t, 10*time.Second, "hand-over to B", func() bool { return c.b.leaseModes(t) == "exclusive" })
 	c.b.remove(t, b7)
 }
 

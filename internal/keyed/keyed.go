@@ -9,7 +9,10 @@
 //  2. the target locks (model: a Mutex by target), held across the slow work
 //     of one add or remove (sharing checks, loop setup); an add takes all of
 //     its target's locks at once with LockAll, in one global order;
-//  3. the leaf mutexes guarding maps (model.mu, the daemon's backend state,
+//  3. the lease locks (internal/lease: a Mutex by lease name), held across
+//     the sanlock requests of one acquire or release, taken under a target
+//     lock (cluster mode only);
+//  4. the leaf mutexes guarding maps (model.mu, the daemon's backend state,
 //     a Mutex's own): never held across I/O or while taking another lock.
 package keyed
 

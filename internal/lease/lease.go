@@ -58,6 +58,7 @@ type Manager struct {
 	proc   *sanlock.Process   // the registered connection, made on first use
 	held   map[string]*holder // guarded by mu: by lease name
 	events Events             // counters for metrics; guarded by mu
+	closed chan struct{}      // closed by Close: hand-overs stop
 }
 
 // Events counts what the manager did, for metrics.
@@ -102,7 +103,7 @@ func New(cfg Config, client sanlock.Client, log *slog.Logger) *Manager {
 	if cfg.Dir == "" {
 		cfg.Dir = filepath.Dir(cfg.Lockspace.Disk.Path)
 	}
-	return &Manager{cfg: cfg, client: client, log: log, held: map[string]*holder{}}
+	return &Manager{cfg: cfg, client: client, log: log, held: map[string]*holder{}, closed: make(chan struct{})}
 }
 
 // Join joins the lockspace unless this host already is in it (sanlock keeps
@@ -133,9 +134,10 @@ func (m *Manager) Join(ctx context.Context) error {
 
 func (m *Manager) process(ctx context.Context) (*sanlock.Process, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.proc != nil {
-		return m.proc, nil
+	p := m.proc
+	m.mu.Unlock()
+	if p != nil {
+		return p, nil
 	}
 	p, err := m.client.Register(ctx)
 	if err != nil {
@@ -148,6 +150,12 @@ func (m *Manager) process(ctx context.Context) (*sanlock.Process, error) {
 		p.Close()
 		return nil, err
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.proc != nil { // registered concurrently: one connection holds every lease
+		p.Close()
+		return m.proc, nil
+	}
 	m.proc = p
 	return p, nil
 }
@@ -157,11 +165,10 @@ func (m *Manager) process(ctx context.Context) (*sanlock.Process, error) {
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for _, h := range m.held {
-		if h.pending {
-			close(h.done)
-			h.pending = false
-		}
+	select {
+	case <-m.closed:
+	default:
+		close(m.closed)
 	}
 	if m.proc == nil {
 		return nil
@@ -232,6 +239,15 @@ func (m *Manager) Acquire(ctx context.Context, req model.LeaseRequest) error {
 			"devid", req.Key.Devid, "target", req.Target.Path, "lease", name, "vm", vm, "source", describe(owners))
 		go m.handover(h, req)
 		return nil
+	}
+	if rival := m.pendingRival(ctx, name, vm); rival != nil {
+		// The source let go, but a migration's destination elsewhere is
+		// using the disk for another VM and waits for this lease.
+		if rerr := proc.Release(ctx, h.res, 0); rerr != nil {
+			m.log.Error("release lease", "target", req.Target.Path, "lease", name, "err", rerr)
+		}
+		m.count(func(e *Events) { e.Refused++ })
+		return m.refusal(req, name, []owned{*rival}, nil)
 	}
 	h.users[req.Key] = req.Writable
 	m.writeNote(h, req)
@@ -335,20 +351,22 @@ func (m *Manager) handover(h *holder, req model.LeaseRequest) {
 		select {
 		case <-h.done:
 			return
+		case <-m.closed:
+			return
 		case <-deadline.C:
 			m.count(func(e *Events) { e.HandoverOverdue++ })
 			m.log.Error("lease hand-over not complete: the migration's source host still holds the lease",
 				"target", h.target, "lease", h.res.Name, "waited", m.cfg.Handover,
 				"source", describe(m.otherOwners(context.Background(), h.res)))
 		case <-tick.C:
-			if m.tryHandover(h) {
+			if m.tryHandover(h, req) {
 				return
 			}
 		}
 	}
 }
 
-func (m *Manager) tryHandover(h *holder) bool {
+func (m *Manager) tryHandover(h *holder, req model.LeaseRequest) bool {
 	unlock := m.locks.Lock(h.res.Name)
 	defer unlock()
 	select {
@@ -370,6 +388,9 @@ func (m *Manager) tryHandover(h *holder) bool {
 	}
 	m.mu.Lock()
 	h.pending = false
+	m.mu.Unlock()
+	m.writeNote(h, model.LeaseRequest{Key: req.Key, Writable: req.Writable})
+	m.mu.Lock()
 	waited := time.Since(h.since)
 	h.since = time.Now()
 	m.events.HandedOver++
@@ -455,6 +476,9 @@ type note struct {
 	Domid  uint32 `json:"domid"`
 	Devid  uint32 `json:"devid"`
 	Mode   string `json:"mode"`
+	// Pending: a migration's destination, using the disk before the
+	// source let go of the lease; no other VM may take the lease meanwhile.
+	Pending bool `json:"pending,omitempty"`
 }
 
 func (m *Manager) notePath(name string, hostID uint64) string {
@@ -467,7 +491,7 @@ func (m *Manager) writeNote(h *holder, req model.LeaseRequest) {
 		mode = "w"
 	}
 	b, _ := json.Marshal(note{Host: m.cfg.HostName, HostID: m.cfg.Lockspace.HostID, VM: h.vm,
-		Domid: req.Key.Domid, Devid: req.Key.Devid, Mode: mode})
+		Domid: req.Key.Domid, Devid: req.Key.Devid, Mode: mode, Pending: h.pending})
 	path := m.notePath(h.res.Name, m.cfg.Lockspace.HostID)
 	tmp := path + ".tmp"
 	err := os.WriteFile(tmp, b, 0o644)
@@ -523,6 +547,31 @@ func (m *Manager) otherOwners(ctx context.Context, res sanlock.Resource) []owned
 	return out
 }
 
+// pendingRival returns another host's pending note on the lease for a VM
+// other than vm, if that host is not known to be dead: a migration's
+// destination that attached before its source let go, and that this host
+// must not overtake. A note of a host sanlock reports dead or free is stale.
+func (m *Manager) pendingRival(ctx context.Context, name, vm string) *owned {
+	paths, _ := filepath.Glob(filepath.Join(m.cfg.Dir, name+".host*"))
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		var n note
+		if err != nil || json.Unmarshal(b, &n) != nil || !n.Pending || n.HostID == m.cfg.Lockspace.HostID {
+			continue
+		}
+		if vm != "" && n.VM == vm {
+			continue
+		}
+		if hosts, err := m.client.Hosts(ctx, m.cfg.Lockspace.Name, n.HostID); err == nil && len(hosts) == 1 {
+			if st := hosts[0].State(); st == sanlock.HostDead || st == sanlock.HostFree {
+				continue
+			}
+		}
+		return &owned{id: n.HostID, note: &n}
+	}
+	return nil
+}
+
 // sameVM reports whether every other owner's note names vm (a known VM):
 // a migration of that VM.
 func sameVM(vm string, owners []owned) bool {
@@ -553,6 +602,9 @@ func describe(owners []owned) string {
 				s += ", read-write"
 			} else {
 				s += ", read-only"
+			}
+			if n.Pending {
+				s += " (migrated there: waiting for this host to let go of the lease)"
 			}
 		}
 		parts = append(parts, s)
