@@ -18,9 +18,9 @@ import (
 // clusterFlags are the daemon's cluster-mode flags (docs/cluster.md),
 // registered in runDaemon (test/docs finds the daemon's flags there).
 type clusterFlags struct {
-	lockspace, disk, leaseDir, shares, devices, sanlockDir, hostName *string
-	hostID                                                           *uint64
-	handover                                                         *time.Duration
+	lockspace, leaseDir, shares, devices, sanlockDir, hostName *string
+	hostID                                                     *uint64
+	handover                                                   *time.Duration
 }
 
 func envOr(name, def string) string {

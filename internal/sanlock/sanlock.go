@@ -209,7 +209,7 @@ func send(conn *net.UnixConn, cmd, flags, data, data2 uint32, body []byte) error
 }
 
 // recv reads one reply: a header, then length-32 bytes of payload.
-func recv(conn *net.UnixConn) (header, []byte, error) {
+func recv(conn io.Reader) (header, []byte, error) {
 	var b [headerSize]byte
 	if _, err := io.ReadFull(conn, b[:]); err != nil {
 		return header{}, nil, fmt.Errorf("read reply: %w", err)
