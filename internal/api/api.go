@@ -68,6 +68,18 @@ type Response struct {
 	Summary string `json:"summary,omitempty"`
 	// Leases (status, cluster mode): the sanlock leases this host holds.
 	Leases []Lease `json:"leases,omitempty"`
+	// Cluster (status): cluster mode's configuration; nil when it is off.
+	Cluster *Cluster `json:"cluster,omitempty"`
+}
+
+// Cluster is the daemon's cluster mode configuration, for xenblkd doctor.
+type Cluster struct {
+	Lockspace  string `json:"lockspace"`
+	HostID     uint64 `json:"host_id"`
+	Disk       string `json:"disk"`
+	Offset     uint64 `json:"offset,omitempty"`
+	LeaseDir   string `json:"lease_dir"`
+	SanlockDir string `json:"sanlock_dir"`
 }
 
 // Lease is a sanlock resource lease the daemon holds for a shared target

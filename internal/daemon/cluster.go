@@ -58,6 +58,16 @@ func (d *Daemon) releaseOrphans(ctx context.Context) {
 	}
 }
 
+// clusterStatus is cluster mode's configuration, for doctor.
+func (d *Daemon) clusterStatus() *api.Cluster {
+	if d.leases == nil {
+		return nil
+	}
+	cfg, dir := d.leases.Config(), d.leases.SanlockDir()
+	return &api.Cluster{Lockspace: cfg.Lockspace.Name, HostID: cfg.Lockspace.HostID, Disk: cfg.Lockspace.Disk.Path,
+		Offset: cfg.Lockspace.Disk.Offset, LeaseDir: cfg.Dir, SanlockDir: dir}
+}
+
 // leaseStatus lists the leases held, for status.
 func (d *Daemon) leaseStatus() []api.Lease {
 	if d.leases == nil {

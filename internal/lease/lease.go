@@ -106,6 +106,17 @@ func New(cfg Config, client sanlock.Client, log *slog.Logger) *Manager {
 	return &Manager{cfg: cfg, client: client, log: log, held: map[string]*holder{}, closed: make(chan struct{})}
 }
 
+// Config returns the manager's configuration, defaults filled in.
+func (m *Manager) Config() Config { return m.cfg }
+
+// SanlockDir is the sanlock daemon's run directory the manager talks to.
+func (m *Manager) SanlockDir() string {
+	if m.client.Dir == "" {
+		return sanlock.DefaultDir
+	}
+	return m.client.Dir
+}
+
 // Join joins the lockspace unless this host already is in it (sanlock keeps
 // lockspaces across restarts of xenblkd). Joining takes 2*io_timeout or more.
 func (m *Manager) Join(ctx context.Context) error {
