@@ -14,7 +14,9 @@ import (
 func TestClusterCheck(t *testing.T) {
 	ctx := context.Background()
 	o := fakeOptions(t)
-	cluster := func(c *api.Cluster, err error) { o.Cluster = func(context.Context) (*api.Cluster, error) { return c, err } }
+	cluster := func(c *api.Cluster, err error) {
+		o.Cluster = func(context.Context) (*api.Cluster, error) { return c, err }
+	}
 
 	cluster(nil, nil)
 	want(t, checkCluster(ctx, o), true, Info, "cluster mode off")

@@ -98,8 +98,8 @@ func TestSameVMAndDescribe(t *testing.T) {
 		{"/vm/a", []owned{{id: 1, note: noteA}}, true},
 		{"/vm/b", []owned{{id: 1, note: noteA}}, false},
 		{"", []owned{{id: 1, note: &note{HostID: 1}}}, false}, // unknown never matches
-		{"/vm/a", []owned{{id: 1}}, false},                     // no note: unknown holder
-		{"/vm/a", nil, false},                                  // no owner read: not a migration
+		{"/vm/a", []owned{{id: 1}}, false},                    // no note: unknown holder
+		{"/vm/a", nil, false},                                 // no owner read: not a migration
 		{"/vm/a", []owned{{id: 1, note: noteA}, {id: 2}}, false},
 	} {
 		if got := sameVM(tc.vm, tc.owners); got != tc.want {
