@@ -52,20 +52,35 @@ func Start(tb testing.TB) *Daemon {
 	if _, err := os.Stat(Bin); err != nil {
 		testenv.Skipf(tb, "%s missing (Debian package sanlock; scripts/setup.sh installs it)", Bin)
 	}
+	d, stop, err := StartMain()
+	if err != nil {
+		tb.Fatalf("start sanlock: %v", err)
+	}
+	tb.Cleanup(stop)
+	return d
+}
+
+// StartMain is Start for programs (make bench): it returns the daemon and a
+// stop func that kills it by pid and removes its directory.
+func StartMain() (*Daemon, func(), error) {
+	if _, err := os.Stat(Bin); err != nil {
+		return nil, nil, fmt.Errorf("%s missing (Debian package sanlock; scripts/setup.sh installs it)", Bin)
+	}
 	// os.MkdirTemp, not a test's TempDir: socket paths are limited to 108 bytes.
 	dir, err := os.MkdirTemp("", "sld-")
 	if err != nil {
-		tb.Fatal(err)
+		return nil, nil, err
 	}
 	d := &Daemon{Dir: dir}
-	tb.Cleanup(func() {
+	stop := func() {
 		d.Kill()
 		os.RemoveAll(dir)
-	})
-	if err := d.start(); err != nil {
-		tb.Fatalf("start sanlock: %v", err)
 	}
-	return d
+	if err := d.start(); err != nil {
+		stop()
+		return nil, nil, err
+	}
+	return d, stop, nil
 }
 
 // Client returns a client of this daemon.
@@ -153,15 +168,24 @@ func (d *Daemon) LogTail() string {
 // (8*io_timeout + 60 s) short enough for tests.
 func NewLockspace(tb testing.TB, d *Daemon, dir, name string, ioTimeout uint32) sanlock.Lockspace {
 	tb.Helper()
+	ls, err := d.InitLockspace(dir, name, ioTimeout)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return ls
+}
+
+// InitLockspace is NewLockspace for programs.
+func (d *Daemon) InitLockspace(dir, name string, ioTimeout uint32) (sanlock.Lockspace, error) {
 	path := filepath.Join(dir, name+".lockspace")
 	if err := os.WriteFile(path, make([]byte, 1<<20), 0o600); err != nil {
-		tb.Fatal(err)
+		return sanlock.Lockspace{}, err
 	}
 	ls := sanlock.Lockspace{Name: name, Disk: sanlock.Disk{Path: path}}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := d.Client().WriteLockspace(ctx, ls, ioTimeout); err != nil {
-		tb.Fatalf("init lockspace %s: %v\n%s", path, err, d.LogTail())
+		return ls, fmt.Errorf("init lockspace %s: %w\n%s", path, err, d.LogTail())
 	}
-	return ls
+	return ls, nil
 }
