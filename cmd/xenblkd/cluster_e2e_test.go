@@ -24,7 +24,6 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/sanlock"
-	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/libxl"
 	"xenblkd/test/sanlockd"
@@ -295,19 +294,28 @@ func TestClusterDaemonKilled(t *testing.T) {
 	c.b.remove(t, b2)
 }
 
+// migrating attaches a new LUN read-write to VM /vm/mmmm's domain 1 on A,
+// then to its domain 7 on B, as a live migration's destination does while
+// the source still runs: B's lease is pending.
+func (c *cluster) migrating(t *testing.T, image string) (lun string, a1, b7 libxl.Disk) {
+	t.Helper()
+	lun = c.lun(t, image)
+	a1 = c.a.disk(t, 1, lun, "w", "/vm/mmmm")
+	c.a.mustAdd(t, a1)
+	b7 = c.b.disk(t, 7, lun, "w", "/vm/mmmm")
+	c.b.mustAdd(t, b7)
+	if got := c.b.leaseModes(t); got != "pending" {
+		t.Fatalf("B's lease during the migration: %q, want pending", got)
+	}
+	return lun, a1, b7
+}
+
 // TestClusterMigration: the same VM attaches on the destination while the
 // source holds the lease; the lease passes when the source lets go; then
 // another VM on the source is refused.
 func TestClusterMigration(t *testing.T) {
 	c := newCluster(t)
-	lun := c.lun(t, "disk3.img")
-	a1 := c.a.disk(t, 1, lun, "w", "/vm/mmmm")
-	c.a.mustAdd(t, a1)
-	b7 := c.b.disk(t, 7, lun, "w", "/vm/mmmm")
-	c.b.mustAdd(t, b7)
-	if got := c.b.leaseModes(t); got != "pending" {
-		t.Fatalf("B's lease during the migration: %q, want pending", got)
-	}
+	lun, a1, b7 := c.migrating(t, "disk3.img")
 	start := time.Now()
 	c.a.remove(t, a1) // the source domain goes once the guest runs on B
 	handover := waitFor(t, 10*time.Second, "hand-over to B", func() bool { return c.b.leaseModes(t) == "exclusive" })
@@ -324,11 +332,7 @@ func TestClusterMigration(t *testing.T) {
 // destination's daemon is stopped (SIGSTOP) to hold that moment open.
 func TestClusterMigrationNotOvertaken(t *testing.T) {
 	c := newCluster(t)
-	lun := c.lun(t, "disk5.img")
-	a1 := c.a.disk(t, 1, lun, "w", "/vm/mmmm")
-	c.a.mustAdd(t, a1)
-	b7 := c.b.disk(t, 7, lun, "w", "/vm/mmmm")
-	c.b.mustAdd(t, b7)
+	lun, a1, b7 := c.migrating(t, "disk5.img")
 	if err := c.b.d.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
@@ -354,7 +358,7 @@ func TestClusterMigrationNotOvertaken(t *testing.T) {
 // timeouts (8*io_timeout + 60 s), then gets the disk.
 func TestClusterHostDeath(t *testing.T) {
 	if testing.Short() {
-		testenv.Skip(t, "waits for a dead host's lease to expire (~70 s)")
+		t.Skip("-short: waits for a dead host's lease to expire (~70 s)") // a mode, not the environment: not testenv
 	}
 	c := newCluster(t)
 	lun := c.lun(t, "disk4.img")
