@@ -285,6 +285,9 @@ func TestClusterDaemonKilled(t *testing.T) {
 	if got := c.a.leaseModes(t); got != "exclusive" {
 		t.Fatalf("A's leases after restart: %q, want exclusive (re-adopted)", got)
 	}
+	if log := logText(c.a.d); strings.Contains(log, "level=ERROR") {
+		t.Fatalf("A's recovery logged an error:\n%s", log)
+	}
 	b2 = c.b.disk(t, 2, lun, "w", "/vm/bbbb")
 	c.b.refused(t, b2, "hostA", "/vm/aaaa")
 	c.b.removeNodes(b2)

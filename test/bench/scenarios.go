@@ -64,6 +64,11 @@ func scenarios(b *bench, r *report, peers []*peer) error {
 	if c.onlyProf {
 		return b.profileOnly(r, peers)
 	}
+	// Cluster mode's lease beside no lease (cluster.go), also before other
+	// backends exist.
+	if err := b.clusterCost(r); err != nil {
+		return err
+	}
 	// 1–3: file and phy, with 0/100/1,000 unrelated backends. Peer by peer,
 	// each daemon started before the unrelated backends exist: a daemon
 	// started with ~1,000 domains under backend/vbd fails its recovery
