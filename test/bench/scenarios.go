@@ -56,6 +56,9 @@ func scenarios(b *bench, r *report, peers []*peer) error {
 		return err
 	}
 
+	if c.onlyClust {
+		return b.clusterCost(r)
+	}
 	// 0: the per-disk fast path beside the exec floor (fastpath.go), first,
 	// while no other backends exist.
 	if err := b.fastPath(r, peers, fileImg); err != nil {
