@@ -14,6 +14,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,6 +42,8 @@ type host struct {
 	san  *sanlockd.Daemon
 	d    *daemon
 	args []string // the xenblkd daemon's cluster flags
+	// metrics is the daemon's --metrics-listen socket.
+	metrics string
 }
 
 // cluster is two hosts sharing a lockspace and a directory of images.
@@ -69,7 +74,13 @@ func newCluster(t *testing.T) *cluster {
 		if i == 0 {
 			ls = sanlockd.NewLockspace(t, h.san, leases, "xbe2e", 1)
 		}
-		h.args = []string{"--presetup=false",
+		mdir, err := os.MkdirTemp("", "xbm-") // short: a socket path
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(mdir) })
+		h.metrics = filepath.Join(mdir, "metrics.sock")
+		h.args = []string{"--presetup=false", "--metrics-listen", "unix:" + h.metrics,
 			"--cluster-lockspace", "xbe2e:" + ls.Disk.Path, "--cluster-host-id", fmt.Sprint(h.id),
 			"--cluster-shares", c.share + "=pool", "--cluster-host-name", name,
 			"--sanlock-dir", h.san.Dir, "--cluster-handover", "5s"}
@@ -202,6 +213,28 @@ func (h *host) leaseModes(t *testing.T) string {
 	return strings.Join(modes, ",")
 }
 
+// metric returns the value of one series (its exposition line without the
+// value, e.g. `xenblkd_leases{mode="exclusive"}`) from the daemon's metrics.
+func (h *host) metric(t *testing.T, series string) string {
+	t.Helper()
+	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", h.metrics)
+	}}}
+	resp, err := c.Get("http://xenblkd/metrics")
+	if err != nil {
+		t.Fatalf("%s: metrics: %v", h.name, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			return v
+		}
+	}
+	t.Fatalf("%s: metrics lack %s", h.name, series)
+	return ""
+}
+
 // waitFor polls cond every 20 ms until it holds or the bound passes.
 func waitFor(t *testing.T, bound time.Duration, what string, cond func() bool) time.Duration {
 	t.Helper()
@@ -326,6 +359,22 @@ func TestClusterMigration(t *testing.T) {
 	a2 := c.a.disk(t, 2, lun, "w", "/vm/oooo")
 	c.a.refused(t, a2, "hostB", "/vm/mmmm")
 	c.a.removeNodes(a2)
+	for _, m := range []struct {
+		h            *host
+		series, want string
+	}{
+		{c.b, `xenblkd_leases{mode="exclusive"}`, "1"},
+		{c.b, `xenblkd_leases{mode="pending"}`, "0"},
+		{c.b, "xenblkd_lease_handovers_total", "1"},
+		{c.b, "xenblkd_lease_handovers_overdue_total", "0"},
+		{c.a, "xenblkd_lease_acquired_total", "1"},
+		{c.a, "xenblkd_lease_refused_total", "1"},
+		{c.a, `xenblkd_leases{mode="exclusive"}`, "0"},
+	} {
+		if got := m.h.metric(t, m.series); got != m.want {
+			t.Errorf("%s: %s = %s, want %s", m.h.name, m.series, got, m.want)
+		}
+	}
 	c.b.remove(t, b7)
 }
 
