@@ -52,7 +52,8 @@ type cluster struct {
 	share string // the shared directory (--cluster-shares)
 }
 
-func newCluster(t *testing.T) *cluster {
+// newCluster starts the two hosts; extra flags go to both xenblkd daemons.
+func newCluster(t *testing.T, extra ...string) *cluster {
 	t.Helper()
 	dir := t.TempDir()
 	c := &cluster{share: filepath.Join(dir, "pool")}
@@ -84,6 +85,7 @@ func newCluster(t *testing.T) *cluster {
 			"--cluster-lockspace", "xbe2e:" + ls.Disk.Path, "--cluster-host-id", fmt.Sprint(h.id),
 			"--cluster-shares", c.share + "=pool", "--cluster-host-name", name,
 			"--sanlock-dir", h.san.Dir, "--cluster-handover", "5s"}
+		h.args = append(h.args, extra...)
 		if i == 0 {
 			c.a = h
 		} else {
@@ -375,6 +377,28 @@ func TestClusterMigration(t *testing.T) {
 			t.Errorf("%s: %s = %s, want %s", m.h.name, m.series, got, m.want)
 		}
 	}
+	c.b.remove(t, b7)
+}
+
+// TestClusterHandoverOverdue: a source that does not let go is reported by
+// the destination once --cluster-handover has passed (log, metrics, status
+// still pending), and the hand-over still completes when it does.
+func TestClusterHandoverOverdue(t *testing.T) {
+	c := newCluster(t, "--cluster-handover", "500ms")
+	_, a1, b7 := c.migrating(t, "disk6.img")
+	waitFor(t, 10*time.Second, "overdue hand-over counted", func() bool {
+		return c.b.metric(t, "xenblkd_lease_handovers_overdue_total") == "1"
+	})
+	// The line is logged before the count; it reaches the test through a pipe.
+	waitFor(t, 5*time.Second, "B's log line of the overdue hand-over, naming hostA", func() bool {
+		log := logText(c.b.d)
+		return strings.Contains(log, "lease hand-over not complete") && strings.Contains(log, "hostA")
+	})
+	if got := c.b.leaseModes(t); got != "pending" {
+		t.Fatalf("B's lease while A holds it: %q, want pending", got)
+	}
+	c.a.remove(t, a1)
+	waitFor(t, 10*time.Second, "hand-over to B", func() bool { return c.b.leaseModes(t) == "exclusive" })
 	c.b.remove(t, b7)
 }
 

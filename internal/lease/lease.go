@@ -365,10 +365,10 @@ func (m *Manager) handover(h *holder, req model.LeaseRequest) {
 		case <-m.closed:
 			return
 		case <-deadline.C:
-			m.count(func(e *Events) { e.HandoverOverdue++ })
 			m.log.Error("lease hand-over not complete: the migration's source host still holds the lease",
 				"target", h.target, "lease", h.res.Name, "waited", m.cfg.Handover,
 				"source", describe(m.otherOwners(context.Background(), h.res)))
+			m.count(func(e *Events) { e.HandoverOverdue++ })
 		case <-tick.C:
 			if m.tryHandover(h, req) {
 				return
@@ -392,6 +392,11 @@ func (m *Manager) tryHandover(h *holder, req model.LeaseRequest) bool {
 		return false
 	}
 	if err := proc.Acquire(ctx, h.res, sanlock.AcquireOrphan|sanlock.AcquireOwnerNoWait, m.owner()); err != nil {
+		select {
+		case <-m.closed: // the daemon is stopping: its connection is gone
+			return true
+		default:
+		}
 		if !sanlock.Held(err) {
 			m.log.Warn("lease hand-over: acquire", "lease", h.res.Name, "err", err)
 		}
