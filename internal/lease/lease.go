@@ -171,6 +171,23 @@ func (m *Manager) process(ctx context.Context) (*sanlock.Process, error) {
 	return p, nil
 }
 
+// forgetBroken drops the registered connection when err says it broke (the
+// sanlock daemon restarted or went away), so the next request registers
+// again instead of failing forever. Leases of the old connection are
+// sanlock's orphans by then: the next acquire of each adopts it.
+func (m *Manager) forgetBroken(p *sanlock.Process, err error) {
+	if !sanlock.Broken(err) {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.proc == p {
+		m.log.Warn("connection to sanlock lost; registering again on the next request", "err", err)
+		p.Close()
+		m.proc = nil
+	}
+}
+
 // Close closes the registered connection: sanlock keeps the leases as
 // orphans for the next daemon.
 func (m *Manager) Close() error {
@@ -224,6 +241,7 @@ func (m *Manager) Acquire(ctx context.Context, req model.LeaseRequest) error {
 	}
 	start := time.Now()
 	err = proc.Acquire(ctx, h.res, sanlock.AcquireOrphan|sanlock.AcquireOwnerNoWait, m.owner())
+	m.forgetBroken(proc, err)
 	if err != nil && !sanlock.Held(err) {
 		return fmt.Errorf("cluster mode: lease of %s (%s): %w", req.Target.Path, name, err)
 	}
@@ -283,6 +301,7 @@ func (m *Manager) join(ctx context.Context, h *holder, req model.LeaseRequest) e
 		ex := h.res
 		ex.Flags &^= sanlock.ResShared
 		if err := proc.Convert(ctx, ex, sanlock.AcquireOwnerNoWait); err != nil {
+			m.forgetBroken(proc, err)
 			if !sanlock.Held(err) {
 				return fmt.Errorf("cluster mode: lease of %s: %w", req.Target.Path, err)
 			}
@@ -392,6 +411,7 @@ func (m *Manager) tryHandover(h *holder, req model.LeaseRequest) bool {
 		return false
 	}
 	if err := proc.Acquire(ctx, h.res, sanlock.AcquireOrphan|sanlock.AcquireOwnerNoWait, m.owner()); err != nil {
+		m.forgetBroken(proc, err)
 		select {
 		case <-m.closed: // the daemon is stopping: its connection is gone
 			return true

@@ -63,6 +63,13 @@ func (e *Error) Unwrap() error {
 	return nil
 }
 
+// Broken reports whether err is the connection's own failure (the daemon
+// went away, the socket closed) rather than sanlock's answer.
+func Broken(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Err != nil
+}
+
 // CodeOf returns the sanlock result code of err, or 0.
 func CodeOf(err error) int32 {
 	var e *Error
