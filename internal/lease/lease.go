@@ -54,6 +54,7 @@ type Manager struct {
 	log    *slog.Logger
 	locks  keyed.Mutex[string] // by lease name: one acquire/release of a lease at a time
 
+	regMu  sync.Mutex         // one registration at a time (held across it; taken before mu, never under it)
 	mu     sync.Mutex         // leaf: guards proc and held, never held across a sanlock request
 	proc   *sanlock.Process   // the registered connection, made on first use
 	held   map[string]*holder // guarded by mu: by lease name
@@ -150,6 +151,14 @@ func (m *Manager) process(ctx context.Context) (*sanlock.Process, error) {
 	if p != nil {
 		return p, nil
 	}
+	m.regMu.Lock()
+	defer m.regMu.Unlock()
+	m.mu.Lock()
+	p = m.proc
+	m.mu.Unlock()
+	if p != nil { // registered while this one waited
+		return p, nil
+	}
 	p, err := m.client.Register(ctx)
 	if err != nil {
 		return nil, err
@@ -163,10 +172,6 @@ func (m *Manager) process(ctx context.Context) (*sanlock.Process, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.proc != nil { // registered concurrently: one connection holds every lease
-		p.Close()
-		return m.proc, nil
-	}
 	m.proc = p
 	return p, nil
 }

@@ -146,13 +146,30 @@ func (c Client) socket() string {
 	return filepath.Join(dir, "sanlock.sock")
 }
 
+// dialRetry bounds how long a connect is retried while the daemon's listen
+// backlog is full.
+const dialRetry = 5 * time.Second
+
 func (c Client) dial(ctx context.Context) (*net.UnixConn, error) {
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", c.socket())
-	if err != nil {
-		return nil, err
+	deadline := time.Now().Add(dialRetry)
+	for wait := time.Millisecond; ; wait = min(2*wait, 50*time.Millisecond) {
+		conn, err := d.DialContext(ctx, "unix", c.socket())
+		if err == nil {
+			return conn.(*net.UnixConn), nil
+		}
+		// sanlock listens with a small backlog: concurrent requests (each
+		// on a connection of its own) find it full, and a unix socket's
+		// connect then fails with EAGAIN instead of waiting.
+		if !errors.Is(err, syscall.EAGAIN) || time.Now().After(deadline) {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(wait):
+		}
 	}
-	return conn.(*net.UnixConn), nil
 }
 
 // call sends one request on a connection of its own and reads the reply's
