@@ -268,6 +268,9 @@ func TestClusterTwoHosts(t *testing.T) {
 	b2 = c.b.disk(t, 2, lun, "r", "/vm/bbbb")
 	c.b.refused(t, b2, "hostA")
 	c.b.removeNodes(b2)
+	if got := c.b.leaseModes(t); got != "" {
+		t.Fatalf("B's leases after its refused adds: %q, want none", got)
+	}
 
 	// rw on B once A's guest has gone.
 	start := time.Now()
