@@ -22,8 +22,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -341,7 +343,12 @@ func (m *Manager) Release(key model.Key, t model.Target) {
 	}
 	delete(h.users, key)
 	if len(h.users) > 0 {
+		writers := slices.Contains(slices.Collect(maps.Values(h.users)), true)
+		downgrade := !writers && !h.shared && !h.pending
 		m.mu.Unlock()
+		if downgrade {
+			m.downgrade(h)
+		}
 		return
 	}
 	delete(m.held, name)
@@ -361,6 +368,29 @@ func (m *Manager) Release(key model.Key, t model.Target) {
 		return
 	}
 	m.log.Debug("lease released", "target", t.Path, "lease", name)
+}
+
+// downgrade converts an exclusive lease to shared once only readers use it
+// here, so other hosts' readers may have it again. Called with the lease
+// lock held.
+func (m *Manager) downgrade(h *holder) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	proc, err := m.process(ctx)
+	if err != nil {
+		return
+	}
+	sh := h.res
+	sh.Flags |= sanlock.ResShared
+	if err := proc.Convert(ctx, sh, 0); err != nil {
+		m.forgetBroken(proc, err)
+		m.log.Warn("lease: could not convert to shared once only readers are left; it stays exclusive",
+			"target", h.target, "lease", h.res.Name, "err", err)
+		return
+	}
+	m.mu.Lock()
+	h.res, h.shared = sh, true
+	m.mu.Unlock()
 }
 
 // ReleaseOrphans releases this host's orphaned leases that no attachment

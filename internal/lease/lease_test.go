@@ -93,3 +93,43 @@ func TestIntegrationConcurrent(t *testing.T) {
 		t.Errorf("events %+v, want 9 acquired", e)
 	}
 }
+
+// TestIntegrationConvert: a writer joining readers on this host converts the
+// lease to exclusive; when the writer goes and readers stay, it is shared
+// again.
+func TestIntegrationConvert(t *testing.T) {
+	d := sanlockd.Start(t)
+	dir := t.TempDir()
+	ls := sanlockd.NewLockspace(t, d, dir, "xbconv", 1)
+	ls.HostID = 1
+	m := New(Config{Lockspace: ls, Shares: []Share{{Dir: dir}}, HostName: "h1"}, d.Client(), nil)
+	t.Cleanup(func() { m.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := m.Join(ctx); err != nil {
+		t.Fatal(err)
+	}
+	tg := model.Target{Kind: model.RegularFile, Path: filepath.Join(dir, "vm.img")}
+	reader, writer := model.Key{Domid: 1, Devid: 51712}, model.Key{Domid: 2, Devid: 51712}
+	mode := func() string {
+		l := m.Leases()
+		if len(l) != 1 {
+			return fmt.Sprint(l)
+		}
+		return l[0].Mode
+	}
+	if err := m.Acquire(ctx, model.LeaseRequest{Key: reader, Target: tg}); err != nil || mode() != "shared" {
+		t.Fatalf("reader: %v, mode %s; want shared", err, mode())
+	}
+	if err := m.Acquire(ctx, model.LeaseRequest{Key: writer, Target: tg, Writable: true}); err != nil || mode() != "exclusive" {
+		t.Fatalf("writer: %v, mode %s; want exclusive", err, mode())
+	}
+	m.Release(writer, tg)
+	if mode() != "shared" {
+		t.Fatalf("after the writer went: mode %s, want shared", mode())
+	}
+	m.Release(reader, tg)
+	if l := m.Leases(); len(l) != 0 {
+		t.Fatalf("leases left: %+v", l)
+	}
+}
