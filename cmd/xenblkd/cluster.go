@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -21,13 +20,6 @@ type clusterFlags struct {
 	lockspace, leaseDir, shares, devices, sanlockDir, hostName *string
 	hostID                                                     *uint64
 	handover                                                   *time.Duration
-}
-
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
 }
 
 // config returns cluster mode's configuration, or ok=false when it is off.

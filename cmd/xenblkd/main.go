@@ -322,12 +322,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 func isHelp(s string) bool { return s == "-h" || s == "-help" || s == "--help" || s == "help" }
 
-func socketPath() string {
-	if s := os.Getenv("XENBLKD_SOCKET"); s != "" {
-		return s
+// envOr is $name, or def when it is unset or empty.
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
 	}
-	return api.DefaultSocket
+	return def
 }
+
+func socketPath() string { return envOr("XENBLKD_SOCKET", api.DefaultSocket) }
 
 // hotplugEntry is the Go half of the entry libxl execs: the C entry
 // (cmd/xenblkd-hotplug) does the success path and hands its error and slow
