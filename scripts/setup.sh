@@ -37,6 +37,9 @@ pkgs=(
 	prometheus curl
 	# make test-stress: the CPU and I/O load beside the stressed runs
 	stress-ng
+	# cluster mode's two-host tests (internal/sanlock, cmd/xenblkd): the real
+	# sanlock daemon, run with its watchdog off; never wdmd or softdog
+	sanlock
 )
 if [[ ${1:-} == testbed || ${1:-} == all ]]; then
 	pkgs+=(qemu-system-x86 qemu-utils cpio gzip socat perl python3 xz-utils)
@@ -84,4 +87,11 @@ fi
 # --no-install-recommends keeps the hypervisor, grub-xen and qemu-system-xen
 # out (and prometheus-node-exporter).
 apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >&2
+# The tests run their own sanlock daemons with the watchdog off; the
+# package's units would start wdmd (which opens /dev/watchdog, loading
+# softdog if need be) and sanlock at the next boot: keep them off. A
+# production host enables them itself (docs/cluster.md).
+if [[ " ${missing[*]} " == *" sanlock "* ]]; then
+	systemctl disable wdmd.service sanlock.service >/dev/null 2>&1 || true
+fi
 trixie_root

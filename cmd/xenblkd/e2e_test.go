@@ -85,7 +85,19 @@ type daemon struct {
 	xsPath string
 	cmd    *exec.Cmd
 	log    *bytes.Buffer
-	logw   *syncWriter // guards log while the daemon runs
+	logw   *syncWriter   // guards log while the daemon runs
+	exited chan struct{} // closed once the daemon has been reaped
+	killed bool          // SIGKILLed by the test (kill): no clean exit expected
+}
+
+// kill SIGKILLs the daemon, as a crash would, and waits until it is reaped.
+func (d *daemon) kill(t *testing.T) {
+	t.Helper()
+	d.killed = true
+	if err := d.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-d.exited
 }
 
 // startDaemon runs `xenblkd daemon` on a private socket against xenstored
@@ -132,10 +144,14 @@ func startDaemon(t *testing.T, xsPath string, extraArgs ...string) *daemon {
 		t.Fatal(err)
 	}
 	exited := make(chan struct{})
+	d.exited = exited
 	go func() { d.cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
 		d.cmd.Process.Signal(syscall.SIGTERM)
 		<-exited
+		if d.killed {
+			return
+		}
 		if code := d.cmd.ProcessState.ExitCode(); code != 0 {
 			t.Errorf("daemon exit status after SIGTERM: %d, want 0", code)
 		}

@@ -24,6 +24,7 @@ import (
 	"xenblkd/internal/fdstore"
 	"xenblkd/internal/hotplug"
 	"xenblkd/internal/metrics"
+	"xenblkd/internal/sanlock"
 	"xenblkd/internal/server"
 	"xenblkd/internal/unixsock"
 	"xenblkd/internal/xenstore"
@@ -39,6 +40,10 @@ SYNOPSIS
     xenblkd daemon [--socket PATH] [--tag PREFIX] [--metrics-listen ADDR]
                    [--presetup=false] [--scripts LIST] [--hotplug-entry PATH]
                    [--direct-io=auto|on|off]
+                   [--cluster-lockspace NAME:PATH[:OFFSET] --cluster-host-id N
+                    --cluster-shares DIR[=LABEL],... --cluster-devices GLOB,...
+                    [--cluster-lease-dir DIR] [--cluster-handover DURATION]
+                    [--cluster-host-name NAME] [--sanlock-dir DIR]]
     xenblkd add | remove          (the hotplug entry point, exec'd by libxl)
     xenblkd status [--json] [--socket PATH]
     xenblkd doctor [--json] [--socket PATH]
@@ -84,6 +89,10 @@ SYNOPSIS
     xenblkd daemon [--socket PATH] [--tag PREFIX] [--metrics-listen ADDR]
                    [--presetup=false] [--scripts LIST] [--hotplug-entry PATH]
                    [--direct-io=auto|on|off]
+                   [--cluster-lockspace NAME:PATH[:OFFSET] --cluster-host-id N
+                    --cluster-shares DIR[=LABEL],... --cluster-devices GLOB,...
+                    [--cluster-lease-dir DIR] [--cluster-handover DURATION]
+                    [--cluster-host-name NAME] [--sanlock-dir DIR]]
 
 DESCRIPTION
     Serves the API on a unix socket (directory 0700, socket 0600, root only),
@@ -153,6 +162,38 @@ OPTIONS
                     user.xenblkd.block-size (512, 4096), e.g.
                     setfattr -n user.xenblkd.direct-io -v off IMAGE.
                     See docs/configuration.md.
+    --cluster-lockspace NAME:PATH[:OFFSET]
+                    cluster mode (default off): no disk on shared storage is
+                    used read-write on two hosts at once. The sanlock
+                    lockspace NAME lives in PATH (a file on shared storage or
+                    a small shared LUN, initialised with "sanlock client
+                    init -s"); the daemon joins it as --cluster-host-id
+                    (1-2000, unique in the pool). An attachment of a shared
+                    target holds a sanlock lease: exclusive when read-write,
+                    shared when read-only; another host's use is refused,
+                    naming that host and VM. See docs/cluster.md.
+    --cluster-host-id N
+                    this host's id in the lockspace
+    --cluster-shares DIR[=LABEL],...
+                    files under each DIR are shared targets, named
+                    LABEL/PATH-UNDER-DIR on every host (LABEL defaults to DIR:
+                    give one where hosts mount the share at different places)
+    --cluster-devices GLOB,...
+                    block devices whose path matches a pattern are shared
+                    targets, named by their WWN, dm UUID or serial
+    --cluster-lease-dir DIR
+                    where the lease files live, on shared storage (default:
+                    the lockspace file's directory)
+    --cluster-handover DURATION
+                    a VM migrating here may attach while the source host
+                    still holds the lease; past DURATION (default 30s) a
+                    hand-over still waiting is logged and counted
+    --cluster-host-name NAME
+                    this host's name in lease notes and refusals (default:
+                    the host name)
+    --sanlock-dir DIR
+                    the sanlock daemon's run directory (default
+                    $SANLOCK_RUN_DIR, else /run/sanlock)
 
 ENVIRONMENT
     XENBLKD_SOCKET  the API socket when --socket is not given
@@ -281,12 +322,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 func isHelp(s string) bool { return s == "-h" || s == "-help" || s == "--help" || s == "help" }
 
-func socketPath() string {
-	if s := os.Getenv("XENBLKD_SOCKET"); s != "" {
-		return s
+// envOr is $name, or def when it is unset or empty.
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
 	}
-	return api.DefaultSocket
+	return def
 }
+
+func socketPath() string { return envOr("XENBLKD_SOCKET", api.DefaultSocket) }
 
 // hotplugEntry is the Go half of the entry libxl execs: the C entry
 // (cmd/xenblkd-hotplug) does the success path and hands its error and slow
@@ -423,8 +467,23 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	scripts := fs.String("scripts", "", "comma-separated extra script paths that name xenblkd")
 	directIO := fs.String("direct-io", string(daemon.DirectIOAuto), "direct I/O on loop devices: auto, on or off")
 	entry := fs.String("hotplug-entry", api.DefaultEntry, "the hotplug entry; a script that is the same file is ours")
+	cluster := clusterFlags{ // cluster.go
+		lockspace:  fs.String("cluster-lockspace", "", "sanlock lockspace NAME:PATH[:OFFSET] on shared storage (cluster mode; off if empty)"),
+		hostID:     fs.Uint64("cluster-host-id", 0, "this host's id in the lockspace, 1-2000, unique in the pool"),
+		leaseDir:   fs.String("cluster-lease-dir", "", "directory on shared storage for the lease files (default: the lockspace file's)"),
+		shares:     fs.String("cluster-shares", "", "comma-separated DIR[=LABEL]: files under DIR are shared targets"),
+		devices:    fs.String("cluster-devices", "", "comma-separated glob patterns of shared block devices"),
+		handover:   fs.Duration("cluster-handover", 30*time.Second, "how long a migration's lease hand-over may take before it is reported"),
+		hostName:   fs.String("cluster-host-name", "", "this host's name in lease notes and refusals (default: the host name)"),
+		sanlockDir: fs.String("sanlock-dir", envOr("SANLOCK_RUN_DIR", sanlock.DefaultDir), "the sanlock daemon's run directory (its socket)"),
+	}
 	if code, ok := parseFlags(fs, args, daemonUsage, stdout, stderr, exitConfig); !ok {
 		return code
+	}
+	clusterCfg, clustered, err := cluster.config()
+	if err != nil {
+		fmt.Fprintf(stderr, "xenblkd daemon: %v (see xenblkd daemon --help)\n", err)
+		return exitConfig
 	}
 	dio, err := daemon.ParseDirectIO(*directIO)
 	if err != nil {
@@ -466,6 +525,15 @@ func runDaemon(args []string, stdout, stderr io.Writer) int {
 	}
 	d := daemon.New(log, hotplug.ClientStore{Client: xs}, daemon.NewHost(*tag, daemon.IOPolicy{DirectIO: dio}, log))
 	d.RegisterBuildInfo(version)
+	if clustered {
+		leases, err := startCluster(ctx, clusterCfg, *cluster.sanlockDir, log)
+		if err != nil {
+			log.Error("cluster mode: cannot hold leases; exiting", "err", err)
+			return 1
+		}
+		defer leases.Close() // the leases stay with sanlock, as orphans for the next daemon
+		d.SetLeases(leases)
+	}
 	if *metricsListen != "" {
 		ml, err := metrics.Listen(*metricsListen)
 		if err != nil {

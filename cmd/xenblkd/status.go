@@ -36,7 +36,12 @@ DESCRIPTION
       {"attachments": [{"domid", "domain_name", "devid", "vdev", "target",
         "kind", "mode", "device", "physical_device", "diskseq", "io",
         "block_size", "users", "since"}...],
-       "unused_loop_devices": [{"device", "physical_device", "diskseq"}...]}
+       "unused_loop_devices": [{"device", "physical_device", "diskseq"}...],
+       "leases": [{"name", "identity", "target", "mode", "users",
+        "since"}...]}
+    leases is there in cluster mode only (docs/cluster.md): the sanlock
+    leases this host holds, mode "exclusive", "shared" or "pending" (a
+    migration's destination waiting for the source host to let go).
     domain_name, vdev, diskseq and since are left out when unknown, io
     ("direct" or "buffered") and block_size for block devices; since is
     RFC 3339. See docs/usage.md.
@@ -53,6 +58,7 @@ EXIT STATUS
 type StatusJSON struct {
 	Attachments       []api.Attachment `json:"attachments"`
 	UnusedLoopDevices []api.LoopDevice `json:"unused_loop_devices"`
+	Leases            []api.Lease      `json:"leases,omitempty"` // cluster mode only
 }
 
 func runStatus(args []string, stdout, stderr io.Writer) int {
@@ -72,7 +78,7 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "xenblkd status:", err)
 		return 1
 	}
-	out := StatusJSON{Attachments: resp.Attachments, UnusedLoopDevices: resp.UnusedLoopDevices}
+	out := StatusJSON{Attachments: resp.Attachments, UnusedLoopDevices: resp.UnusedLoopDevices, Leases: resp.Leases}
 	if out.Attachments == nil {
 		out.Attachments = []api.Attachment{}
 	}
@@ -113,6 +119,7 @@ func writeStatusTable(w io.Writer, s StatusJSON, now time.Time) {
 		tw.Flush()
 	}
 	fmt.Fprintln(w)
+	writeLeases(w, s.Leases, now)
 	if len(s.UnusedLoopDevices) == 0 {
 		fmt.Fprintln(w, "Loop devices held for no backend: none.")
 		return
@@ -121,6 +128,20 @@ func writeStatusTable(w io.Writer, s StatusJSON, now time.Time) {
 	for _, d := range s.UnusedLoopDevices {
 		fmt.Fprintf(w, "  %s  %s  diskseq %d\n", d.Device, d.PhysicalDevice, d.DiskSeq)
 	}
+}
+
+// writeLeases lists cluster mode's leases (nothing outside cluster mode).
+func writeLeases(w io.Writer, leases []api.Lease, now time.Time) {
+	if len(leases) == 0 {
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "LEASE\tMODE\tUSERS\tTARGET\tIDENTITY\tSINCE")
+	for _, l := range leases {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", l.Name, l.Mode, l.Users, cell(l.Target), cell(l.Identity), since(l.Since, now))
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
 }
 
 // cell makes a value safe for one table cell: "-" if empty, no tabs or

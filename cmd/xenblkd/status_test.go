@@ -39,4 +39,19 @@ Loop devices held for no backend: 1 (a leak or a recovery leftover; see docs/tro
 	if got := b.String(); got != want {
 		t.Errorf("got:\n%s\nwant:\n%s", got, want)
 	}
+
+	// Cluster mode: the leases between the two.
+	b.Reset()
+	writeStatusTable(&b, StatusJSON{Leases: []api.Lease{{Name: "xb-0123", Identity: "file:pool/web.img", Target: "/srv/pool/web.img",
+		Mode: "pending", Users: 1, Since: now.Add(-2 * time.Minute)}}}, now)
+	want = `No attachments.
+
+LEASE    MODE     USERS  TARGET             IDENTITY           SINCE
+xb-0123  pending  1      /srv/pool/web.img  file:pool/web.img  2026-11-27 11:58:00 (2m)
+
+Loop devices held for no backend: none.
+`
+	if got := b.String(); got != want {
+		t.Errorf("got:\n%s\nwant:\n%s", got, want)
+	}
 }

@@ -101,6 +101,31 @@ type Response struct {
 	UnusedLoopDevices []LoopDevice `json:"unused_loop_devices,omitempty"`
 	// Summary (adopt): what was taken over, for the administrator.
 	Summary string `json:"summary,omitempty"`
+	// Leases (status, cluster mode): the sanlock leases this host holds.
+	Leases []Lease `json:"leases,omitempty"`
+	// Cluster (status): cluster mode's configuration; nil when it is off.
+	Cluster *Cluster `json:"cluster,omitempty"`
+}
+
+// Cluster is the daemon's cluster mode configuration, for xenblkd doctor.
+type Cluster struct {
+	Lockspace  string `json:"lockspace"`
+	HostID     uint64 `json:"host_id"`
+	Disk       string `json:"disk"`
+	Offset     uint64 `json:"offset,omitempty"`
+	LeaseDir   string `json:"lease_dir"`
+	SanlockDir string `json:"sanlock_dir"`
+}
+
+// Lease is a sanlock resource lease the daemon holds for a shared target
+// (cluster mode, docs/cluster.md).
+type Lease struct {
+	Name     string    `json:"name"`     // the sanlock resource name
+	Identity string    `json:"identity"` // the target's identity every host computes
+	Target   string    `json:"target"`   // the target's path on this host
+	Mode     string    `json:"mode"`     // "exclusive", "shared", or "pending" (a migration's hand-over)
+	Users    int       `json:"users"`    // backends using it on this host
+	Since    time.Time `json:"since,omitzero"`
 }
 
 // LoopDevice is a loop device the daemon holds.

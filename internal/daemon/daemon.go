@@ -21,6 +21,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/hotplug"
+	"xenblkd/internal/lease"
 	"xenblkd/internal/lifecycle"
 	"xenblkd/internal/loop"
 	"xenblkd/internal/model"
@@ -46,6 +47,8 @@ type Daemon struct {
 	// Scripts says which backends are ours (scripts.go); set it before
 	// Recover and StartPresetup, which both decide by it.
 	Scripts Scripts
+
+	leases *lease.Manager // cluster mode (cluster.go); nil: off
 }
 
 // New returns a daemon on store (XenStore) and host (loop devices, mounts;

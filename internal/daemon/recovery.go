@@ -146,6 +146,7 @@ func (d *Daemon) Recover(ctx context.Context, opts RecoverOptions) (RecoverySumm
 		d.model.Release(dev) // an add of its file right after waits for it to be freed
 		sum.Closed++
 	}
+	d.releaseOrphans(ctx) // cluster.go: leases no restored attachment adopted
 	d.log.Info("recovery done", "adopted", sum.Adopted, "reopened", sum.Reopened, "restored", sum.Restored,
 		"closed", sum.Closed, "rejected", sum.Rejected, "mismatched", sum.Mismatched, "stock", sum.Stock, "foreign", sum.Foreign)
 	d.metrics.countRecoveries(sum)

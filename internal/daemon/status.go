@@ -29,7 +29,7 @@ func (d *Daemon) statusResponse(ctx context.Context) api.Response {
 	for i, l := range hotplug.ReadLabels(ctx, d.store, bs...) {
 		out[i].DomainName, out[i].Vdev = l.Domain, l.Vdev
 	}
-	resp := api.Response{OK: true, Attachments: out}
+	resp := api.Response{OK: true, Attachments: out, Leases: d.leaseStatus(), Cluster: d.clusterStatus()}
 	for _, h := range d.model.Held() {
 		if h.Users == 0 {
 			resp.UnusedLoopDevices = append(resp.UnusedLoopDevices, api.LoopDevice{

@@ -80,6 +80,9 @@ type Options struct {
 	LoopTag func(devPath string) (string, error)
 	// Systemctl runs systemctl with args and returns its stdout; default exec.
 	Systemctl func(ctx context.Context, args ...string) ([]byte, error)
+	// Cluster returns the daemon's cluster mode configuration (nil: off);
+	// default: from its status API at Socket.
+	Cluster func(ctx context.Context) (*api.Cluster, error)
 	// XenStoreRead reads a harmless node through the socket or device at path
 	// (after the connect or open succeeded) to prove xenstored answers;
 	// default: with internal/xenstore.
@@ -130,6 +133,10 @@ func (o Options) withDefaults() Options {
 	if o.XenStoreRead == nil {
 		o.XenStoreRead = readXenStore
 	}
+	if o.Cluster == nil {
+		socket := o.Socket
+		o.Cluster = func(ctx context.Context) (*api.Cluster, error) { return clusterOf(ctx, socket) }
+	}
 	return o
 }
 
@@ -149,6 +156,7 @@ func Run(ctx context.Context, opts Options) []Check {
 		checkDaemon(ctx, &o),
 		checkScriptLink(&o),
 		checkStaleLoops(&o),
+		checkCluster(ctx, &o),
 	)
 	return checks
 }

@@ -14,6 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"xenblkd/internal/api"
 	"xenblkd/internal/xenstore/xenstoretest"
 )
 
@@ -39,6 +40,7 @@ func fakeOptions(t *testing.T) *Options {
 		},
 		XenStoreRead: func(context.Context, string) error { return nil },
 		Held:         func() (map[int]bool, error) { return map[int]bool{}, nil },
+		Cluster:      func(context.Context) (*api.Cluster, error) { return nil, nil },
 	}
 	o.SysHypervisor = filepath.Join(dir, "sys/hypervisor/type")
 	o.ScriptLink = filepath.Join(dir, "etc/xen/scripts/xenblkd")
@@ -410,8 +412,8 @@ func TestMainWith(t *testing.T) {
 		t.Errorf("exit status = %d, want 0\n%s", code, buf.String())
 	}
 	var r Report
-	if err := json.Unmarshal(buf.Bytes(), &r); err != nil || !r.OK || len(r.Checks) != 12 {
-		t.Errorf("--json: got %+v (%v), want ok with 12 checks", r, err)
+	if err := json.Unmarshal(buf.Bytes(), &r); err != nil || !r.OK || len(r.Checks) != 13 {
+		t.Errorf("--json: got %+v (%v), want ok with 13 checks", r, err)
 	}
 
 	buf.Reset()

@@ -93,8 +93,10 @@ DESCRIPTION
     device, and that it answers), xen-blkback, systemd and the unit's fd
     store, whether the unit's ExecStart= flags agree with the running
     daemon's, the /etc/xen/scripts/xenblkd link, the daemon's API socket,
-    and loop devices tagged by xenblkd that no daemon holds. Doctor changes
-    nothing on the host but that probe device.
+    loop devices tagged by xenblkd that no daemon holds, and in cluster mode
+    the sanlock daemon, this host's place in the lockspace and the lease
+    directory (docs/cluster.md). Doctor changes nothing on the host but
+    that probe device (and a probe file in the lease directory).
 
     --json prints {"ok", "checks": [{"name", "ok", "severity", "detail",
     "fix"}...]} for scripts.

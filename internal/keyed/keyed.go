@@ -11,7 +11,10 @@
 //  2. the target locks (model: a Mutex by target), held across the slow work
 //     of one add or remove (sharing checks, loop setup); an add takes all of
 //     its target's locks at once with LockAll, in one global order;
-//  3. the leaf mutexes guarding maps (model.mu, the lifecycle table's, the
+//  3. the lease locks (internal/lease: a Mutex by lease name), held across
+//     the sanlock requests of one acquire or release, taken under a target
+//     lock (cluster mode only);
+//  4. the leaf mutexes guarding maps (model.mu, the lifecycle table's, the
 //     daemon's label cache's, a Mutex's own): never held across I/O or while
 //     taking another lock.
 package keyed

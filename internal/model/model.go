@@ -140,6 +140,30 @@ type Mount struct {
 	ReadOnly bool
 }
 
+// Leases guards targets other hosts may use too (cluster mode,
+// internal/lease). The model takes a target's lease once the local sharing
+// rules allow an add, and lets go of it when the backend goes; Restore takes
+// it again (adopting what the previous daemon left). nil: nothing is shared
+// beyond this host.
+type Leases interface {
+	// Acquire takes or joins the lease of req.Target for req.Key, or refuses
+	// (an error matching ErrConflict names who holds it). A target that is
+	// not shared costs nothing.
+	Acquire(ctx context.Context, req LeaseRequest) error
+	// Release says key no longer uses t.
+	Release(key Key, t Target)
+}
+
+// LeaseRequest asks Leases for a target's lease.
+type LeaseRequest struct {
+	Key      Key
+	Target   Target
+	Writable bool
+	// Domain says which VM the backend's domain belongs to (migration
+	// between hosts); nil: not known.
+	Domain func(ctx context.Context, domid uint32) Domain
+}
+
 // AddRequest asks for target to be attached to backend Key.
 type AddRequest struct {
 	Key     Key
@@ -238,9 +262,10 @@ func (a *attachment) snapshot() Attachment {
 // never held across slow work. The order against the daemon's locks is
 // written down once, in internal/keyed.
 type Model struct {
-	host  Host
-	log   *slog.Logger
-	locks keyed.Mutex[targetID] // lock order: internal/keyed
+	host   Host
+	log    *slog.Logger
+	locks  keyed.Mutex[targetID] // lock order: internal/keyed
+	leases Leases                // nil: no cluster mode; set by SetLeases before use
 
 	mu          sync.Mutex
 	attachments map[Key]*attachment              // guarded by mu
@@ -276,6 +301,10 @@ func New(host Host, log *slog.Logger) *Model {
 	}
 }
 
+// SetLeases makes the model hold leases of shared targets (cluster mode).
+// Call it before the first Add or Restore.
+func (m *Model) SetLeases(l Leases) { m.leases = l }
+
 // Add attaches req.Target to req.Key, enforcing the sharing rules unless the
 // mode has '!'. Adding a backend that is already attached to the same target
 // with the same mode returns the existing attachment (idempotent).
@@ -308,6 +337,13 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 		if err := m.checkHost(ctx, req); err != nil {
 			return Attachment{}, err
 		}
+		if m.leases != nil {
+			// After the local rules: a refusal here is another host's use.
+			if err := m.leases.Acquire(ctx, LeaseRequest{Key: req.Key, Target: req.Target,
+				Writable: req.Mode.Writable, Domain: req.Domains}); err != nil {
+				return Attachment{}, err
+			}
+		}
 	}
 
 	a := &attachment{Attachment: Attachment{
@@ -318,6 +354,7 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 	} else {
 		ld, fresh, err := m.loopFor(req)
 		if err != nil {
+			m.releaseLease(req.Key, req.Target, req.Mode)
 			return Attachment{}, err
 		}
 		a.loop = ld
@@ -338,6 +375,7 @@ func (m *Model) Add(ctx context.Context, req AddRequest) (Attachment, error) {
 		release := m.dropUserLocked(a)
 		m.mu.Unlock()
 		m.closeDevice(release)
+		m.releaseLease(req.Key, req.Target, req.Mode)
 		return Attachment{}, fmt.Errorf("%s: attached concurrently by another request", req.Key)
 	}
 	m.insertLocked(a)
@@ -480,7 +518,15 @@ func (m *Model) Remove(key Key) (Attachment, bool) {
 
 	snap.Users--
 	m.closeDevice(release)
+	m.releaseLease(key, a.Target, a.Mode)
 	return snap, true
+}
+
+// releaseLease lets go of key's use of t's lease (mode w! took none).
+func (m *Model) releaseLease(key Key, t Target, mode Mode) {
+	if m.leases != nil && !mode.Force {
+		m.leases.Release(key, t)
+	}
 }
 
 // Restore records an attachment rebuilt after a restart (an adopted device
@@ -490,13 +536,14 @@ func (m *Model) Restore(a Attachment, dev Device) error {
 	unlock := m.locks.LockAll(a.Target.lockIDs())
 	defer unlock()
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if _, ok := m.attachments[a.Key]; ok {
+		m.mu.Unlock()
 		return fmt.Errorf("restore %s: already attached", a.Key)
 	}
 	rec := &attachment{Attachment: a}
 	if a.Target.Kind == RegularFile {
 		if dev == nil {
+			m.mu.Unlock()
 			return fmt.Errorf("restore %s: a file attachment needs its loop device", a.Key)
 		}
 		ld := m.devices[dev.Rdev()]
@@ -507,6 +554,15 @@ func (m *Model) Restore(a Attachment, dev Device) error {
 		rec.DevPath, rec.Rdev, rec.DiskSeq, rec.IO = dev.Path(), dev.Rdev(), dev.DiskSeq(), ioModeOf(dev)
 	}
 	m.insertLocked(rec)
+	m.mu.Unlock()
+	if m.leases != nil && !a.Mode.Force {
+		// The guest runs on this disk already: a lease that cannot be had
+		// back is reported, never a reason to take the disk away.
+		if err := m.leases.Acquire(context.Background(), LeaseRequest{Key: a.Key, Target: a.Target, Writable: a.Mode.Writable}); err != nil {
+			m.log.Error("recovery: could not re-adopt the lease of a shared target: another host may attach it",
+				"domid", a.Key.Domid, "devid", a.Key.Devid, "target", a.Target.Path, "err", err)
+		}
+	}
 	return nil
 }
 

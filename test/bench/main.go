@@ -34,6 +34,7 @@ type config struct {
 	out, plot  string
 	backends   []int
 	onlyProf   bool   // skip the scenarios: entry cost and profile only
+	onlyClust  bool   // only cluster mode's lease beside no lease (cluster.go)
 	perf       string // write `perf report` of the daemon during the profile here
 }
 
@@ -41,6 +42,7 @@ func main() {
 	var c config
 	flag.BoolVar(&c.quick, "quick", false, "smoke run: few iterations, smaller read-only scenario")
 	flag.BoolVar(&c.stockOnly, "stock-only", false, "measure only the stock script")
+	flag.BoolVar(&c.onlyClust, "cluster-only", false, "measure only cluster mode: add/remove with a sanlock lease beside without")
 	flag.StringVar(&c.bin, "bin", "bin/xenblkd", "xenblkd binary (build with `make build`)")
 	flag.StringVar(&c.entry, "entry", "bin/xenblkd-hotplug", "the C hotplug entry, exec'd as the script (build with `make build`)")
 	flag.StringVar(&c.daemonArgs, "daemon-args", "daemon --socket {socket}", "how to start the daemon; {socket} is the private API socket")

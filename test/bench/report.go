@@ -19,7 +19,8 @@ type report struct {
 	rows               []row
 	ro                 [nSlots]roResult
 	entry              []entryRow
-	fast               []fastRow // fastpath.go
+	fast               []fastRow    // fastpath.go
+	cluster            []clusterRow // cluster.go
 	prof               profileResult
 	notes              []string
 	loadStart, loadEnd string
@@ -202,6 +203,7 @@ func (r *report) markdown() string {
 		"(libxl waits for blkback's InitWait before it execs the script). Times in ms: **median** (min–max), n runs, "+
 		"after one untimed warm-up. Ratio = stock median / xenblkd median.\n\n", initWaitGap)
 	r.fastMarkdown(&w)
+	r.clusterMarkdown(&w)
 	if ts := r.fastTargets(); len(ts) > 0 {
 		fmt.Fprintf(&w, "\n| target (issue 13) | verdict | evidence |\n|---|---|---|\n")
 		for _, t := range ts {
@@ -368,6 +370,7 @@ func (r *report) print(w io.Writer) {
 	}
 	var pw strings.Builder
 	r.fastMarkdown(&pw)
+	r.clusterMarkdown(&pw)
 	r.profileMarkdown(&pw)
 	fmt.Fprint(w, pw.String())
 	fmt.Fprintln(w)

@@ -56,6 +56,9 @@ func scenarios(b *bench, r *report, peers []*peer) error {
 		return err
 	}
 
+	if c.onlyClust {
+		return b.clusterCost(r)
+	}
 	// 0: the per-disk fast path beside the exec floor (fastpath.go), first,
 	// while no other backends exist.
 	if err := b.fastPath(r, peers, fileImg); err != nil {
@@ -63,6 +66,11 @@ func scenarios(b *bench, r *report, peers []*peer) error {
 	}
 	if c.onlyProf {
 		return b.profileOnly(r, peers)
+	}
+	// Cluster mode's lease beside no lease (cluster.go), also before other
+	// backends exist.
+	if err := b.clusterCost(r); err != nil {
+		return err
 	}
 	// 1–3: file and phy, with 0/100/1,000 unrelated backends. Peer by peer,
 	// each daemon started before the unrelated backends exist: a daemon

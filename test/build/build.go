@@ -60,6 +60,11 @@ func moduleRoot() (string, error) {
 	return filepath.Dir(strings.TrimSpace(string(out))), nil
 }
 
+// SanitizedEntry reports whether TestEntry builds the C entry with
+// sanitizers ($XENBLKD_TEST_ENTRY=sanitize): make test-unit's second run of
+// the end-to-end tests, which is there for the entry.
+func SanitizedEntry() bool { return os.Getenv("XENBLKD_TEST_ENTRY") == "sanitize" }
+
 // TestEntry builds the C hotplug entry for a test suite that execs it as
 // libxl does: with EntryCFlags, or with SanitizerCFlags when
 // $XENBLKD_TEST_ENTRY is "sanitize" (make test-unit runs the end-to-end
