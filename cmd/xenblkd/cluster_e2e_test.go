@@ -438,15 +438,17 @@ func TestClusterMigrationNotOvertaken(t *testing.T) {
 // timeouts (8*io_timeout + 60 s), then gets the disk.
 func TestClusterHostDeath(t *testing.T) {
 	if testing.Short() {
-		t.Skip("-short: waits for a dead host's lease to expire (~70 s)") // a mode, not the environment: not testenv
+		// Not an environment gate (plain t.Skip): -short asks for a quick
+		// run, and this case waits for a dead host's lease to expire.
+		t.Skip("-short: waits for a dead host's lease to expire (~70 s)")
 	}
 	if build.SanitizedEntry() {
 		// make test-unit runs this package twice, the second time for the C
 		// entry built with ASan and UBSan. This case drives the entry only as
 		// TestClusterTwoHosts does (adds that succeed, adds the daemon refuses,
 		// handed over to the Go entry); its ~75 s are sanlock's lease expiry,
-		// which does not depend on the entry and the normal run tests. A
-		// choice of pass, not the environment: not testenv.
+		// which does not depend on the entry and the normal run tests.
+		// Not an environment gate (plain t.Skip): a choice of pass.
 		t.Skip("sanitized-entry run: the entry's paths here are TestClusterTwoHosts's; the lease expiry is tested by the normal run")
 	}
 	c := newCluster(t)
