@@ -71,3 +71,8 @@ func AttachAt(index int, backing *os.File, opts Options) (*Device, error) {
 func AttachLegacy(backing *os.File, opts Options) (*Device, error) {
 	return attach(backing, opts, true)
 }
+
+// List lists every bound loop device in the system, ordered by number
+// (devices cleared or removed meanwhile are left out): the tests' view of
+// the host. The daemon never needs all of them (Index, FindByBacking).
+func List() ([]Binding, error) { return list() }

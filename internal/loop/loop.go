@@ -108,12 +108,6 @@ func FindByBacking(id FileID, skip func(path string) bool) ([]Binding, error) {
 	return found, nil
 }
 
-// List lists every bound loop device in the system, ordered by number.
-// Devices that are cleared or removed while List runs are left out.
-func List() ([]Binding, error) {
-	return list()
-}
-
 func (d *Device) Path() string     { return d.binding.Path }
 func (d *Device) Number() int      { return d.binding.Number }
 func (d *Device) Rdev() uint64     { return d.binding.Rdev }
