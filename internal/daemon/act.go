@@ -165,7 +165,7 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o lifecycle.Ori
 	if err != nil {
 		return fail(err)
 	}
-	res := hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq, ClearError: s.Has(hotplug.HotplugError)}
+	res := hotplug.Result{Request: req, Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq, ClearError: s.Has(hotplug.HotplugError)}
 	also, err := hotplug.Connect(ctx, d.store, b, res, d.labelOps(b)...) // the line's labels, unless cached
 	d.labels.fill(key, also)
 	if err != nil {

@@ -505,3 +505,74 @@ func TestPresetupRefusalDecidedAgain(t *testing.T) {
 		t.Errorf("%d devices open, want 1 (B's)", host.Open())
 	}
 }
+
+// onceGatedHost blocks the first NewLoop until gate is closed; later ones
+// pass.
+type onceGatedHost struct {
+	*fakeMachine
+	once    sync.Once
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (h *onceGatedHost) NewLoop(f *os.File, ro bool) (model.Device, error) {
+	h.once.Do(func() {
+		close(h.entered)
+		<-h.gate
+	})
+	return h.fakeMachine.NewLoop(f, ro)
+}
+
+// TestPresetupBackendRecreatedDuringAttach: pre-setup attaches a backend
+// from its snapshot; before its result is written, libxl removes the
+// directory and writes it again for another disk (test/recovery's TestChaos:
+// a removed disk's lingering directory, set up again by a restarted daemon's
+// rescan, then re-created by the next add of that devid). The device made
+// for the old request must not be written into the new directory, whose add
+// would confirm it: a VM given the wrong image, and a restart's recovery
+// then finds physical-device bound to a file params does not name and
+// removes it under the VM.
+func TestPresetupBackendRecreatedDuringAttach(t *testing.T) {
+	host := &onceGatedHost{fakeMachine: newHost(), entered: make(chan struct{}), gate: make(chan struct{})}
+	e := startPresetup(t, host, 1, nil)
+	old := filepath.Join(t.TempDir(), "old.img")
+	if err := os.WriteFile(old, []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := libxlBackend(t, e.xs, 7, 51713, ourScript, old, "w")
+	<-host.entered // pre-setup is inside model.Add, for old
+	if err := e.xs.Rm(context.Background(), b.Path()); err != nil {
+		t.Fatal(err)
+	}
+	libxlBackend(t, e.xs, 7, 51713, ourScript, e.img, "w")
+	close(host.gate)
+	// Pre-setup's step for old ends (its lock is free again) before the
+	// exec'd add of the new directory takes it.
+	waitFor(t, "pre-setup's attach of the old request to end", func() bool {
+		unlock := e.d.backends.Lock(keyOf(b))
+		defer unlock()
+		return host.Made() >= 1
+	})
+	resp := e.exec(t, api.OpAdd, b)
+	if !resp.OK || resp.Attachment == nil {
+		t.Fatalf("exec'd add of the new directory: %+v; want it attached", resp)
+	}
+	a, ok := e.d.model.Lookup(keyOf(b))
+	if !ok || a.Params != e.img {
+		t.Fatalf("attached %q (held: %v), want the new directory's params %q", a.Params, ok, e.img)
+	}
+	if pd, _ := e.node(t, b, "physical-device"); pd != resp.Attachment.PhysicalDevice {
+		t.Fatalf("physical-device %q, the add answered %q", pd, resp.Attachment.PhysicalDevice)
+	}
+	// A restart (no fd store; the device still held, as by blkback) takes
+	// the backend back: physical-device stays (TestChaos's "physical-device
+	// is missing" was this recovery finding the old image's device).
+	d := New(discard, hotplug.ClientStore{Client: e.xs}, host.fakeMachine)
+	sum, err := d.Recover(context.Background(), RecoverOptions{})
+	if err != nil || sum.Restored != 1 || sum.Mismatched != 0 {
+		t.Fatalf("Recover: %+v, %v; want the backend restored", sum, err)
+	}
+	if pd, ok := e.node(t, b, "physical-device"); !ok || pd != resp.Attachment.PhysicalDevice {
+		t.Fatalf("after recovery: physical-device %q (present: %v), want %q", pd, ok, resp.Attachment.PhysicalDevice)
+	}
+}
