@@ -71,6 +71,11 @@ func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts,
 	b := f.Snap.Backend
 	switch dec.Do {
 	case lifecycle.Attach:
+		if rec.Attached {
+			// Made for a directory that was removed and written again
+			// since (Decide): not this one's.
+			d.release(b, rec)
+		}
 		a, err := d.attach(ctx, f.Snap, o)
 		if err != nil {
 			return lifecycle.Outcome{Err: err, Transient: classify(err).transient}
