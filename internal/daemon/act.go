@@ -71,6 +71,11 @@ func (d *Daemon) act(ctx context.Context, o lifecycle.Origin, f lifecycle.Facts,
 	b := f.Snap.Backend
 	switch dec.Do {
 	case lifecycle.Attach:
+		if rec.Attached {
+			// Made for a directory that was removed and written again
+			// since (Decide): not this one's.
+			d.release(b, rec)
+		}
 		a, err := d.attach(ctx, f.Snap, o)
 		if err != nil {
 			return lifecycle.Outcome{Err: err, Transient: classify(err).transient}
@@ -165,7 +170,7 @@ func (d *Daemon) attach(ctx context.Context, s hotplug.Snapshot, o lifecycle.Ori
 	if err != nil {
 		return fail(err)
 	}
-	res := hotplug.Result{Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq, ClearError: s.Has(hotplug.HotplugError)}
+	res := hotplug.Result{Request: req, Rdev: a.Rdev, DevPath: a.DevPath, DiskSeq: a.DiskSeq, ClearError: s.Has(hotplug.HotplugError)}
 	also, err := hotplug.Connect(ctx, d.store, b, res, d.labelOps(b)...) // the line's labels, unless cached
 	d.labels.fill(key, also)
 	if err != nil {

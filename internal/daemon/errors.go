@@ -58,11 +58,11 @@ func classify(err error) class {
 }
 
 // transient reports XenStore unreachable, the daemon stopping, or the
-// backend vanishing under the write.
+// backend vanishing (or re-created for another disk) under the write.
 func transient(err error) bool {
 	return errors.Is(err, xenstore.ErrConnectionLost) || errors.Is(err, xenstore.ErrClosed) ||
 		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
-		errors.Is(err, hotplug.ErrBackendGone) || errors.Is(err, unix.EAGAIN)
+		errors.Is(err, hotplug.ErrBackendGone) || errors.Is(err, hotplug.ErrBackendChanged) || errors.Is(err, unix.EAGAIN)
 }
 
 // reasonError tags err with the reason it counts as, unless its cause says

@@ -189,12 +189,13 @@ func TestPresetupAttachesBeforeExec(t *testing.T) {
 	if pre, add := sampleCount(t, e.d, "xenblkd_presetup_duration_seconds"), sampleCount(t, e.d, "xenblkd_request_duration_seconds", "op", "add"); pre != 1 || add != 1 {
 		t.Errorf("timed: %d pre-setup attaches, %d adds; want 1, 1", pre, add)
 	}
-	// The confirm is answered from what the daemon knows.
+	// The confirm reads the add's snapshot (one batch: the directory may
+	// have been written again since pre-setup attached it), nothing else.
 	e.store.mu.Lock()
 	requests := e.store.requests
 	e.store.mu.Unlock()
-	if reads, txs := e.store.ops(b.Path()); reads != 0 || txs != 0 || requests != 0 {
-		t.Errorf("confirm did %d XenStore reads, %d transactions, %d requests in all; want none", reads, txs, requests)
+	if reads, txs := e.store.ops(b.Path()); reads != 4 || txs != 0 || requests != 4 {
+		t.Errorf("confirm did %d XenStore reads, %d transactions, %d requests in all; want the snapshot's 4, 0, 4", reads, txs, requests)
 	}
 	if host.Open() != 1 || host.Made() != 1 {
 		t.Fatalf("after exec: %d devices open, %d made; want 1, 1", host.Open(), host.Made())
@@ -503,5 +504,132 @@ func TestPresetupRefusalDecidedAgain(t *testing.T) {
 	}
 	if host.Open() != 1 {
 		t.Errorf("%d devices open, want 1 (B's)", host.Open())
+	}
+}
+
+// onceGatedHost blocks the first NewLoop until gate is closed; later ones
+// pass.
+type onceGatedHost struct {
+	*fakeMachine
+	once    sync.Once
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (h *onceGatedHost) NewLoop(f *os.File, ro bool) (model.Device, error) {
+	h.once.Do(func() {
+		close(h.entered)
+		<-h.gate
+	})
+	return h.fakeMachine.NewLoop(f, ro)
+}
+
+// TestPresetupBackendRecreatedDuringAttach: pre-setup attaches a backend
+// from its snapshot; before its result is written, libxl removes the
+// directory and writes it again for another disk (test/recovery's TestChaos:
+// a removed disk's lingering directory, set up again by a restarted daemon's
+// rescan, then re-created by the next add of that devid). The device made
+// for the old request must not be written into the new directory, whose add
+// would confirm it: a VM given the wrong image, and a restart's recovery
+// then finds physical-device bound to a file params does not name and
+// removes it under the VM.
+func TestPresetupBackendRecreatedDuringAttach(t *testing.T) {
+	host := &onceGatedHost{fakeMachine: newHost(), entered: make(chan struct{}), gate: make(chan struct{})}
+	e := startPresetup(t, host, 1, nil)
+	old := filepath.Join(t.TempDir(), "old.img")
+	if err := os.WriteFile(old, []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := libxlBackend(t, e.xs, 7, 51713, ourScript, old, "w")
+	<-host.entered // pre-setup is inside model.Add, for old
+	if err := e.xs.Rm(context.Background(), b.Path()); err != nil {
+		t.Fatal(err)
+	}
+	libxlBackend(t, e.xs, 7, 51713, ourScript, e.img, "w")
+	close(host.gate)
+	// Pre-setup's step for old ends (its lock is free again) before the
+	// exec'd add of the new directory takes it.
+	waitFor(t, "pre-setup's attach of the old request to end", func() bool {
+		unlock := e.d.backends.Lock(keyOf(b))
+		defer unlock()
+		return host.Made() >= 1
+	})
+	resp := e.exec(t, api.OpAdd, b)
+	if !resp.OK || resp.Attachment == nil {
+		t.Fatalf("exec'd add of the new directory: %+v; want it attached", resp)
+	}
+	a, ok := e.d.model.Lookup(keyOf(b))
+	if !ok || a.Params != e.img {
+		t.Fatalf("attached %q (held: %v), want the new directory's params %q", a.Params, ok, e.img)
+	}
+	if pd, _ := e.node(t, b, "physical-device"); pd != resp.Attachment.PhysicalDevice {
+		t.Fatalf("physical-device %q, the add answered %q", pd, resp.Attachment.PhysicalDevice)
+	}
+	// A restart (no fd store; the device still held, as by blkback) takes
+	// the backend back: physical-device stays (TestChaos's "physical-device
+	// is missing" was this recovery finding the old image's device).
+	d := New(discard, hotplug.ClientStore{Client: e.xs}, host.fakeMachine)
+	sum, err := d.Recover(context.Background(), RecoverOptions{})
+	if err != nil || sum.Restored != 1 || sum.Mismatched != 0 {
+		t.Fatalf("Recover: %+v, %v; want the backend restored", sum, err)
+	}
+	if pd, ok := e.node(t, b, "physical-device"); !ok || pd != resp.Attachment.PhysicalDevice {
+		t.Fatalf("after recovery: physical-device %q (present: %v), want %q", pd, ok, resp.Attachment.PhysicalDevice)
+	}
+}
+
+// gateFor blocks NewLoop for one image until gate is closed.
+type gateFor struct {
+	*fakeMachine
+	image   string
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (h *gateFor) NewLoop(f *os.File, ro bool) (model.Device, error) {
+	if f.Name() == h.image {
+		close(h.entered)
+		<-h.gate
+	}
+	return h.fakeMachine.NewLoop(f, ro)
+}
+
+// TestPresetupBackendRecreatedBeforeExec: pre-setup attached a backend; its
+// directory is removed and written again (another disk) before pre-setup's
+// watch got to the removal (its queue is behind: here its one worker is
+// busy with another backend), and the exec'd add of the new directory comes
+// first. The add must not confirm the attachment made for the gone
+// directory: the new one has no physical-device, so libxl would see the add
+// succeed and blkback never get a device.
+func TestPresetupBackendRecreatedBeforeExec(t *testing.T) {
+	busy := filepath.Join(t.TempDir(), "busy.img")
+	if err := os.WriteFile(busy, []byte("busy"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	host := &gateFor{fakeMachine: newHost(), image: busy, entered: make(chan struct{}), gate: make(chan struct{})}
+	e := startPresetup(t, host, 1, nil)
+	defer close(host.gate)
+	old := filepath.Join(t.TempDir(), "old.img")
+	if err := os.WriteFile(old, []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b := libxlBackend(t, e.xs, 7, 51713, ourScript, old, "w")
+	e.waitAttached(t, b)
+	waitFor(t, "pre-setup's record", func() bool { return e.d.backends.Get(keyOf(b)).Phase == lifecycle.PresetUp })
+	libxlBackend(t, e.xs, 8, 51712, ourScript, busy, "r")
+	<-host.entered // pre-setup's only worker is busy
+	if err := e.xs.Rm(context.Background(), b.Path()); err != nil {
+		t.Fatal(err)
+	}
+	libxlBackend(t, e.xs, 7, 51713, ourScript, e.img, "w")
+	resp := e.exec(t, api.OpAdd, b)
+	if !resp.OK || resp.Attachment == nil {
+		t.Fatalf("exec'd add of the new directory: %+v; want it attached", resp)
+	}
+	if pd, ok := e.node(t, b, "physical-device"); !ok || pd != resp.Attachment.PhysicalDevice {
+		t.Fatalf("physical-device %q (present: %v), the add answered %q", pd, ok, resp.Attachment.PhysicalDevice)
+	}
+	if a, ok := e.d.model.Lookup(keyOf(b)); !ok || a.Params != e.img {
+		t.Fatalf("attached %q (held: %v), want the new directory's params %q", a.Params, ok, e.img)
 	}
 }

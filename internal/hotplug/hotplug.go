@@ -269,6 +269,9 @@ func readError(path string, err error) error {
 
 // Result is what add hands to blkback.
 type Result struct {
+	// Request is what the device was made for, as the caller's snapshot
+	// read it: Connect writes nothing if params or mode now say otherwise.
+	Request    Request
 	Rdev       uint64 // physical-device
 	DevPath    string // physical-device-path
 	DiskSeq    uint64 // 0: not a loop device, no diskseq node
@@ -300,6 +303,11 @@ func ParseDiskSeq(s string) (uint64, error) { return strconv.ParseUint(s, 16, 64
 // destroyed); nothing was written.
 var ErrBackendGone = errors.New("backend directory is gone")
 
+// ErrBackendChanged: the backend directory now asks for another disk than
+// the one the result was made for (removed and written again by libxl
+// meanwhile); nothing was written.
+var ErrBackendChanged = errors.New("backend directory was re-created for another disk")
+
 // ErrPhysicalDeviceSet: physical-device already holds another device;
 // blkback ignores changes, so it is never rewritten.
 var ErrPhysicalDeviceSet = errors.New("physical-device already set to another device")
@@ -307,17 +315,21 @@ var ErrPhysicalDeviceSet = errors.New("physical-device already set to another de
 // Connect writes the result in one transaction: physical-device,
 // physical-device-path, diskseq (loop devices) and hotplug-status=connected,
 // and removes hotplug-error if r says it is set. It writes nothing if the
-// backend is gone or physical-device already names another device. The two
-// checks (the directory, physical-device) and the writes go out in one
-// batch: the writes are speculative, and the transaction
-// is aborted, taking them back, if a check fails. Three round trips: start,
-// the batch, end. also are more reads of the caller's, sent in the same
-// batch (no round trip of their own); their replies are returned, in order.
+// backend is gone, if its params or mode are no longer r.Request (the
+// directory was removed and written again for another disk while the device
+// was made: the device is not that disk's), or if physical-device already
+// names another device. The checks (the directory, params, mode,
+// physical-device) and the writes go out in one batch: the writes are
+// speculative, and the transaction is aborted, taking them back, if a check
+// fails. Three round trips: start, the batch, end. also are more reads of the
+// caller's, sent in the same batch (no round trip of their own); their
+// replies are returned, in order.
 func Connect(ctx context.Context, s Store, b Backend, r Result, also ...xenstore.Op) ([]xenstore.Reply, error) {
 	pdev := FormatRdev(r.Rdev)
 	var alsoReplies []xenstore.Reply
 	err := s.Transact(ctx, func(tx Batcher) error {
 		ops := []xenstore.Op{xenstore.Read(b.Path()), xenstore.Read(b.node(namePhysicalDevice)),
+			xenstore.Read(b.node(nameParams)), xenstore.Read(b.node(nameMode)),
 			xenstore.Write(b.node(namePhysicalDevice), pdev), xenstore.Write(b.node(namePhysicalDevicePath), r.DevPath)}
 		if r.DiskSeq != 0 {
 			ops = append(ops, xenstore.Write(b.node(nameDiskSeq), FormatDiskSeq(r.DiskSeq)))
@@ -332,13 +344,20 @@ func Connect(ctx context.Context, s Store, b Backend, r Result, also ...xenstore
 		if err := existsError(b, replies[0].Err); err != nil {
 			return err
 		}
+		if err := firstError(replies[2:4]); err != nil {
+			return err
+		}
+		if now := (Request{Params: replies[2].Value, Mode: replies[3].Value}); replies[2].Err != nil || replies[3].Err != nil || now != r.Request {
+			return fmt.Errorf("%w: params %q mode %q, the device was made for params %q mode %q", ErrBackendChanged,
+				text.Truncate(now.Params, 200), text.Truncate(now.Mode, 16), text.Truncate(r.Request.Params, 200), text.Truncate(r.Request.Mode, 16))
+		}
 		switch old, err := replies[1].Value, replies[1].Err; {
 		case err == nil && old != pdev:
 			return fmt.Errorf("%w: %s holds %q, this add made %s", ErrPhysicalDeviceSet, b.node(namePhysicalDevice), text.Truncate(old, 64), pdev)
 		case err != nil && !errors.Is(err, unix.ENOENT):
 			return err
 		}
-		return firstError(replies[2:writes])
+		return firstError(replies[4:writes])
 	})
 	if err != nil {
 		return alsoReplies, fmt.Errorf("write physical-device %s to %s: %w", pdev, b, err)

@@ -207,7 +207,19 @@ func TestConnectFailDisconnect(t *testing.T) {
 	s[be.node("hotplug-error")] = "stale"
 	s[be.node("dev")] = "xvda"
 	s[fmt.Sprintf("/local/domain/%d/name", be.Domid)] = "guest1"
-	r := Result{Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true}
+	req := Request{Params: "/srv/img", Mode: "w"}
+	// Made for another disk than the directory now asks for (removed and
+	// written again meanwhile): nothing written.
+	for _, other := range []Request{{Params: "/srv/other", Mode: "w"}, {Params: "/srv/img", Mode: "r"}} {
+		r := Result{Request: other, Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true}
+		if _, err := Connect(ctx, s, be, r); !errors.Is(err, ErrBackendChanged) || s[be.node("hotplug-error")] != "stale" {
+			t.Fatalf("connect a device made for %+v: got %v, nodes %v; want ErrBackendChanged, nothing written", other, err, s)
+		}
+		if _, ok := s[be.node("physical-device")]; ok {
+			t.Fatalf("physical-device written for %+v", other)
+		}
+	}
+	r := Result{Request: req, Rdev: unix.Mkdev(7, 300), DevPath: "/dev/loop300", DiskSeq: 0xab, ClearError: true}
 	also, err := Connect(ctx, s, be, r, LabelOps(be)...)
 	if err != nil {
 		t.Fatal(err)
@@ -229,7 +241,7 @@ func TestConnectFailDisconnect(t *testing.T) {
 	if _, err := Connect(ctx, s, be, r); err != nil {
 		t.Fatalf("reconnect same device: %v", err)
 	}
-	if _, err := Connect(ctx, s, be, Result{Rdev: unix.Mkdev(7, 1), DevPath: "/dev/loop1"}); !errors.Is(err, ErrPhysicalDeviceSet) {
+	if _, err := Connect(ctx, s, be, Result{Request: req, Rdev: unix.Mkdev(7, 1), DevPath: "/dev/loop1"}); !errors.Is(err, ErrPhysicalDeviceSet) {
 		t.Fatalf("connect another device: got %v, want ErrPhysicalDeviceSet", err)
 	}
 	if got := s[be.node("physical-device-path")]; got != "/dev/loop300" {

@@ -3,7 +3,7 @@
 // backend is one step, under its lock (Table.Lock):
 //
 //	snapshot  the nodes NodesFor names, read in one batch (none when the
-//	          record answers: a confirm, the remove of a disk attached here)
+//	          record answers: the remove of a disk attached here)
 //	decide    Decide: a pure function of who asks (the Origin), the snapshot
 //	          and the backend's Record: an Action, and the next Record
 //	act       the daemon carries the action out (internal/daemon, act.go);
@@ -83,7 +83,7 @@ type Action int
 
 const (
 	Nothing      Action = iota
-	Attach              // open params, attach it, write physical-device (Connect)
+	Attach              // open params, attach it, write physical-device (Connect); a held attachment (of a re-created directory) is released first
 	Confirm             // answer from the record: attached here already
 	Refuse              // answer with Decision.Err (an unusable request, XenStore trouble)
 	Detach              // remove physical-device and diskseq, release our attachment
@@ -125,9 +125,10 @@ const (
 func NodesFor(o Origin, r Record) hotplug.Node {
 	switch o {
 	case FromAdd:
-		if r.Phase == PresetUp && r.Attached {
-			return 0
-		}
+		// Even a backend pre-setup attached: its directory may have been
+		// removed and written again since, before pre-setup's watch got to
+		// the removal (its queue can be behind, and libxl's add does not
+		// wait for it).
 		return AddNodes
 	case FromRemove:
 		if r.Attached {
@@ -171,22 +172,24 @@ func Decide(o Origin, f Facts, r Record) Decision {
 func decideAdd(f Facts, r Record) Decision {
 	s := f.Snap
 	ran := Record{Phase: ScriptRan, Attached: r.Attached, Attachment: r.Attachment}
-	if r.Phase == PresetUp && r.Attached {
-		// Pre-setup wrote this backend's nodes under this same lock, and its
-		// watch releases the attachment (and forgets the record) as soon as
-		// the directory goes: what it wrote is still there.
-		return Decision{Do: Confirm, Why: "attached by pre-setup", Next: ran}
-	}
 	if _, err := s.Request(); err != nil {
 		return Decision{Do: Refuse, Why: "unusable request", Err: err, Next: ran}
 	}
 	switch {
+	case s.Has(hotplug.PhysicalDevice) && r.Attached && r.Phase == PresetUp:
+		return Decision{Do: Confirm, Why: "attached by pre-setup", Next: ran}
 	case s.Has(hotplug.PhysicalDevice) && r.Attached:
 		return Decision{Do: Confirm, Why: "physical-device already set", Next: ran}
 	case s.Has(hotplug.PhysicalDevice):
 		// Written by someone else (another daemon, by hand): nothing of
 		// ours to confirm, and never rewritten.
 		return Decision{Why: "physical-device set by someone else", Next: ran}
+	case r.Attached:
+		// What we hold was written to a directory that is gone: this one
+		// was written again since (pre-setup's watch has not handled the
+		// removal yet). Confirming it would answer success with no
+		// physical-device for blkback. The act releases it first.
+		return Decision{Do: Attach, Why: "re-created since attached", Next: Record{Phase: ScriptRan}}
 	}
 	// A refusal by pre-setup is decided afresh: what it met (another
 	// domain's disk, a missing image) may have changed since, and the stock

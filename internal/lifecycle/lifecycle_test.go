@@ -45,7 +45,9 @@ func TestDecide(t *testing.T) {
 	}{
 		// The exec'd add.
 		{"add: new", FromAdd, Record{}, req, nil, false, Attach, AddNodes, ran},
-		{"add: confirm pre-setup from memory", FromAdd, presetUp, nil, nil, false, Confirm, 0, ranAttached},
+		{"add: confirm pre-setup", FromAdd, presetUp, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, Confirm, AddNodes, ranAttached},
+		{"add: pre-set-up directory re-created", FromAdd, presetUp, req, nil, false, Attach, AddNodes, ran},
+		{"add: attached directory re-created", FromAdd, ranAttached, req, nil, false, Attach, AddNodes, ran},
 		{"add: adopted, physical-device set", FromAdd, adopted, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, Confirm, AddNodes, ranAttached},
 		{"add: physical-device set by someone else", FromAdd, Record{}, with(req, hotplug.PhysicalDevice, "7:0"), nil, false, Nothing, AddNodes, ran},
 		{"add: params missing", FromAdd, Record{}, nodes{hotplug.Mode: "w"}, nil, false, Refuse, AddNodes, ran},
