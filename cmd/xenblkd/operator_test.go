@@ -137,7 +137,9 @@ func TestMetricsOverUnixSocketWithCurl(t *testing.T) {
 
 func TestMetricsOverTCP(t *testing.T) {
 	d := startDaemon(t, xsd.Socket, "--metrics-listen", "127.0.0.1:0")
-	// The daemon logs the address it bound before it says READY=1.
+	// The daemon logs the address it bound before it says READY=1, but the
+	// line reaches the test through a pipe: wait for it (logged).
+	d.logged(`msg="serving metrics" addr=127.0.0.1:`)
 	m := regexp.MustCompile(`msg="serving metrics" addr=(127\.0\.0\.1:\d+)`).FindStringSubmatch(d.logText())
 	if m == nil {
 		t.Fatalf("no metrics address in the log:\n%s", d.logText())
