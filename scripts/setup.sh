@@ -42,7 +42,7 @@ pkgs=(
 	sanlock
 )
 if [[ ${1:-} == testbed || ${1:-} == all ]]; then
-	pkgs+=(qemu-system-x86 qemu-utils cpio gzip socat perl python3 xz-utils)
+	pkgs+=(qemu-system-x86 qemu-utils cpio gzip socat perl python3 xz-utils zstd)
 fi
 # debootstrap: the testbed's image and the trixie root
 pkgs+=(debootstrap)

@@ -7,6 +7,7 @@ package main_test
 import (
 	"context"
 	byteorder "encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -318,8 +320,13 @@ func logText(d *daemon) string {
 	return d.log.String()
 }
 
-// holdFreeLoop returns a free loop device, opened O_EXCL under the
-// loop-control lock so that no cooperating allocator binds it until cleanup.
+// holdFreeLoop returns a loop device nothing is bound to, held open O_EXCL
+// until the test ends, so no one can bind it meanwhile (LOOP_CONFIGURE
+// claims the device exclusively and gets EBUSY). The O_EXCL open does not
+// prove the device is still unbound: another allocator that got the same
+// index from LOOP_CTL_GET_FREE may have bound it first (a daemon of another
+// test package did, under make test-stress). So it is asked after the open,
+// and another index tried, bounded by time.
 func holdFreeLoop(t *testing.T) string {
 	t.Helper()
 	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
@@ -327,20 +334,34 @@ func holdFreeLoop(t *testing.T) string {
 		t.Fatal(err)
 	}
 	defer unix.Close(ctl)
-	if err := unix.Flock(ctl, unix.LOCK_EX); err != nil {
-		t.Fatal(err)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		index, err := unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev := fmt.Sprintf("/dev/loop%d", index)
+		fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+		switch {
+		case err == nil:
+			_, err = unix.IoctlLoopGetStatus64(fd)
+			if errors.Is(err, unix.ENXIO) { // unbound, and ours now
+				t.Cleanup(sync.OnceFunc(func() { unix.Close(fd) }))
+				return dev
+			}
+			unix.Close(fd)
+			if err != nil {
+				t.Fatalf("%s: LOOP_GET_STATUS64: %v", dev, err)
+			}
+		case !errors.Is(err, unix.EBUSY) && !errors.Is(err, unix.ENOENT):
+			t.Fatal(err)
+		}
+		// Taken (bound, or held by someone else) between GET_FREE and the open.
+		if time.Now().After(deadline) {
+			t.Fatalf("no unbound loop device could be held within 30 s (last tried %s)", dev)
+		}
+		time.Sleep(time.Millisecond)
 	}
-	index, err := unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev := fmt.Sprintf("/dev/loop%d", index)
-	fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(sync.OnceFunc(func() { unix.Close(fd) }))
-	return dev
 }
 
 // With pre-setup (the default) the receiver of a migration is attached as

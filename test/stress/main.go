@@ -250,7 +250,9 @@ func startLoad(args string) (stop func(), err error) {
 		return nil, err
 	}
 	cmd := exec.Command("stress-ng", append(strings.Fields(args), "--temp-path", dir, "--quiet")...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Pdeathsig: stress-ng ends its workers when it gets SIGTERM, so a
+	// SIGKILL of this tool does not leave the load running.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Start(); err != nil {
 		os.RemoveAll(dir)

@@ -39,7 +39,7 @@ PACKAGES=(
 )
 
 [[ $(id -u) == 0 ]] || die "must run as root (debootstrap, chroot)"
-for tool in debootstrap mkfs.ext4 cpio gzip sha256sum; do
+for tool in debootstrap mkfs.ext4 cpio gzip xz zstd sha256sum; do
 	command -v "$tool" >/dev/null || die "$tool missing: run scripts/setup.sh testbed"
 done
 

@@ -43,8 +43,32 @@ mkdir -p "$rootfs/etc/systemd/journald.conf.d"
 printf '[Journal]\nStorage=volatile\n' >"$rootfs/etc/systemd/journald.conf.d/xenblkd-testbed.conf"
 chroot "$rootfs" systemctl disable xendomains.service >/dev/null 2>&1 || true
 
-# The PV guest: the dom0 kernel + a busybox initramfs (image/domu-init) that loads
-# xen-blkfront and prints each disk's signature.
+# vmlinux_from_bzimage BZIMAGE OUT: the kernel's uncompressed ELF image, from the payload the
+# bzImage's setup header locates (payload_offset at 0x248, payload_length at 0x24c). libxl then
+# loads the guest kernel as it is instead of decompressing it at every `xl create`: Debian 12's
+# xz payload took ~5 s of dom0's emulated CPU per guest (9.9 -> 4.7 s per xl create).
+vmlinux_from_bzimage() {
+	local bz=$1 out=$2 sects off len magic
+	le32() { od -An -tu4 -j "$1" -N4 "$bz" | tr -d ' '; }
+	sects=$(od -An -tu1 -j $((0x1f1)) -N1 "$bz" | tr -d ' ')
+	((sects == 0)) && sects=4
+	off=$(((sects + 1) * 512 + $(le32 $((0x248)))))
+	len=$(le32 $((0x24c)))
+	magic=$(od -An -tx1 -j "$off" -N4 "$bz" | tr -d ' ')
+	# The payload ends with its uncompressed size (4 bytes), which no decompressor wants. dd reads
+	# exactly the payload (a head -c would leave its writer a SIGPIPE, a failure under pipefail).
+	payload() { dd if="$bz" iflag=skip_bytes,count_bytes skip="$off" count=$((len - 4)) bs=1M status=none; }
+	case $magic in
+	fd377a58) payload | xz -dc --single-stream ;;
+	28b52ffd) payload | zstd -dcq ;;
+	1f8b08*) payload | gzip -dc ;;
+	*) echo "$bz: payload compression $magic not handled" >&2; return 1 ;;
+	esac >"$out" || return 1
+	[[ $(od -An -tx1 -N4 "$out" | tr -d ' ') == 7f454c46 ]] || { echo "$bz: no ELF image inside" >&2; return 1; }
+}
+
+# The PV guest: the dom0 kernel (uncompressed: vmlinux) + a busybox initramfs (image/domu-init)
+# that loads xen-blkfront and prints each disk's signature.
 kver=$(ls "$rootfs/lib/modules" | sort -V | tail -1)
 domu=$(mktemp -d)
 mkdir -p "$domu"/{bin,dev,proc,sys,mods}
@@ -58,7 +82,7 @@ esac
 install -m 755 "$here/image/domu-init" "$domu/init"
 mkdir -p "$rootfs/root/domu"
 (cd "$domu" && find . | cpio -o -H newc --quiet | gzip -9) >"$rootfs/root/domu/initrd.gz"
-cp "$rootfs/boot/vmlinuz-$kver" "$rootfs/root/domu/vmlinuz"
+vmlinux_from_bzimage "$rootfs/boot/vmlinuz-$kver" "$rootfs/root/domu/vmlinux"
 rm -rf "$domu"
 
 # The storage driver domain (tests.d/60-driverdomain.sh): the same kernel, with an initramfs of

@@ -44,7 +44,9 @@ check_release() {
 		die "no release $TESTBED_RELEASE (test/testbed/releases/: $(testbed_releases | tr '\n' ' '))"
 }
 
-log() { printf '[testbed %s] %s\n' "$(date +%T)" "$*" >&2; }
+# log MSG: a timestamped line on stderr, naming the release when one was picked (e2e.sh boots
+# the releases side by side, and their lines interleave).
+log() { printf '[testbed %s%s] %s\n' "$(date +%T)" "${XENBLKD_TESTBED_RELEASE:+ $XENBLKD_TESTBED_RELEASE}" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # seconds_since T0: elapsed seconds (one decimal) since an $EPOCHREALTIME value.

@@ -12,19 +12,19 @@
 # Exit status: the script's, or 124 = run deadline hit, 125 = dom0 never came up (twice).
 #
 # Env: XENBLKD_TESTBED_BOOT_DEADLINE (s, default 600): dom0 must start the runner by then, else
-#      QEMU is killed and the boot retried once; XENBLKD_TESTBED_RUN_DEADLINE (s, default 3000):
+#      QEMU is killed and the boot retried once; XENBLKD_TESTBED_RUN_DEADLINE (s, default 3600):
 #      the whole run; XENBLKD_TESTBED_RELEASE (default bookworm): whose image boots;
-#      QEMU_CPU (default Nehalem), QEMU_MEM (MiB, 2048), QEMU_SMP (2).
+#      QEMU_CPU (default Nehalem), QEMU_MEM (MiB, 2048), QEMU_SMP (2; e2e.sh boots several releases side by side with 1).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 BOOT_DEADLINE=${XENBLKD_TESTBED_BOOT_DEADLINE:-600}
-RUN_DEADLINE=${XENBLKD_TESTBED_RUN_DEADLINE:-3000}
+RUN_DEADLINE=${XENBLKD_TESTBED_RUN_DEADLINE:-3600}
 # -cpu max is ~1.4x faster, but glibc's AVX2 string functions crash at random under QEMU 7.2
 # TCG; Nehalem (SSE4.2, no AVX) ran clean. See docs/testbed.md.
 QEMU_CPU=${QEMU_CPU:-Nehalem}
 # smap=0: QEMU 7.2 TCG's SMAP handling crashes Xen's PV dom0 on its first bounce frame.
-XEN_ARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M dom0_max_vcpus=2 bootscrub=0 smap=0 loglvl=all guest_loglvl=all"
+XEN_ARGS="console=com1 com1=115200 dom0_mem=1024M,max:1024M dom0_max_vcpus=${QEMU_SMP:-2} bootscrub=0 smap=0 loglvl=all guest_loglvl=all"
 # QEMU's multiboot module list is comma-separated: no commas in here.
 DOM0_ARGS="root=/dev/vda ro console=hvc0 quiet systemd.show_status=1"
 
@@ -95,9 +95,14 @@ boot_once() {
 		sleep 0.1
 	done
 	[[ -n $qemu_pid ]] || { cat "$serial" >&2; die "QEMU did not start"; }
+	# QEMU's CPU time (utime + stime, in clock ticks), read each second while it runs: the last
+	# reading is its total, for the CPU use e2e.sh prints beside the wall time.
+	local ticks=0 hz st
+	hz=$(getconf CLK_TCK)
 	while kill -0 "$qemu_pid" 2>/dev/null; do
 		local el
 		el=$(seconds_since "$t0")
+		read -ra st 2>/dev/null <"/proc/$qemu_pid/stat" && ticks=$((st[13] + st[14]))
 		if ((started == 0)) && grep -aq XENBLKD-TESTBED-RUNNER-START "$serial"; then
 			started=1
 			log "dom0 up, runner started after ${el}s"
@@ -119,6 +124,7 @@ boot_once() {
 	qemu_pid=""
 	wait "$perl_pid" 2>/dev/null || true
 	echo "qemu_wall_s=$(seconds_since "$t0")" >>"$res/qemu.txt"
+	echo "qemu_cpu_s=$((ticks / hz))" >>"$res/qemu.txt"
 	return 0
 }
 

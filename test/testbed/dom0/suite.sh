@@ -157,7 +157,7 @@ write_cfg() {
 	cat >"$WORK/$name.cfg" <<EOF
 name = "$name"
 type = "pv"
-kernel = "/root/domu/vmlinuz"
+kernel = "/root/domu/vmlinux"
 ramdisk = "/root/domu/initrd.gz"
 extra = "$extra"
 memory = 128
@@ -590,7 +590,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a+0 > 0 && b != "" && b != "n/a") 
 timing_table() {
 	local n f='%-5s | %-10s %-10s %-6s | %-10s %-10s %-6s | %-12s %-12s %-6s | %-12s %-12s %-6s'
 	report ""
-	report "Timing (QEMU TCG, -cpu Nehalem; emulation numbers: compare columns, not with bare metal)"
+	report "Timing (QEMU TCG, -cpu Nehalem, Xen on $(xl info | awk '/^nr_cpus/{print $3}') CPU(s); emulation numbers: compare columns, not with bare metal)"
 	report "$(printf "$f" disks 'create s' 'create s' ratio 'span ms' 'span ms' ratio \
 		'add/disk ms' 'add/disk ms' ratio 'rm/disk ms' 'rm/disk ms' ratio)"
 	report "$(printf "$f" '' stock xenblkd '' stock xenblkd '' stock xenblkd '' stock xenblkd '')"

@@ -70,7 +70,7 @@ discard_cfg() {
 	cat >"$WORK/$1.cfg" <<EOF
 name = "$1"
 type = "pv"
-kernel = "/root/domu/vmlinuz"
+kernel = "/root/domu/vmlinux"
 ramdisk = "$DISCARD_INITRD"
 extra = "console=hvc0 quiet xbd.phase=$2 xbd.mib=$DISCARD_MIB"
 memory = 128

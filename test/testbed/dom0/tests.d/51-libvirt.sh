@@ -16,7 +16,7 @@ lv_xml() {
 	[[ $hold == 1 ]] && extra="$extra xbd.idle" # up until destroyed; nothing here waits for DOMU-READ
 	{
 		echo "<domain type='xen'><name>$name</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>"
-		echo "<os><type>linux</type><kernel>/root/domu/vmlinuz</kernel><initrd>/root/domu/initrd.gz</initrd><cmdline>$extra</cmdline></os>"
+		echo "<os><type>linux</type><kernel>/root/domu/vmlinux</kernel><initrd>/root/domu/initrd.gz</initrd><cmdline>$extra</cmdline></os>"
 		echo "<on_poweroff>destroy</on_poweroff><on_crash>destroy</on_crash><devices>"
 		printf '%s\n' "$@"
 		echo "<console type='pty'><target type='xen' port='0'/></console></devices></domain>"

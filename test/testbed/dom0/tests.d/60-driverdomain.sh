@@ -171,7 +171,7 @@ test_driver_domain() {
 	cat >"$WORK/$DD_NAME.cfg" <<EOF
 name = "$DD_NAME"
 type = "pv"
-kernel = "/root/domu/vmlinuz"
+kernel = "/root/domu/vmlinux"
 ramdisk = "$DD_INITRD"
 extra = "console=hvc0 loglevel=6"
 memory = 256
