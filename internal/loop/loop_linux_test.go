@@ -849,7 +849,9 @@ func TestIntegrationBusyFreeDevice(t *testing.T) {
 // holdFreeDevice opens the device LOOP_CTL_GET_FREE returns O_EXCL, under
 // the loop-control lock so cooperating allocators cannot take it first.
 // An allocator that does not take the lock (losetup, another test binary)
-// may still bind or hold it in between: EBUSY, and GET_FREE is asked again. release (also run at cleanup) closes it.
+// may still bind or hold it in between: EBUSY, or an open that succeeds on a
+// device now bound, and GET_FREE is asked again. release (also run at
+// cleanup) closes it.
 func holdFreeDevice(t *testing.T) (index int, release func()) {
 	t.Helper()
 	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
@@ -866,6 +868,14 @@ func holdFreeDevice(t *testing.T) (index int, release func()) {
 			t.Fatal(err)
 		}
 		fd, err := unix.Open(fmt.Sprintf("/dev/loop%d", index), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+		if err == nil {
+			// The open keeps binds out from now on, but one made since
+			// GET_FREE does not make it fail: ask (ENXIO: unbound).
+			if _, serr := unix.IoctlLoopGetStatus64(fd); !errors.Is(serr, unix.ENXIO) {
+				unix.Close(fd)
+				err = unix.EBUSY
+			}
+		}
 		if errors.Is(err, unix.EBUSY) && time.Now().Before(deadline) {
 			// Bound since GET_FREE, or held O_EXCL unbound (another test
 			// doing this): wait until GET_FREE names one we can hold.
