@@ -31,6 +31,7 @@ import (
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
 	"xenblkd/test/libxl"
+	"xenblkd/test/looptest"
 	"xenblkd/test/xenstored"
 )
 
@@ -265,39 +266,10 @@ func image(t *testing.T, name string) (path, signature string) {
 }
 
 // losetup binds a loop device with util-linux (a "foreign" device, or a phy
-// target) and detaches it by its own path in Cleanup.
+// target); cleanup detaches it only while it still carries this binding.
 func losetup(t *testing.T, file string, extra ...string) string {
 	t.Helper()
-	out, err := exec.Command("losetup", append(extra, "--show", "-f", file)...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup %s: %v: %s", file, err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
-	return dev
-}
-
-// losetupDetach detaches dev (bound by losetup) and waits until the kernel
-// has cleared it. losetup -d clears at once only when nothing else has dev
-// open; on a shared machine something may (a daemon of another test reading
-// the devices its uevents named), and the clear then waits for that open to
-// end.
-func losetupDetach(t *testing.T, dev string) {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Stat(dev, &st); err != nil {
-		t.Fatal(err)
-	}
-	rdev := uint64(st.Rdev)
-	seq, err := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/diskseq", unix.Major(rdev), unix.Minor(rdev)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
-		t.Fatalf("losetup -d %s: %v: %s", dev, err, out)
-	}
-	n, _ := strconv.ParseUint(strings.TrimSpace(string(seq)), 10, 64)
-	waitUntil(t, dev+" cleared", func() bool { return !bound(rdev, n) })
+	return looptest.Losetup(t, file, extra...).Path
 }
 
 // standIn opens physical-device's major:minor the way blkback does (by dev_t,

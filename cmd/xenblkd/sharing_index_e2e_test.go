@@ -3,6 +3,8 @@ package main_test
 import (
 	"strings"
 	"testing"
+
+	"xenblkd/test/looptest"
 )
 
 // TestForeignLoopDeviceIndexed: once the daemon's loop index is in use (it
@@ -19,13 +21,15 @@ func TestForeignLoopDeviceIndexed(t *testing.T) {
 	}
 
 	img, _ := image(t, "indexed-foreign.img")
-	foreign := losetup(t, img)
+	foreign := looptest.Losetup(t, img)
 	be2 := vbdSetup(t, 321, 51712, img, "w")
 	stderr, code := hotplug(t, d, "add", be2)
-	if herr, _ := read(t, be2+"/hotplug-error"); code == 0 || !strings.Contains(herr, foreign) || !strings.Contains(stderr, foreign) {
-		t.Fatalf("rw add with foreign %s bound after the index started: exit %d, stderr %q, hotplug-error %q; want a refusal naming it", foreign, code, stderr, herr)
+	if herr, _ := read(t, be2+"/hotplug-error"); code == 0 || !strings.Contains(herr, foreign.Path) || !strings.Contains(stderr, foreign.Path) {
+		t.Fatalf("rw add with foreign %s bound after the index started: exit %d, stderr %q, hotplug-error %q; want a refusal naming it", foreign.Path, code, stderr, herr)
 	}
-	losetupDetach(t, foreign)
+	if err := foreign.Detach(); err != nil {
+		t.Fatal(err)
+	}
 	be3 := vbdSetup(t, 322, 51712, img, "w")
 	mustHotplug(t, d, "add", be3)
 	mustHotplug(t, d, "remove", be3)

@@ -2,7 +2,6 @@ package loop_test
 
 import (
 	"errors"
-	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -10,32 +9,23 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/loop"
+	"xenblkd/test/looptest"
 )
 
 // losetupStock binds path as the stock block script does (`losetup DEV FILE`:
 // no AUTOCLEAR, lo_file_name = the path) and returns the device number. At
-// cleanup the device is detached by its own path, only if it is still bound
-// to path.
+// cleanup the device is detached only while it still carries this binding.
 func losetupStock(t *testing.T, path string, readOnly bool) int {
 	t.Helper()
-	args := []string{"--show", "-f", path}
+	var args []string
 	if readOnly {
-		args = append([]string{"-r"}, args...)
+		args = []string{"-r"}
 	}
-	out, err := exec.Command("losetup", args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup %v: %v: %s", args, err, out)
-	}
-	dev := strings.TrimSpace(string(out))
+	dev := looptest.Losetup(t, path, args...).Path
 	n, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/loop"))
 	if err != nil {
 		t.Fatalf("losetup printed %q", dev)
 	}
-	t.Cleanup(func() {
-		if b, _ := exec.Command("losetup", "-nO", "BACK-FILE", dev).Output(); strings.TrimSpace(string(b)) == path {
-			exec.Command("losetup", "-d", dev).Run()
-		}
-	})
 	return n
 }
 

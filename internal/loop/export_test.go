@@ -9,9 +9,17 @@ import (
 // Retries reports how many failed attempts Attach has retried so far.
 func Retries() int64 { return retries.Load() }
 
-// SetIndexRcvBuf sets the receive buffer of the indexes made from now on and
-// returns the previous value.
-func SetIndexRcvBuf(n int) int { old := indexRcvBuf; indexRcvBuf = n; return old }
+// ShrinkRcvBuf sets ix's uevent socket's receive buffer to the kernel's
+// minimum (a few events), so that a burst of events overflows it.
+func (ix *Index) ShrinkRcvBuf() error {
+	var err error
+	if cerr := ix.raw.Control(func(fd uintptr) {
+		err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 1)
+	}); cerr != nil {
+		return cerr
+	}
+	return err
+}
 
 // Pause holds the index's lock, so that events queue up in its socket until
 // the returned function is called.

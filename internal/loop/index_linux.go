@@ -61,8 +61,8 @@ type Index struct {
 
 // indexRcvBuf is the uevent socket's receive buffer: room for thousands of
 // events (a few hundred bytes each, ~1 KiB of kernel memory) between two
-// reads. A variable for the overflow test.
-var indexRcvBuf = 4 << 20
+// reads.
+const indexRcvBuf = 4 << 20
 
 // NewIndex opens the uevent socket, then scans every loop device (in that
 // order, so no change between the two is missed) and keeps the index current

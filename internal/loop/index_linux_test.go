@@ -2,7 +2,6 @@ package loop_test
 
 import (
 	"fmt"
-	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -11,6 +10,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/loop"
+	"xenblkd/test/looptest"
 )
 
 func newIndex(t testing.TB) *loop.Index {
@@ -31,34 +31,12 @@ func trust(t testing.TB, ix *loop.Index, d *loop.Device) {
 	}
 }
 
-// losetupAttach binds path with losetup (no AUTOCLEAR) and detaches it at
-// cleanup by the path losetup printed.
-func losetupAttach(t testing.TB, path string, extra ...string) string {
+// losetupDetach detaches d (bound by looptest) and fails t if it cannot.
+func losetupDetach(t testing.TB, d *looptest.Device) {
 	t.Helper()
-	out, err := exec.Command("losetup", append(extra, "-f", "--show", path)...).Output()
-	if err != nil {
-		t.Fatalf("losetup -f --show %s: %v", path, err)
+	if err := d.Detach(); err != nil {
+		t.Fatal(err)
 	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() { losetupDetach(t, dev) })
-	return dev
-}
-
-// losetupDetach detaches dev and waits until the kernel has cleared it.
-// losetup -d clears at once only when nothing else has dev open; on a shared
-// machine something may (a daemon of another test reading the devices its
-// uevents named), and the clear then waits for that open to end.
-func losetupDetach(t testing.TB, dev string) {
-	t.Helper()
-	number := devNumber(dev)
-	seq, _ := sysfsDiskSeq(t, number)
-	if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
-		if !strings.Contains(string(out), "No such device") {
-			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
-		}
-		return
-	}
-	waitCleared(t, number, seq)
 }
 
 func paths(bs []loop.Binding) []string {
@@ -78,7 +56,7 @@ func TestIntegrationIndex(t *testing.T) {
 	id := backingID(t, openBacking(t, path, true))
 
 	// Before it is trusted the index scans: a device bound before it is found.
-	foreign := losetupAttach(t, path)
+	foreign := looptest.Losetup(t, path)
 	check := func(step string, skip func(string) bool, want ...string) {
 		t.Helper()
 		got, err := ix.FindByBacking(id, skip)
@@ -96,20 +74,20 @@ func TestIntegrationIndex(t *testing.T) {
 			t.Errorf("%s: index %+v, scan %+v", step, got, scan)
 		}
 	}
-	check("untrusted", nil, foreign)
+	check("untrusted", nil, foreign.Path)
 
 	ours := attach(t, path, loop.Options{ReadOnly: true})
 	trust(t, ix, ours)
-	both := []string{foreign, ours.Path()}
+	both := []string{foreign.Path, ours.Path()}
 	slices.SortFunc(both, func(a, b string) int { return devNumber(a) - devNumber(b) })
 	check("after our attach", nil, both...)
-	check("ours skipped", func(p string) bool { return p == ours.Path() }, foreign)
+	check("ours skipped", func(p string) bool { return p == ours.Path() }, foreign.Path)
 
 	losetupDetach(t, foreign)
 	check("after losetup -d", nil, ours.Path())
 
-	again := losetupAttach(t, path, "-r")
-	both = []string{again, ours.Path()}
+	again := looptest.Losetup(t, path, "-r")
+	both = []string{again.Path, ours.Path()}
 	slices.SortFunc(both, func(a, b string) int { return devNumber(a) - devNumber(b) })
 	check("after a second losetup", nil, both...)
 	losetupDetach(t, again)
@@ -158,11 +136,15 @@ func TestIntegrationIndexChangeFD(t *testing.T) {
 // are made up for by a rescan before the next answer.
 func TestIntegrationIndexOverflow(t *testing.T) {
 	requireRoot(t)
-	defer loop.SetIndexRcvBuf(loop.SetIndexRcvBuf(1)) // the kernel's minimum: a few events
 	ix := newIndex(t)
 	path := sparseFile(t, 1<<20)
 	id := backingID(t, openBacking(t, path, true))
+	// Trusted first, with the normal buffer: other tests' events on this
+	// host would overflow the small one before our own bind's event came.
 	trust(t, ix, attach(t, path, loop.Options{ReadOnly: true}))
+	if err := ix.ShrinkRcvBuf(); err != nil {
+		t.Fatal(err)
+	}
 
 	resume := ix.Pause()
 	other := sparseFile(t, 1<<20)
@@ -172,7 +154,7 @@ func TestIntegrationIndexOverflow(t *testing.T) {
 		d.Close()
 		waitCleared(t, number, seq)
 	}
-	foreign := losetupAttach(t, path, "-r")
+	foreign := looptest.Losetup(t, path, "-r").Path
 	resume()
 	got, err := ix.FindByBacking(id, func(p string) bool { return p != foreign })
 	if err != nil || !slices.Equal(paths(got), []string{foreign}) {

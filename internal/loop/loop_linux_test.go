@@ -25,6 +25,7 @@ import (
 
 	"xenblkd/internal/loop"
 	"xenblkd/internal/testenv"
+	"xenblkd/test/looptest"
 )
 
 // holdEnv makes the test binary a "second opener" child: it opens the loop
@@ -546,18 +547,9 @@ func TestIntegrationFindByBacking(t *testing.T) {
 	path := sparseFile(t, 1<<20)
 	ours := attach(t, path, loop.Options{})
 
-	out, err := exec.Command("losetup", "-f", "--show", path).Output()
-	if err != nil {
-		t.Fatalf("losetup -f --show %s: %v", path, err)
-	}
-	foreign := strings.TrimSpace(string(out))
 	// losetup sets no AUTOCLEAR: the device stays bound to our file until
-	// we detach it by the path losetup gave us.
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "-d", foreign).CombinedOutput(); err != nil {
-			t.Errorf("losetup -d %s: %v: %s", foreign, err, out)
-		}
-	})
+	// the cleanup detaches it.
+	foreign := looptest.Losetup(t, path).Path
 
 	found, err := loop.FindByBacking(ours.Backing(), nil)
 	if err != nil {
@@ -596,16 +588,7 @@ func TestIntegrationFindByBackingSkip(t *testing.T) {
 	ours := attach(t, path, loop.Options{})
 	ours2 := attach(t, path, loop.Options{ReadOnly: true})
 
-	out, err := exec.Command("losetup", "-f", "--show", path).Output()
-	if err != nil {
-		t.Fatalf("losetup -f --show %s: %v", path, err)
-	}
-	foreign := strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "-d", foreign).CombinedOutput(); err != nil {
-			t.Errorf("losetup -d %s: %v: %s", foreign, err, out)
-		}
-	})
+	foreign := looptest.Losetup(t, path).Path
 
 	held := map[string]bool{ours.Path(): true, ours2.Path(): true}
 	asked := map[string]bool{}

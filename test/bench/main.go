@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"xenblkd/test/looptest"
 	"xenblkd/test/mdsection"
 )
 
@@ -91,9 +92,9 @@ func run(c config) (err error) {
 			r.notef("cleanup: detached leftover %s (backed by %s)", dev, backingFile(dev))
 			exec.Command("losetup", "-d", dev).Run()
 		}
-		if b.phyDev != "" {
-			if out, derr := exec.Command("losetup", "-d", b.phyDev).CombinedOutput(); derr != nil {
-				fmt.Fprintf(os.Stderr, "bench: detach %s: %v %s\n", b.phyDev, derr, out)
+		if b.phy != nil {
+			if derr := b.phy.Detach(); derr != nil {
+				fmt.Fprintf(os.Stderr, "bench: detach %s: %v\n", b.phyDev, derr)
 			}
 		}
 		if b.xs != nil {
@@ -122,11 +123,11 @@ func run(c config) (err error) {
 	if err := sparseFile(b.phyFile, 256<<20); err != nil {
 		return err
 	}
-	out, err := exec.Command("losetup", "--find", "--show", b.phyFile).Output()
+	phy, err := looptest.Bind(b.phyFile)
 	if err != nil {
-		return fmt.Errorf("losetup --find --show %s: %w", b.phyFile, err)
+		return err
 	}
-	b.phyDev = strings.TrimSpace(string(out))
+	b.phy, b.phyDev = phy, phy.Path
 
 	log, err := os.Create(dir + "/hotplug.log")
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"xenblkd/test/libxl"
+	"xenblkd/test/looptest"
 )
 
 // vbd is one disk of one guest, as libxl (4.17 to 4.20) describes it in XenStore.
@@ -37,6 +38,7 @@ type bench struct {
 	xs       store
 	dir      string // private work dir: every image and loop backing file is in it
 	phyDev   string // the loop device the bench made for phy:
+	phy      *looptest.Device
 	phyFile  string
 	r        *report
 	scenario string // for failure counts

@@ -34,6 +34,7 @@ import (
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
 	"xenblkd/test/libxl"
+	"xenblkd/test/looptest"
 	"xenblkd/test/systemd"
 	"xenblkd/test/xenstored"
 )
@@ -518,17 +519,11 @@ func makeImage(t testing.TB, dir, name string) string {
 	return p
 }
 
-// losetup binds a loop device for a phy target (not ours: no tag) and
-// detaches it by its own path at cleanup.
+// losetup binds a loop device for a phy target (not ours: no tag); cleanup
+// detaches it only while it still carries this binding.
 func losetup(t testing.TB, file string) string {
 	t.Helper()
-	out, err := exec.Command("losetup", "--show", "-f", file).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup %s: %v: %s", file, err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() { exec.Command("losetup", "-d", dev).Run() })
-	return dev
+	return looptest.Losetup(t, file).Path
 }
 
 // ourBindings lists the bound loop devices backed by this run's images. It

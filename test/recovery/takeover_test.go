@@ -15,6 +15,7 @@ import (
 
 	"xenblkd/internal/api"
 	"xenblkd/internal/loop"
+	"xenblkd/test/looptest"
 )
 
 // TestScriptsFlagSurvivesRestart is issue 12's bug: with --scripts
@@ -67,26 +68,16 @@ type stockDisk struct {
 
 func stockAttach(t *testing.T, k key, params, mode, script string) *stockDisk {
 	t.Helper()
-	args := []string{"--show", "-f", params}
+	var args []string
 	if mode == "r" {
-		args = append([]string{"-r"}, args...)
+		args = []string{"-r"}
 	}
-	out, err := exec.Command("losetup", args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup %v: %v: %s", args, err, out)
-	}
-	s := &stockDisk{k: k, params: params, dev: strings.TrimSpace(string(out))}
-	t.Cleanup(func() { detachIfStill(s.dev, params) })
-	var st unix.Stat_t
-	if err := unix.Stat(s.dev, &st); err != nil {
-		t.Fatal(err)
-	}
-	s.a = attached{rdev: st.Rdev, vm: -1}
-	b, _ := os.ReadFile(fmt.Sprintf("/sys/dev/block/%d:%d/diskseq", unix.Major(st.Rdev), unix.Minor(st.Rdev)))
-	s.diskseq, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	dev := looptest.Losetup(t, params, args...)
+	s := &stockDisk{k: k, params: params, dev: dev.Path, diskseq: dev.DiskSeq}
+	s.a = attached{rdev: dev.Rdev, vm: -1}
 	setupBackend(t, k, params, mode, script)
 	t.Cleanup(func() { rmBackend(k) })
-	pd := fmt.Sprintf("%x:%x", unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	pd := fmt.Sprintf("%x:%x", unix.Major(dev.Rdev), unix.Minor(dev.Rdev))
 	for _, n := range [][2]string{{"node", s.dev}, {"physical-device", pd}, {"physical-device-path", s.dev}, {"hotplug-status", "connected"}, {"state", "4"}} {
 		if err := xs.Write(context.Background(), abs(k.be()+"/"+n[0]), n[1]); err != nil {
 			t.Fatal(err)
@@ -97,14 +88,6 @@ func stockAttach(t *testing.T, k key, params, mode, script string) *stockDisk {
 	}
 	t.Cleanup(s.a.release)
 	return s
-}
-
-// detachIfStill detaches dev by its own path, only while it is still bound
-// to file (it may have been freed and reused by someone else meanwhile).
-func detachIfStill(dev, file string) {
-	if b, _ := exec.Command("losetup", "-nO", "BACK-FILE", dev).Output(); strings.TrimSpace(string(b)) == file {
-		exec.Command("losetup", "-d", dev).Run()
-	}
 }
 
 // binding returns the current binding of the loop device rdev (ok false if unbound).
