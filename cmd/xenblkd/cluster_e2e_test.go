@@ -13,6 +13,7 @@ package main_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -25,7 +26,10 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"xenblkd/internal/api"
+	"xenblkd/internal/loop"
 	"xenblkd/internal/sanlock"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/build"
@@ -483,4 +487,51 @@ func TestClusterHostDeath(t *testing.T) {
 	if expiry < 60*time.Second {
 		t.Fatalf("B got the disk %v after A died: before A's watchdog would have fired (60 s)", expiry)
 	}
+}
+
+// TestClusterLoopOfUnnamedFile: a loop device whose file's name the kernel
+// cannot give (sysfs loop/backing_file fails with ENAMETOOLONG for a path
+// longer than a page) is refused while shares are configured: it could be a
+// shared file's, and an unleased attach would protect nothing.
+func TestClusterLoopOfUnnamedFile(t *testing.T) {
+	c := newCluster(t)
+	// A directory chain under the share deeper than PATH_MAX, made with
+	// mkdirat/openat (a path that long cannot be passed to a syscall).
+	dir, err := unix.Open(c.share, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := strings.Repeat("d", 250)
+	for range 20 { // 20 * 251 bytes > 4096
+		if err := unix.Mkdirat(dir, name, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		next, err := unix.Openat(dir, name, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		unix.Close(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dir = next
+	}
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(c.share, name)) })
+	fd, err := unix.Openat(dir, "disk.img", unix.O_CREAT|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
+	unix.Close(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := os.NewFile(uintptr(fd), "disk.img")
+	defer img.Close()
+	if err := img.Truncate(1 << 20); err != nil {
+		t.Fatal(err)
+	}
+	dev, err := loop.Attach(img, loop.Options{Tag: "xenblkd-test-unnamed"}) // AUTOCLEAR: freed by Close
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dev.Close() })
+	if _, err := os.ReadFile(fmt.Sprintf("/sys/block/loop%d/loop/backing_file", dev.Number())); !errors.Is(err, syscall.ENAMETOOLONG) {
+		t.Fatalf("sysfs backing_file of %s: %v, want ENAMETOOLONG (the case this test is about)", dev.Path(), err)
+	}
+	a1 := c.a.disk(t, 1, dev.Path(), "w", "/vm/aaaa")
+	c.a.refused(t, a1, "could not be read", dev.Path())
 }

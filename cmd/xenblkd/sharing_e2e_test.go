@@ -7,22 +7,18 @@ package main_test
 import (
 	"context"
 	byteorder "encoding/binary"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
-	"time"
-
-	"golang.org/x/sys/unix"
 
 	"xenblkd/internal/testenv"
 	"xenblkd/internal/xenstore"
 	"xenblkd/test/libxl"
+	"xenblkd/test/looptest"
 )
 
 // vbdSetupVM is vbdSetup for a domain whose vm node is vm.
@@ -285,7 +281,7 @@ func TestRefusedTargets(t *testing.T) {
 	viaProc := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), f.Fd())
 
 	// A loop device nothing is bound to, held O_EXCL so no one binds it meanwhile.
-	unbound := holdFreeLoop(t)
+	_, unbound, _ := looptest.HoldFree(t)
 
 	before := ourDevices(t)
 	tests := []struct {
@@ -318,50 +314,6 @@ func logText(d *daemon) string {
 	d.logw.mu.Lock()
 	defer d.logw.mu.Unlock()
 	return d.log.String()
-}
-
-// holdFreeLoop returns a loop device nothing is bound to, held open O_EXCL
-// until the test ends, so no one can bind it meanwhile (LOOP_CONFIGURE
-// claims the device exclusively and gets EBUSY). The O_EXCL open does not
-// prove the device is still unbound: another allocator that got the same
-// index from LOOP_CTL_GET_FREE may have bound it first (a daemon of another
-// test package did, under make test-stress). So it is asked after the open,
-// and another index tried, bounded by time.
-func holdFreeLoop(t *testing.T) string {
-	t.Helper()
-	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(ctl)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		index, err := unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
-		if err != nil {
-			t.Fatal(err)
-		}
-		dev := fmt.Sprintf("/dev/loop%d", index)
-		fd, err := unix.Open(dev, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
-		switch {
-		case err == nil:
-			_, err = unix.IoctlLoopGetStatus64(fd)
-			if errors.Is(err, unix.ENXIO) { // unbound, and ours now
-				t.Cleanup(sync.OnceFunc(func() { unix.Close(fd) }))
-				return dev
-			}
-			unix.Close(fd)
-			if err != nil {
-				t.Fatalf("%s: LOOP_GET_STATUS64: %v", dev, err)
-			}
-		case !errors.Is(err, unix.EBUSY) && !errors.Is(err, unix.ENOENT):
-			t.Fatal(err)
-		}
-		// Taken (bound, or held by someone else) between GET_FREE and the open.
-		if time.Now().After(deadline) {
-			t.Fatalf("no unbound loop device could be held within 30 s (last tried %s)", dev)
-		}
-		time.Sleep(time.Millisecond)
-	}
 }
 
 // With pre-setup (the default) the receiver of a migration is attached as

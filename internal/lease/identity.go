@@ -29,8 +29,14 @@ type Share struct {
 // a loop device is judged by its backing file.
 func (c *Config) identity(t model.Target) (string, bool, error) {
 	path := t.Path
-	if t.Kind == model.BlockDevice && t.BackingPath != "" {
-		path = t.BackingPath // a loop device: what it stands for is its file
+	if t.Kind == model.BlockDevice && t.Backing != (model.FileID{}) {
+		// A loop device: what it stands for is its file, judged by name.
+		if t.BackingPath == "" && len(c.Shares) > 0 {
+			return "", true, fmt.Errorf("loop device %s: the name of the file bound to it could not be read "+
+				"(sysfs loop/backing_file), so whether it is on shared storage cannot be judged; "+
+				"give the guest the image file itself", t.Path)
+		}
+		path = t.BackingPath
 	}
 	if t.Kind == model.RegularFile || t.BackingPath != "" {
 		for _, s := range c.Shares {

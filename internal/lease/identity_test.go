@@ -38,6 +38,10 @@ func TestIdentity(t *testing.T) {
 		Devices: []string{"/dev/sd*", "/dev/dm-*"},
 		Sysfs:   sysfs,
 	}
+	loopDev := func(backingPath string) model.Target {
+		return model.Target{Kind: model.BlockDevice, Path: "/dev/loop3", Rdev: unix.Mkdev(7, 3),
+			Backing: model.FileID{Dev: 2049, Ino: 12}, BackingPath: backingPath}
+	}
 	blk := func(path string, major, minor uint32) model.Target {
 		return model.Target{Kind: model.BlockDevice, Path: path, Rdev: unix.Mkdev(major, minor)}
 	}
@@ -54,8 +58,10 @@ func TestIdentity(t *testing.T) {
 		{"local file", model.Target{Kind: model.RegularFile, Path: "/var/lib/xen/c.img"}, "", false, ""},
 		{"share's sibling with a common prefix", model.Target{Kind: model.RegularFile, Path: "/srv/pool2/a.img"}, "", false, ""},
 		{"the share itself", model.Target{Kind: model.RegularFile, Path: "/srv/pool"}, "", false, ""},
-		{"loop device on a shared file", model.Target{Kind: model.BlockDevice, Path: "/dev/loop3", Rdev: unix.Mkdev(7, 3), BackingPath: "/srv/pool/a.img"}, "file:pool/a.img", true, ""},
-		{"loop device on a local file", model.Target{Kind: model.BlockDevice, Path: "/dev/loop3", Rdev: unix.Mkdev(7, 3), BackingPath: "/tmp/a.img"}, "", false, ""},
+		{"loop device on a shared file", loopDev("/srv/pool/a.img"), "file:pool/a.img", true, ""},
+		{"loop device on a local file", loopDev("/tmp/a.img"), "", false, ""},
+		// Fail closed: a shared file's loop device would otherwise go unleased.
+		{"loop device whose file's name is unknown: refused", loopDev(""), "", true, "cannot be judged"},
 		{"disk by WWN", blk("/dev/sdb", 8, 16), "dev:wwn=naa.600a0b80", true, ""},
 		{"partition", blk("/dev/sdb1", 8, 17), "dev:wwn=naa.600a0b80/part1", true, ""},
 		{"multipath by dm uuid", blk("/dev/dm-3", 253, 3), "dev:dm=mpath-3600a0b80", true, ""},

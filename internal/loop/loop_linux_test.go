@@ -810,7 +810,7 @@ func TestIntegrationBusyFreeDevice(t *testing.T) {
 	requireRoot(t)
 	path := sparseFile(t, 1<<20)
 	for deadline := time.Now().Add(waitLimit); ; {
-		busy, release := holdFreeDevice(t)
+		busy, _, release := looptest.HoldFree(t)
 		before := loop.Retries()
 		d := attach(t, path, loop.Options{})
 		release()
@@ -826,50 +826,5 @@ func TestIntegrationBusyFreeDevice(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("Attach never hit the busy loop%d in %v", busy, waitLimit)
 		}
-	}
-}
-
-// holdFreeDevice opens the device LOOP_CTL_GET_FREE returns O_EXCL, under
-// the loop-control lock so cooperating allocators cannot take it first.
-// An allocator that does not take the lock (losetup, another test binary)
-// may still bind or hold it in between: EBUSY, or an open that succeeds on a
-// device now bound, and GET_FREE is asked again. release (also run at
-// cleanup) closes it.
-func holdFreeDevice(t *testing.T) (index int, release func()) {
-	t.Helper()
-	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(ctl)
-	if err := unix.Flock(ctl, unix.LOCK_EX); err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(waitLimit); ; {
-		index, err = unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
-		if err != nil {
-			t.Fatal(err)
-		}
-		fd, err := unix.Open(fmt.Sprintf("/dev/loop%d", index), unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
-		if err == nil {
-			// The open keeps binds out from now on, but one made since
-			// GET_FREE does not make it fail: ask (ENXIO: unbound).
-			if _, serr := unix.IoctlLoopGetStatus64(fd); !errors.Is(serr, unix.ENXIO) {
-				unix.Close(fd)
-				err = unix.EBUSY
-			}
-		}
-		if errors.Is(err, unix.EBUSY) && time.Now().Before(deadline) {
-			// Bound since GET_FREE, or held O_EXCL unbound (another test
-			// doing this): wait until GET_FREE names one we can hold.
-			time.Sleep(time.Millisecond)
-			continue
-		}
-		if err != nil {
-			t.Fatalf("open loop%d O_EXCL: %v", index, err)
-		}
-		release = sync.OnceFunc(func() { unix.Close(fd) })
-		t.Cleanup(release)
-		return index, release
 	}
 }

@@ -146,3 +146,47 @@ func (d *Device) Bound() bool {
 	b, err := os.ReadFile(sys + "/diskseq")
 	return err == nil && strings.TrimSpace(string(b)) == strconv.FormatUint(d.DiskSeq, 10)
 }
+
+// HoldFree returns a loop device nothing is bound to, held open O_EXCL so
+// that no one can bind it (LOOP_CONFIGURE claims the device exclusively and
+// gets EBUSY) until release, which cleanup also runs. The index comes from
+// LOOP_CTL_GET_FREE under the loop-control lock, which cooperating allocators
+// (xenblkd, systemd) take; one that does not (losetup, another test binary)
+// may bind or hold the device between GET_FREE and the open. The open does
+// not fail on a device bound since, so the device is asked after it
+// (LOOP_GET_STATUS64: ENXIO means unbound), and GET_FREE asked again,
+// bounded by time.
+func HoldFree(tb testing.TB) (index int, path string, release func()) {
+	tb.Helper()
+	ctl, err := unix.Open("/dev/loop-control", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer unix.Close(ctl) // and its lock
+	if err := unix.Flock(ctl, unix.LOCK_EX); err != nil {
+		tb.Fatal(err)
+	}
+	for deadline := time.Now().Add(clearLimit); ; time.Sleep(time.Millisecond) {
+		index, err = unix.IoctlRetInt(ctl, unix.LOOP_CTL_GET_FREE)
+		if err != nil {
+			tb.Fatalf("LOOP_CTL_GET_FREE: %v", err)
+		}
+		path = fmt.Sprintf("/dev/loop%d", index)
+		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_EXCL|unix.O_CLOEXEC, 0)
+		if err == nil {
+			if _, serr := unix.IoctlLoopGetStatus64(fd); errors.Is(serr, unix.ENXIO) {
+				release = sync.OnceFunc(func() { unix.Close(fd) })
+				tb.Cleanup(release)
+				return index, path, release
+			}
+			unix.Close(fd)
+			err = unix.EBUSY // bound since GET_FREE
+		}
+		if !errors.Is(err, unix.EBUSY) && !errors.Is(err, unix.ENOENT) {
+			tb.Fatalf("open %s O_EXCL: %v", path, err)
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("no unbound loop device could be held within %v (last tried %s)", clearLimit, path)
+		}
+	}
+}
