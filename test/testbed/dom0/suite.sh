@@ -515,9 +515,11 @@ reads_after() {
 		if [[ -n $last ]] && ((last > seq0 + 1)); then
 			got=$(grep -a "^DOMU-READ seq=$((last - 1)) " "$log" | sed -n 's/.*sig=\([A-Za-z0-9-]*\).*/\1/p' | tr -d '\r' | tr '\n' ' ')
 			[[ $got == "$want" ]] && return 0
-			# A round printed to another console log (a save or migration's last round went to the
-			# incoming domain's log): wait for the next round in this one.
-			if [[ -n $got ]]; then
+			# A round printed wholly or partly to another console log (a migration or save
+			# suspended the guest before or between its reads: the rest went to the incoming
+			# domain's log) has fewer reads here than wanted: wait for the next round in this one.
+			# A full round that read other signatures is a failure.
+			if (($(wc -w <<<"$got") >= $#)); then
 				echo "$name read [${got% }] in round $((last - 1)), want [${want% }]"
 				return 1
 			fi
