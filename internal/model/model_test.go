@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"testing"
@@ -527,6 +528,50 @@ func TestAddWaitsForReleasedDevice(t *testing.T) {
 			}
 			if err != nil && h.Open() != 0 {
 				t.Errorf("refused, yet %d devices left open", h.Open())
+			}
+		})
+	}
+}
+
+// The wait for a released device is logged when it starts and when it ends,
+// with the device waited for: an operator sees why the add took longer, and
+// a test can let the device go once the add waits for it. An add that finds
+// the device freed at once logs neither.
+func TestReleasedWaitLogged(t *testing.T) {
+	for _, tt := range []struct {
+		name   string
+		linger int
+		want   []string // in order
+	}{
+		{"freed at once", 0, nil},
+		{"freed after 3 lookups", 3, []string{
+			`msg="sharing check: waiting for the loop device xenblkd released to be freed" domid=2 devid=51712 file=/srv/img dev=/dev/loop1 diskseq=101 `,
+			`msg="sharing check: the loop device xenblkd released is freed" domid=2 devid=51712 file=/srv/img waited=`,
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var buf strings.Builder
+			m := New(&modeltest.Host{File: image.File, Linger: tt.linger}, slog.New(slog.NewTextHandler(&buf, nil)))
+			SetReleaseTiming(m, time.Minute, time.Millisecond)
+			if _, err := add(t, m, 1, 51712, image, rw); err != nil {
+				t.Fatal(err)
+			}
+			m.Remove(Key{1, 51712})
+			buf.Reset()
+			if _, err := add(t, m, 2, 51712, image, rw); err != nil {
+				t.Fatal(err)
+			}
+			log := buf.String()
+			if tt.want == nil && strings.Contains(log, "released") {
+				t.Errorf("logged a wait for a device freed at once:\n%s", log)
+			}
+			at := 0
+			for _, w := range tt.want {
+				i := strings.Index(log[at:], w)
+				if i < 0 {
+					t.Fatalf("log lacks %q after offset %d:\n%s", w, at, log)
+				}
+				at += i + len(w)
 			}
 		})
 	}

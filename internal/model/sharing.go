@@ -368,6 +368,9 @@ func (m *Model) otherLoops(ctx context.Context, req AddRequest, f FileID) ([]Bin
 		now := time.Now()
 		if start.IsZero() {
 			start = now
+			b := leaving[0]
+			m.log.Info("sharing check: waiting for the loop device xenblkd released to be freed", "domid", req.Key.Domid, "devid", req.Key.Devid,
+				"file", t.Path, "dev", b.Path, "diskseq", b.DiskSeq, "released", now.Sub(releasedAt).Round(time.Millisecond), "bound", m.releaseWait)
 		}
 		if now.Sub(start) >= m.releaseWait {
 			b := leaving[0]

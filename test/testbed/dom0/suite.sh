@@ -53,6 +53,21 @@ fail() {
 	else
 		failed=$((failed + 1)); report "FAIL $1: $2"
 	fi
+	guest_crashes
+}
+# guest_crashes: after a failure, an INFO line for each guest whose console shows its kernel
+# crashed (an oops or a panic), once per console log: a guest that died in the emulated CPU fails
+# the checks that wait on it, and the report says so next to them. It does not retry anything.
+declare -A CRASH_REPORTED=()
+guest_crashes() {
+	local log line
+	for log in "$CONSOLE_DIR"/guest-*.log; do
+		[[ -f $log && -z ${CRASH_REPORTED[$log]:-} ]] || continue
+		line=$(grep -a -m1 -E 'Oops: |Kernel panic|BUG: |general protection fault' "$log" | tr -d '\r')
+		[[ -n $line ]] || continue
+		CRASH_REPORTED[$log]=1
+		report "INFO the guest's kernel crashed: ${log##*/}: $line"
+	done
 }
 # check NAME WHY COMMAND...: PASS if COMMAND succeeds, else FAIL with WHY.
 check() {

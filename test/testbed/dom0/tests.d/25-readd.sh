@@ -3,7 +3,7 @@
 # while something in dom0 still holds the old domain's loop device open, as udev's blkid probe
 # does after a writer (the daemon releasing its read-write fd) closes it. xenblkd released that device, so the new domain's
 # add waits for it to be freed (up to 2 s) instead of refusing it as a foreign loop device
-# (docs/sharing.md, rule 4). Sourced by suite.sh; group `readd`.
+# (docs/sharing.md, rule 4). The holder lets go once xenblkd logs that it waits. Sourced by suite.sh; group `readd`.
 
 test_readd() {
 	local name=t25-xenblkd-readd img=$WORK/xenblkd-d1.img dev held=$WORK/t25-held holder domid newdomid freed
@@ -18,18 +18,17 @@ test_readd() {
 	domid=$(domid_of "$name")
 	dev=$(losetup -nO NAME -j "$img" | head -1)
 
-	# The holder opens the device, then closes it 0.3 s after a new domain's backend appears
-	# (pre-setup starts the add then), or after 60 s.
-	local others=(-e "$domid") d
-	for d in $(timeout 10 xenstore-list backend/vbd 2>/dev/null); do others+=(-e "$d"); done
+	# The holder opens the device and closes it once xenblkd logs that the new domain's add waits
+	# for it (pre-setup starts that add when the backend appears), or after 60 s. It follows the
+	# journal from before it opened the device, so the line cannot pass unseen; the follower does
+	# not inherit the device (9<&-), and the holder closes it as soon as grep has the line.
 	rm -f "$held"
 	(
+		since=@$(date +%s)
 		exec 9<"$dev" && touch "$held"
-		deadline=$(($(now) + 60))
-		until timeout 5 xenstore-list backend/vbd 2>/dev/null | grep -qvxF "${others[@]}" || (($(now) >= deadline)); do
-			sleep 0.05
-		done
-		sleep 0.3 # the test's hold time after the new backend appeared, not a wait
+		grep -a -m1 -q "waiting for the loop device xenblkd released to be freed" \
+			< <(timeout 60 journalctl -b -f --since "$since" -o cat -u xenblkd 9<&- 2>/dev/null)
+		exec 9<&-
 	) &
 	holder=$!
 	local deadline=$(($(now) + 30))
