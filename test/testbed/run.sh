@@ -13,7 +13,7 @@
 #
 # Env: XENBLKD_TESTBED_BOOT_DEADLINE (s, default 600): dom0 must start the runner by then, else
 #      QEMU is killed and the boot retried once; XENBLKD_TESTBED_RUN_DEADLINE (s, default 4500):
-#      the whole run (1234 s here at the slowest, ~3450 s on a machine 2.8x slower); XENBLKD_TESTBED_RELEASE (default bookworm): whose image boots;
+#      the whole run (2117 s at the slowest measured, on the AMD EPYC machine); XENBLKD_TESTBED_RELEASE (default bookworm): whose image boots;
 #      QEMU_CPU (default Nehalem), QEMU_MEM (MiB, 2048), QEMU_SMP (2; e2e.sh boots several releases side by side with 1).
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
