@@ -3,6 +3,7 @@ package xenstore
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -28,6 +29,38 @@ import (
 // replies pass through unchanged, one frame per packet.
 type fakeXenbusDevice struct {
 	Socket string
+
+	mu   sync.Mutex
+	hold *heldMessage // armed by holdNext, taken by the next message the device sends
+}
+
+// heldMessage is one message the device keeps from xenstored until letGo:
+// taken is closed once the device has it (the client's write returned).
+type heldMessage struct {
+	taken   chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func (h *heldMessage) letGo() { h.once.Do(func() { close(h.release) }) }
+
+// holdNext makes the device keep the next message it takes until letGo; the
+// test lets it go in its cleanup too.
+func (d *fakeXenbusDevice) holdNext(t *testing.T) *heldMessage {
+	h := &heldMessage{taken: make(chan struct{}), release: make(chan struct{})}
+	t.Cleanup(h.letGo)
+	d.mu.Lock()
+	d.hold = h
+	d.mu.Unlock()
+	return h
+}
+
+func (d *fakeXenbusDevice) takeHold() *heldMessage {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	h := d.hold
+	d.hold = nil
+	return h
 }
 
 const sendDelay = 20 * time.Millisecond
@@ -39,6 +72,7 @@ func startFakeXenbusDevice(t *testing.T, upstream string) *fakeXenbusDevice {
 	if err != nil {
 		t.Fatal(err)
 	}
+	dev := &fakeXenbusDevice{Socket: sock}
 	var wg sync.WaitGroup
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
 	wg.Add(1)
@@ -56,10 +90,10 @@ func startFakeXenbusDevice(t *testing.T, upstream string) *fakeXenbusDevice {
 			}
 			wg.Add(2)
 			go func() { defer wg.Done(); defer nc.Close(); repliesAsPackets(nc, up) }()
-			go func() { defer wg.Done(); defer up.Close(); relayLikeXenbus(nc, up) }()
+			go func() { defer wg.Done(); defer up.Close(); relayLikeXenbus(nc, up, dev.takeHold) }()
 		}
 	}()
-	return &fakeXenbusDevice{Socket: sock}
+	return dev
 }
 
 // repliesAsPackets copies xenstored's replies to the client, one frame per packet.
@@ -79,9 +113,10 @@ func repliesAsPackets(client io.Writer, up io.Reader) {
 }
 
 // relayLikeXenbus reads the client's writes (one packet each) and sends the
-// first message of each to up after sendDelay, its body taken from the
-// shared buffer at send time.
-func relayLikeXenbus(client io.Reader, up io.Writer) {
+// first message of each to up after sendDelay (and after its letGo if
+// takeHold hands it a hold), its body taken from the shared buffer at send
+// time.
+func relayLikeXenbus(client io.Reader, up io.Writer, takeHold func() *heldMessage) {
 	var (
 		mu     sync.Mutex
 		buffer [headerSize + MaxPayload]byte // u->u.buffer
@@ -91,6 +126,10 @@ func relayLikeXenbus(client io.Reader, up io.Writer) {
 	go func() {
 		defer close(done)
 		for hdr := range queue {
+			if h := takeHold(); h != nil {
+				close(h.taken)
+				<-h.release
+			}
 			time.Sleep(sendDelay)
 			n := binary.LittleEndian.Uint32(hdr[12:])
 			mu.Lock()
@@ -229,15 +268,21 @@ func TestXenbusDeviceTimeoutKeepsOrder(t *testing.T) {
 	if err := direct.Write(ctx, short, "w"); err != nil {
 		t.Fatal(err)
 	}
-	c := dialFake(t, startFakeXenbusDevice(t, s.Socket), true)
+	dev := startFakeXenbusDevice(t, s.Socket)
+	c := dialFake(t, dev, true)
 	if err := c.Write(ctx, "/warm", "up"); err != nil { // connect first
 		t.Fatal(err)
 	}
-	quick, cancel := context.WithTimeout(ctx, sendDelay/4)
+	// The caller gives up once the device has its write and before xenstored
+	// has seen it: no reply can have come, so the write must fail.
+	held := dev.holdNext(t)
+	abandon, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if err := c.Write(quick, long, "the abandoned write"); err == nil {
-		t.Fatalf("write within %v succeeded; want a timeout (the fake delays every request by %v)", sendDelay/4, sendDelay)
+	go func() { <-held.taken; cancel() }()
+	if err := c.Write(abandon, long, "the abandoned write"); !errors.Is(err, context.Canceled) {
+		t.Fatalf("write given up while the device held it = %v; want %v", err, context.Canceled)
 	}
+	held.letGo()
 	if got, err := c.Read(ctx, short); err != nil || got != "w" {
 		t.Errorf("read after an abandoned write = %q, %v; want \"w\"", got, err)
 	}

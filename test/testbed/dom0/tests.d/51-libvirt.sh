@@ -8,6 +8,7 @@
 # `virsh destroy` frees everything. The stock block is restored at the end.
 
 LV=(timeout 300 virsh -c xen:///system)
+LV_UNITS=() # the release's own libvirt units lv_stop_release_libvirtd stopped
 
 # lv_xml NAME HOLD DISK_XML...: a PV domain for libvirt's libxl driver.
 lv_xml() {
@@ -31,10 +32,43 @@ lv_cleanup() {
 	[[ -n ${LV_PHY:-} ]] && losetup -d "$LV_PHY"
 	LV_PHY=""
 	if ! tko_block_is_stock; then timeout 60 xenblkd takeover --undo || report "INFO libvirt: takeover --undo failed in cleanup"; fi
-	local pid
+	local pid deadline
 	pid=$(cat /run/xenblkd-e2e-libvirtd.pid 2>/dev/null)
-	[[ -n $pid ]] && kill "$pid" 2>/dev/null
+	if [[ -n $pid ]] && kill "$pid" 2>/dev/null; then
+		# It lets go of the libxl driver's pid file when it exits: wait for that before the
+		# release's own libvirtd may start again.
+		deadline=$(($(now) + 30))
+		while kill -0 "$pid" 2>/dev/null && (($(now) < deadline)); do sleep 0.2; done
+	fi
+	if ((${#LV_UNITS[@]})); then
+		timeout 60 systemctl start "${LV_UNITS[@]}" || report "INFO libvirt: could not start ${LV_UNITS[*]} again in cleanup"
+	fi
+	LV_UNITS=()
 	cp /var/log/libvirt/libxl/*.log "$OUT/" 2>/dev/null
+}
+
+# lv_stop_release_libvirtd: Debian 13's libvirt-daemon enables libvirtd.service and its sockets
+# (Debian 12's has no units: they are libvirt-daemon-system's). Such a libvirtd whose libxl
+# driver has started holds that driver's pid file (/run/libvirt/libxl/driver.pid): the test's
+# own libvirtd then fails to initialise its libxl driver and exits, and nothing answers on the
+# socket. Whether it holds the file here depends on the boot (seen both ways, its libvirtd
+# running in each), so it is stopped, sockets with it (a connection would start it again), and
+# started again by lv_cleanup. Sets LV_UNITS.
+lv_stop_release_libvirtd() {
+	local u
+	LV_UNITS=()
+	for u in libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket libvirtd.service; do
+		systemctl -q is-active "$u" 2>/dev/null && LV_UNITS+=("$u")
+	done
+	((${#LV_UNITS[@]})) || return 0
+	report "INFO libvirt: the release's own libvirt units are active (${LV_UNITS[*]}): stopped for the test's libvirtd, started again afterwards"
+	timeout 60 systemctl stop "${LV_UNITS[@]}"
+}
+lv_release_libvirtd_stopped() {
+	local u
+	for u in "${LV_UNITS[@]}"; do
+		! systemctl -q is-active "$u" 2>/dev/null || return 1
+	done
 }
 
 test_libvirt() {
@@ -52,11 +86,17 @@ test_libvirt() {
 	mkdir -p "$WORK/libvirt-drivers"
 	ln -sf /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_libxl.so "$WORK/libvirt-drivers/"
 	printf 'auth_unix_rw = "none"\nauth_unix_ro = "none"\n' >"$WORK/libvirtd.conf"
+	lv_stop_release_libvirtd
+	if ((${#LV_UNITS[@]})); then
+		check "$p: the release's own libvirtd is stopped" "still active: $(systemctl is-active "${LV_UNITS[@]}" | tr '\n' ' ')" \
+			lv_release_libvirtd_stopped
+	fi
 	LIBVIRT_LOG_OUTPUTS="3:file:$OUT/libvirtd.log" LIBVIRT_DRIVER_DIR=$WORK/libvirt-drivers timeout 60 libvirtd --daemon --config "$WORK/libvirtd.conf" \
 		--pid-file=/run/xenblkd-e2e-libvirtd.pid >"$OUT/libvirtd-start.log" 2>&1
 	local deadline=$(($(now) + 60))
 	until "${LV[@]}" version >"$OUT/virsh-version.txt" 2>&1 || (($(now) >= deadline)); do sleep 1; done
-	check "$p: libvirtd answers on xen:///system (libxl driver)" "$(tr '\n' ' ' <"$OUT/virsh-version.txt")" \
+	check "$p: libvirtd answers on xen:///system (libxl driver)" \
+		"$(tr '\n' ' ' <"$OUT/virsh-version.txt"); libvirtd: $(grep -a ' error : ' "$OUT/libvirtd.log" 2>/dev/null | tail -2 | tr '\n' ' ')" \
 		grep -q 'hypervisor: Xen' "$OUT/virsh-version.txt"
 	out=$(timeout 120 xenblkd takeover 2>&1)
 	check "$p: xenblkd takeover" "$out" test $? = 0
