@@ -66,8 +66,8 @@ test-unit: setup check build
 # (STRESS_LOAD, its arguments; empty for none), holding $(HEAVY_LOCK) for
 # each run and its load; then a table of every test that failed at least
 # once, with its first failure's output (test/stress, docs/testing.md).
-# The default (3 runs) takes 35 to 50 minutes on the 2-core project machines
-# (12.5 min a run on an Intel one, 15.5-17 min on the AMD EPYC one).
+# The default (3 runs) takes 30 to 50 minutes on the 2-core project machines
+# (9 to 12.5 min a run on an Intel one, 15.5-17 min on the AMD EPYC one).
 STRESS_RUNS  ?= 3
 STRESS_COUNT ?= 1
 STRESS_CPU   ?= 1,2,4
